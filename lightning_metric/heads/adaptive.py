@@ -1,0 +1,114 @@
+"""Heads whose margin adapts to running statistics: CurricularFace and AdaFace.
+
+Their statistics are buffers: they are saved in checkpoints, follow ``.to(device)``, and
+are averaged over DDP ranks at every update (``functional.sync_mean``) so every rank trains
+with the same value. They update only in training mode and only when labels are given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_metric.heads import functional as HF
+from lightning_metric.heads.base import MarginHead, _check
+
+__all__ = ["AdaFaceHead", "CurricularFaceHead"]
+
+
+class CurricularFaceHead(MarginHead):
+    """CurricularFace (Huang et al. 2020): ArcFace target + adaptive hard-negative weights.
+
+    Non-target cosines above their row's margined target logit become ``cos * (t + cos)``;
+    ``t`` (buffer) is the EMA (``momentum`` 0.01) of the batch's mean target cosine, so hard
+    negatives are down-weighted early in training and emphasised later. Defaults
+    ``s=64, m=0.5`` as in the paper.
+    """
+
+    t: Tensor
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        scale: float = 64.0,
+        margin: float = 0.5,
+        momentum: float = 0.01,
+        sample_rate: float = 1.0,
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        _check(0.0 <= margin < math.pi / 2, "margin", margin, "must be in [0, pi/2) radians")
+        _check(0.0 < momentum <= 1.0, "momentum", momentum, "must be in (0, 1]")
+        super().__init__(
+            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
+        )
+        self.margin = float(margin)
+        self.momentum = float(momentum)
+        self.register_buffer("t", torch.zeros(()))
+
+    @torch.no_grad()
+    def _update_statistics(self, cos_target: Tensor, norms: Tensor) -> None:
+        batch_t = HF.sync_mean(cos_target.float().mean())
+        self.t.mul_(1.0 - self.momentum).add_(self.momentum * batch_t.to(self.t))
+
+    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+        return HF.arcface_margin(cos_target, self.margin)
+
+    def _negative_logits(self, cos: Tensor, target: Tensor) -> Tensor:
+        return HF.curricular_negatives(cos, target, self.t.float())
+
+
+class AdaFaceHead(MarginHead):
+    """AdaFace (Kim et al. 2022): the margin follows the feature norm (an image-quality proxy).
+
+    Needs the **un-normalised** embedding: ``MetricLearningModule`` passes the neck output
+    before L2 normalisation (see :class:`MarginHead`). With ``g`` the batch-standardised,
+    ``h``-scaled, [-1, 1]-clipped norm, the target logit is
+    ``s * (cos(theta - m g) - (m + m g))``: high-quality (large-norm) samples get an
+    ArcFace-like angular margin, low-quality ones a CosFace-like additive one. Norm mean/std
+    are EMA buffers (``momentum`` 0.01, start 20 / 100 as in the authors' code). Defaults
+    ``s=64, m=0.4, h=0.333``.
+    """
+
+    norm_mean: Tensor
+    norm_std: Tensor
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        scale: float = 64.0,
+        margin: float = 0.4,
+        h: float = 0.333,
+        momentum: float = 0.01,
+        sample_rate: float = 1.0,
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        _check(0.0 <= margin < math.pi / 2, "margin", margin, "must be in [0, pi/2) radians")
+        _check(h >= 0.0, "h", h, "must be >= 0")
+        _check(0.0 < momentum <= 1.0, "momentum", momentum, "must be in (0, 1]")
+        super().__init__(
+            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
+        )
+        self.margin = float(margin)
+        self.h = float(h)
+        self.momentum = float(momentum)
+        self.register_buffer("norm_mean", torch.tensor(20.0))
+        self.register_buffer("norm_std", torch.tensor(100.0))
+
+    @torch.no_grad()
+    def _update_statistics(self, cos_target: Tensor, norms: Tensor) -> None:
+        safe = norms.float().clamp(0.001, 100.0)
+        std = safe.std() if safe.numel() > 1 else torch.zeros_like(safe[0])
+        stats = HF.sync_mean(torch.stack([safe.mean(), std]))
+        self.norm_mean.mul_(1.0 - self.momentum).add_(self.momentum * stats[0].to(self.norm_mean))
+        self.norm_std.mul_(1.0 - self.momentum).add_(self.momentum * stats[1].to(self.norm_std))
+
+    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+        return HF.adaface_margin(
+            cos_target, norms, self.margin, self.h, self.norm_mean.float(), self.norm_std.float()
+        )

@@ -1,0 +1,217 @@
+"""Fixed-margin heads: NormSoftmax, CosFace, ArcFace, CombinedMargin, sub-center ArcFace."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_metric.heads import functional as HF
+from lightning_metric.heads.base import MarginHead, _check
+from lightning_metric.heads.sampling import class_rows
+
+__all__ = [
+    "ArcFaceHead",
+    "CombinedMarginHead",
+    "CosFaceHead",
+    "NormSoftmaxHead",
+    "SubCenterArcFaceHead",
+    "SubCenterOutliers",
+]
+
+_HALF_PI = math.pi / 2
+
+
+def _check_angle(name: str, value: float) -> None:
+    # Past pi/2 the fallback's jump at theta_t goes *up*: the target logit stops being
+    # monotonic in the angle, which is the one property a margin must keep.
+    _check(0.0 <= value < _HALF_PI, name, value, "must be in [0, pi/2) radians")
+
+
+class NormSoftmaxHead(MarginHead):
+    """NormFace / normalised softmax (Wang et al. 2017; Zhai & Wu 2019): ``s * cos``, no margin.
+
+    Default ``scale=20`` is Zhai & Wu's temperature 0.05.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        scale: float = 20.0,
+        sample_rate: float = 1.0,
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
+        )
+
+
+class CosFaceHead(MarginHead):
+    """CosFace / AM-softmax (Wang et al. 2018): ``s * (cos(theta) - m)`` on the target.
+
+    ``margin`` is in cosine units; defaults are the paper's ``s=64, m=0.35``.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        scale: float = 64.0,
+        margin: float = 0.35,
+        sample_rate: float = 1.0,
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        _check(0.0 <= margin <= 1.0, "margin", margin, "must be in [0, 1] (cosine units)")
+        super().__init__(
+            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
+        )
+        self.margin = float(margin)
+
+    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+        return HF.cosface_margin(cos_target, self.margin)
+
+
+class ArcFaceHead(MarginHead):
+    """ArcFace (Deng et al. 2019): ``s * cos(theta + m)`` on the target.
+
+    ``margin`` in radians (default 0.5, ``s=64``). Where ``theta + m > pi`` the target logit
+    continues as ``cos(theta) - m sin(m)`` so it keeps decreasing with the angle;
+    ``easy_margin=True`` applies the margin only where ``cos(theta) > 0``.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        scale: float = 64.0,
+        margin: float = 0.5,
+        easy_margin: bool = False,
+        sample_rate: float = 1.0,
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        _check_angle("margin", margin)
+        super().__init__(
+            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
+        )
+        self.margin = float(margin)
+        self.easy_margin = easy_margin
+
+    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+        return HF.arcface_margin(cos_target, self.margin, self.easy_margin)
+
+
+class CombinedMarginHead(MarginHead):
+    """insightface's combined margin: ``s * (cos(m1 * theta + m2) - m3)`` on the target.
+
+    ``(1, m, 0)`` is ArcFace, ``(1, 0, m)`` CosFace; the default ``(1.0, 0.3, 0.2)`` is
+    insightface's published combination. Requires ``m1 > 0``, ``m2, m3 >= 0`` and
+    ``m1 * pi/2 + m2 <= pi`` (keeps the target logit monotonic, see
+    :func:`~lightning_metric.heads.functional.angular_margin`).
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        scale: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.3,
+        m3: float = 0.2,
+        sample_rate: float = 1.0,
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        _check(m1 > 0, "m1", m1, "must be > 0")
+        _check(m2 >= 0, "m2", m2, "must be >= 0")
+        _check(0 <= m3 <= 1, "m3", m3, "must be in [0, 1] (cosine units)")
+        _check(
+            m1 * _HALF_PI + m2 <= math.pi,
+            "(m1, m2)",
+            (m1, m2),
+            "must satisfy m1 * pi/2 + m2 <= pi (else the target logit is not monotonic)",
+        )
+        super().__init__(
+            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
+        )
+        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
+
+    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+        return HF.angular_margin(cos_target, self.m1, self.m2, self.m3)
+
+
+class SubCenterOutliers(NamedTuple):
+    """Result of :meth:`SubCenterArcFaceHead.find_outliers`."""
+
+    outlier_indices: Tensor  # int64 positions (into the given embeddings) of outliers
+    dominant_index: Tensor  # [num_classes] int64 sub-centre most samples of a class pick
+    dominant_centers: Tensor  # [num_classes, embedding_dim] that sub-centre's weight row
+
+
+class SubCenterArcFaceHead(MarginHead):
+    """Sub-center ArcFace (Deng et al. 2020): ``K`` centres per class, cosine = max over them.
+
+    ``weight`` is ``[num_classes * sub_centers, embedding_dim]``, row ``c * K + k`` is
+    sub-centre ``k`` of class ``c`` (PML's column order). Noisy samples gather on
+    non-dominant sub-centres; :meth:`find_outliers` finds them for dataset cleaning, after
+    which the paper continues training with the dominant centres only
+    (``ArcFaceHead`` initialised from ``dominant_centers``).
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        scale: float = 64.0,
+        margin: float = 0.5,
+        sub_centers: int = 3,
+        sample_rate: float = 1.0,
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        _check_angle("margin", margin)
+        _check(sub_centers >= 1, "sub_centers", sub_centers, "must be >= 1")
+        self.sub_centers = sub_centers  # read by MarginHead.__init__ to size the weight
+        super().__init__(
+            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
+        )
+        self.margin = float(margin)
+
+    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+        return HF.arcface_margin(cos_target, self.margin)
+
+    @torch.no_grad()
+    def find_outliers(
+        self, embeddings: Tensor, labels: Tensor, threshold_degrees: float = 75.0
+    ) -> SubCenterOutliers:
+        """Dominant sub-centre per class and samples farther than ``threshold_degrees`` from it.
+
+        The dominant sub-centre of a class is the one most of its samples are closest to
+        (classes absent from ``labels`` get sub-centre 0). Works on any number of samples
+        (e.g. the whole training set's embeddings), vectorised, in float32.
+        """
+        x, _ = self._prepare(embeddings, labels)
+        labels = labels.long()
+        k = self.sub_centers
+        cos = (
+            torch.cat(  # [N, K], in slices so a whole dataset fits
+                [
+                    self._sub_center_cosines(x[a : a + 65536], self.weight[class_rows(lab, k)])
+                    for a, lab in ((a, labels[a : a + 65536]) for a in range(0, len(labels), 65536))
+                ]
+            )
+            if len(labels)
+            else x.new_zeros(0, k)
+        )
+        nearest = cos.argmax(dim=1)
+        votes = torch.bincount(labels * k + nearest, minlength=self.num_classes * k)
+        dominant = votes.view(self.num_classes, k).argmax(dim=1)
+        dominant_cos = cos.gather(1, dominant[labels].unsqueeze(1)).squeeze(1)
+        outliers = torch.nonzero(dominant_cos < math.cos(math.radians(threshold_degrees)))
+        rows = torch.arange(self.num_classes, device=dominant.device) * k + dominant
+        return SubCenterOutliers(outliers.flatten(), dominant, self.weight[rows].detach().clone())

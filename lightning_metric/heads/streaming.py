@@ -1,0 +1,155 @@
+"""Streaming (fused) margin-softmax cross-entropy for very many classes.
+
+The dense loss materialises ``[B, C]`` cosines, logits, softmax and their gradients
+(PML: ~6 such tensors). Here the classes are visited in chunks: forward keeps only an
+online log-sum-exp per row; backward recomputes each chunk's logits, forms
+``softmax - target`` for it and pushes it through the chunk's little graph with
+``torch.autograd.grad``. Activation memory is O(B x chunk); the weight gradient is
+written straight into one ``zeros_like(weight)``. Because the chunk graph is the head's own
+``_chunk_logits``/``_target_logit``, every head (sub-centres, CurricularFace, AdaFace)
+streams with the exact gradients of its dense path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lightning_metric.heads.sampling import class_rows
+
+if TYPE_CHECKING:
+    from lightning_metric.heads.base import MarginHead
+
+__all__ = ["streaming_margin_cross_entropy"]
+
+
+def streaming_margin_cross_entropy(
+    head: MarginHead,
+    x: Tensor,
+    norms: Tensor,
+    labels: Tensor,
+    local_labels: Tensor,
+    class_index: Tensor | None,
+    chunk_size: int,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Mean margin cross-entropy of unit embeddings ``x [B, D]`` (float32).
+
+    ``labels`` are global class ids (they pick the target rows of ``head.weight``);
+    ``local_labels`` index into ``class_index`` (the sampled classes, sorted) or equal
+    ``labels`` when ``class_index`` is None (all classes).
+    """
+    return _StreamingMarginCE.apply(
+        x, head.weight, head, norms, labels, local_labels, class_index, chunk_size, label_smoothing
+    )
+
+
+class _Plan:
+    """Which weight rows each chunk of (sampled) classes reads."""
+
+    def __init__(self, head: MarginHead, class_index: Tensor | None, chunk_size: int) -> None:
+        self.k = head.sub_centers
+        self.class_index = class_index
+        self.n = head.num_classes if class_index is None else class_index.numel()
+        self.bounds = [(a, min(a + chunk_size, self.n)) for a in range(0, self.n, chunk_size)]
+
+    def rows(self, weight: Tensor, a: int, b: int) -> tuple[Tensor, Tensor | slice]:
+        if self.class_index is None:
+            sl = slice(a * self.k, b * self.k)
+            return weight[sl], sl  # a view: no copy of the weight
+        idx = class_rows(self.class_index[a:b], self.k)
+        return weight[idx], idx
+
+
+class _StreamingMarginCE(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        head: MarginHead,
+        norms: Tensor,
+        labels: Tensor,
+        local: Tensor,
+        class_index: Tensor | None,
+        chunk_size: int,
+        smoothing: float,
+    ) -> Tensor:
+        plan = _Plan(head, class_index, chunk_size)
+        target_rows = class_rows(labels, plan.k)
+        cos_t = head._target_cosine(x, weight[target_rows])
+        z_t = head.scale * head._target_logit(cos_t, norms)
+        target = z_t / head.scale
+        b = x.shape[0]
+        arange = torch.arange(b, device=x.device)
+        # Online log-sum-exp, seeded with the target logit (always present, never -inf).
+        run_max, run_sum = z_t.clone(), torch.ones_like(z_t)
+        z_sum = z_t.clone() if smoothing > 0 else None
+        for a, e in plan.bounds:
+            z = head._chunk_logits(x, plan.rows(weight, a, e)[0], target)
+            inside = (local >= a) & (local < e)
+            rows_in, cols_in = arange[inside], local[inside] - a
+            if z_sum is not None:
+                z_sum += z.sum(dim=1)
+                z_sum[rows_in] -= z[rows_in, cols_in]
+            z[rows_in, cols_in] = float("-inf")  # the target enters once, as z_t
+            new_max = torch.maximum(run_max, z.amax(dim=1))
+            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(
+                z - new_max.unsqueeze(1)
+            ).sum(dim=1)
+            run_max = new_max
+        lse = run_max + torch.log(run_sum)
+        per_row = lse - (1.0 - smoothing) * z_t
+        if z_sum is not None:
+            per_row = per_row - smoothing / plan.n * z_sum
+        ctx.save_for_backward(x, weight, norms, labels, local, lse, target)
+        ctx.plan, ctx.head, ctx.smoothing = plan, head, smoothing
+        return per_row.mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, norms, labels, local, lse, target = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        head: MarginHead = ctx.head
+        smoothing: float = ctx.smoothing
+        g = grad_out / x.shape[0]
+        off = smoothing / plan.n
+        arange = torch.arange(x.shape[0], device=x.device)
+        need_w = ctx.needs_input_grad[1]
+        grad_x = torch.zeros_like(x)
+        grad_w = torch.zeros_like(weight) if need_w else None
+        x_leaf = x.detach().requires_grad_()
+        with torch.enable_grad():
+            for a, e in plan.bounds:
+                w_chunk, where = plan.rows(weight, a, e)
+                w_leaf = w_chunk.detach().requires_grad_(need_w)
+                z = head._chunk_logits(x_leaf, w_leaf, target)
+                with torch.no_grad():
+                    dz = torch.exp(z - lse.unsqueeze(1)).sub_(off).mul_(g)
+                    inside = (local >= a) & (local < e)
+                    dz[arange[inside], local[inside] - a] = 0.0  # handled by the target pass
+                inputs = (x_leaf, w_leaf) if need_w else (x_leaf,)
+                grads = torch.autograd.grad(z, inputs, dz)
+                grad_x += grads[0]
+                if grad_w is not None:
+                    _scatter_rows(grad_w, where, grads[1])
+            target_rows = class_rows(labels, plan.k)
+            w_t = weight[target_rows].detach().requires_grad_(need_w)
+            z_t = head.scale * head._target_logit(head._target_cosine(x_leaf, w_t), norms)
+            with torch.no_grad():
+                dz_t = (torch.exp(z_t - lse) - (1.0 - smoothing) - off) * g
+            inputs = (x_leaf, w_t) if need_w else (x_leaf,)
+            grads = torch.autograd.grad(z_t, inputs, dz_t)
+        grad_x += grads[0]
+        if grad_w is not None:
+            grad_w.index_add_(0, target_rows, grads[1].to(grad_w.dtype))
+        return grad_x, grad_w, None, None, None, None, None, None, None
+
+
+def _scatter_rows(grad_w: Tensor, where: Tensor | slice, g: Tensor) -> None:
+    if isinstance(where, slice):
+        grad_w[where] += g
+    else:
+        grad_w.index_add_(0, where, g.to(grad_w.dtype))
