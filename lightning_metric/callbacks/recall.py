@@ -1,0 +1,235 @@
+"""RecallAtK: retrieval metrics of the validation / test embeddings, logged every epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_metric.metrics import RetrievalMetrics
+from lightning_metric.retrieval.metrics import check_k
+
+__all__ = ["RecallAtK"]
+
+Stage = Literal["val", "test"]
+
+
+class RecallAtK(Callback):
+    """Logs ``val/recall@k`` (``test/recall@k`` when testing) and related retrieval metrics.
+
+    Embeddings come from what ``validation_step`` / ``test_step`` return
+    (``{"embeddings", "labels", "index"}``); if the step returns nothing usable, the callback
+    embeds ``batch["x"]`` (or ``batch[0]``) with ``pl_module(x)`` itself. The embeddings
+    stay on the device they were produced on (exact search by chunked matmul on GPU, FAISS
+    on CPU) unless ``offload_to_cpu`` is set. Under DDP the embeddings of all ranks are
+    gathered, DistributedSampler padding is removed by dataset index, and every rank logs
+    the same values.
+
+    Logged (with prefix ``val/`` or ``test/``): ``recall@k`` for every ``k``, ``map@r``,
+    ``r_precision``, ``mrr`` and ``precision@k`` when enabled, ``nmi``/``ami`` when
+    ``clustering``, and ``unscorable_queries`` (queries whose class has no other item; left
+    out of the means).
+
+    Args:
+        k: cut-offs, e.g. ``[1, 2, 4, 8]``. ``k`` larger than the evaluation set allows is
+            clamped with a warning.
+        metric: ``"cosine"``, ``"ip"`` or ``"l2"``.
+        map_at_r: log ``map@r`` and ``r_precision``.
+        mrr: log ``mrr``.
+        precision: log ``precision@k``.
+        clustering: log ``nmi`` / ``ami`` (k-means; slower).
+        average: ``"micro"`` (over queries) or ``"macro"`` (mean of per-class means).
+        query_dataloader_idx, reference_dataloader_idx: for a query/gallery protocol, the
+            dataloaders holding the queries and the gallery (both or neither). Without them,
+            each dataloader is evaluated leave-one-out on its own; with several dataloaders
+            the names get a ``/dataloader_idx_{i}`` suffix.
+        offload_to_cpu: keep collected embeddings in CPU memory.
+        on_validation, on_test: which loops to evaluate.
+        prog_bar: show ``recall@k`` in the progress bar.
+    """
+
+    def __init__(
+        self,
+        k: int | tuple[int, ...] | list[int] = (1, 2, 4, 8),
+        metric: Literal["cosine", "ip", "l2"] = "cosine",
+        map_at_r: bool = True,
+        mrr: bool = True,
+        precision: bool = False,
+        clustering: bool = False,
+        average: Literal["micro", "macro"] = "micro",
+        query_dataloader_idx: int | None = None,
+        reference_dataloader_idx: int | None = None,
+        offload_to_cpu: bool = False,
+        on_validation: bool = True,
+        on_test: bool = True,
+        prog_bar: bool = True,
+    ) -> None:
+        super().__init__()
+        self.k = check_k(k)
+        if metric not in ("cosine", "ip", "l2"):
+            raise ValueError(f"`metric` must be one of ('cosine', 'ip', 'l2'), got {metric!r}")
+        if average not in ("micro", "macro"):
+            raise ValueError(f"`average` must be 'micro' or 'macro', got {average!r}")
+        if (query_dataloader_idx is None) != (reference_dataloader_idx is None):
+            raise ValueError(
+                "set both query_dataloader_idx and reference_dataloader_idx or neither, got "
+                f"query_dataloader_idx={query_dataloader_idx}, "
+                f"reference_dataloader_idx={reference_dataloader_idx}"
+            )
+        if query_dataloader_idx is not None and query_dataloader_idx == reference_dataloader_idx:
+            raise ValueError(
+                f"query and reference dataloaders must differ, both are {query_dataloader_idx}"
+            )
+        self.metric = metric
+        self.map_at_r = map_at_r
+        self.mrr = mrr
+        self.precision = precision
+        self.clustering = clustering
+        self.average = average
+        self.query_dataloader_idx = query_dataloader_idx
+        self.reference_dataloader_idx = reference_dataloader_idx
+        self.offload_to_cpu = offload_to_cpu
+        self.on_validation = on_validation
+        self.on_test = on_test
+        self.prog_bar = prog_bar
+        self._metrics: dict[int, RetrievalMetrics] = {}
+
+    # ------------------------------------------------------------------ collection
+
+    def _new_metric(self) -> RetrievalMetrics:
+        return RetrievalMetrics(
+            k=self.k,
+            metric=self.metric,
+            map_at_r=self.map_at_r,
+            mrr=self.mrr,
+            precision=self.precision,
+            clustering=self.clustering,
+            average=self.average,
+            compute_on_cpu=self.offload_to_cpu,
+        )
+
+    @property
+    def _split(self) -> bool:
+        return self.query_dataloader_idx is not None
+
+    def _collect(
+        self, pl_module: pl.LightningModule, outputs: Any, batch: Any, dataloader_idx: int
+    ) -> None:
+        if self._split:
+            if dataloader_idx == self.query_dataloader_idx:
+                role = "query"
+            elif dataloader_idx == self.reference_dataloader_idx:
+                role = "reference"
+            else:
+                return
+            key = 0
+        else:
+            role, key = "both", dataloader_idx
+        embeddings, labels, index = _extract(pl_module, outputs, batch)
+        if key not in self._metrics:
+            self._metrics[key] = self._new_metric()
+        self._metrics[key].update(embeddings, labels, index, role=role)  # type: ignore[arg-type]
+
+    def _log(self, pl_module: pl.LightningModule, stage: Stage, num_dataloaders: int) -> None:
+        metrics, self._metrics = self._metrics, {}
+        for key, metric in sorted(metrics.items()):
+            # Several independent loaders: name them the way Lightning does.
+            suffix = f"/dataloader_idx_{key}" if num_dataloaders > 1 and not self._split else ""
+            values = metric.compute()
+            for name, value in values.items():
+                pl_module.log(
+                    f"{stage}/{name}{suffix}",
+                    value.item(),
+                    prog_bar=self.prog_bar and name.startswith("recall@"),
+                    sync_dist=False,  # already identical on every rank
+                    add_dataloader_idx=False,
+                )
+            metric.reset()
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics = {}
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.on_validation:
+            self._collect(pl_module, outputs, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on_validation and self._metrics:
+            self._log(pl_module, "val", _num_loaders(trainer.num_val_batches))
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics = {}
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.on_test:
+            self._collect(pl_module, outputs, batch, dataloader_idx)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on_test and self._metrics:
+            self._log(pl_module, "test", _num_loaders(trainer.num_test_batches))
+
+
+def _num_loaders(num_batches: Any) -> int:
+    return len(num_batches) if isinstance(num_batches, list | tuple) else 1
+
+
+def _unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    if isinstance(batch, Mapping):
+        missing = [key for key in ("x", "label") if key not in batch]
+        if missing:
+            raise ValueError(
+                f"RecallAtK: batch dict lacks {missing}; expected keys 'x', 'label' "
+                f"(and 'index'), got {sorted(batch)}"
+            )
+        return batch["x"], batch["label"], batch.get("index")
+    if isinstance(batch, list | tuple) and len(batch) in (2, 3):
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+    raise ValueError(
+        "RecallAtK: cannot read the batch; expected a dict with 'x', 'label', 'index' or a "
+        f"tuple (x, label[, index]), got {type(batch).__name__}"
+    )
+
+
+def _extract(
+    pl_module: pl.LightningModule, outputs: Any, batch: Any
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    if isinstance(outputs, Mapping) and "embeddings" in outputs and "labels" in outputs:
+        index = outputs.get("index")
+        if index is None:
+            try:
+                index = _unpack_batch(batch)[2]
+            except ValueError:
+                index = None
+        return outputs["embeddings"].detach(), outputs["labels"].detach(), index
+    x, labels, index = _unpack_batch(batch)
+    with torch.no_grad():
+        embeddings = pl_module(x)
+    if not isinstance(embeddings, Tensor):
+        raise ValueError(
+            "RecallAtK: pl_module(x) must return an embeddings tensor [B, D], got "
+            f"{type(embeddings).__name__}; or return {{'embeddings', 'labels', 'index'}} from "
+            "validation_step"
+        )
+    return embeddings, labels, index

@@ -1,0 +1,59 @@
+"""Helpers for evaluating across DDP ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["dedupe_by_index", "gather_uneven", "world_size"]
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_uneven(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 (sizes may differ); no gradient.
+
+    Every rank receives the same result, in rank order.
+    """
+    if world_size() == 1:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    # all_gather needs equal shapes: pad to the largest, then cut each part back.
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+
+
+def dedupe_by_index(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Keep one row per dataset index, ordered by index.
+
+    DistributedSampler pads the last batch by repeating samples, so after gathering some
+    dataset indices occur twice; keeping the first occurrence of each and sorting by index
+    also makes the row order independent of the number of ranks (which keeps tie-breaking
+    by position identical to a single-process run).
+
+    Returns ``(index, *tensors)`` restricted to the kept rows.
+    """
+    if index.ndim != 1:
+        raise ValueError(f"`index` must be 1-D, got shape {tuple(index.shape)}")
+    for t in tensors:
+        if t.shape[0] != index.shape[0]:
+            raise ValueError(
+                f"every tensor must have one row per index ({index.shape[0]}), got "
+                f"shape {tuple(t.shape)}"
+            )
+    order = torch.argsort(index, stable=True)
+    sorted_index = index[order]
+    first = torch.ones_like(sorted_index, dtype=torch.bool)
+    first[1:] = sorted_index[1:] != sorted_index[:-1]
+    keep = order[first]
+    return (index[keep], *(t[keep] for t in tensors))

@@ -1,0 +1,200 @@
+"""torchmetrics shell around the functional retrieval core."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from lightning_metric.distributed import dedupe_by_index, world_size
+from lightning_metric.retrieval.metrics import check_k, retrieval_metrics
+
+__all__ = ["RetrievalMetrics"]
+
+Role = Literal["both", "query", "reference"]
+_ROLE_CODES: dict[str, int] = {"query": 1, "reference": 2, "both": 3}
+
+
+class RetrievalMetrics(Metric):
+    """Accumulates embeddings, labels and dataset indices; computes retrieval metrics.
+
+    States are concatenated across DDP ranks on :meth:`compute`; rows that share a dataset
+    index (DistributedSampler pads the last batch by repeating samples) are kept once, and
+    rows are ordered by index so every rank and any number of ranks give the same values.
+
+    Items updated with ``role="both"`` (the default) query all the others leave-one-out.
+    For a query/gallery protocol, update the query set with ``role="query"`` and the gallery
+    with ``role="reference"`` (indices are deduplicated per role).
+
+    Example::
+
+        self.val_retrieval = RetrievalMetrics(k=(1, 5))
+        # validation_step
+        self.val_retrieval.update(embeddings, labels, batch["index"])
+        # on_validation_epoch_end
+        self.log_dict(self.val_retrieval.compute(), sync_dist=False)
+        self.val_retrieval.reset()
+
+    Args:
+        k: cut-offs for ``recall@k`` / ``precision@k``. A ``k`` larger than the number of
+            retrievable items is clamped with a warning (``recall@k`` is then the recall over
+            all of them) instead of failing mid-training.
+        metric, map_at_r, mrr, precision, clustering, average, fast: as in
+            :func:`lightning_metric.retrieval.retrieval_metrics`.
+        compute_on_cpu: move accumulated states to CPU after every update (saves accelerator
+            memory; the search then runs through FAISS on CPU).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    embeddings: list[Tensor] | Tensor
+    labels: list[Tensor] | Tensor
+    indexes: list[Tensor] | Tensor
+    roles: list[Tensor] | Tensor
+
+    def __init__(
+        self,
+        k: int | Sequence[int] = (1, 2, 4, 8),
+        metric: Literal["cosine", "ip", "l2"] = "cosine",
+        map_at_r: bool = True,
+        mrr: bool = True,
+        precision: bool = True,
+        clustering: bool = False,
+        average: Literal["micro", "macro"] = "micro",
+        compute_on_cpu: bool = False,
+        fast: bool | None = None,
+    ) -> None:
+        super().__init__(compute_on_cpu=compute_on_cpu)
+        self.k = check_k(k)
+        if metric not in ("cosine", "ip", "l2"):
+            raise ValueError(f"`metric` must be one of ('cosine', 'ip', 'l2'), got {metric!r}")
+        if average not in ("micro", "macro"):
+            raise ValueError(f"`average` must be 'micro' or 'macro', got {average!r}")
+        self.metric = metric
+        self.map_at_r = map_at_r
+        self.mrr = mrr
+        self.precision = precision
+        self.clustering = clustering
+        self.average = average
+        self.fast = fast
+        self._warned_no_index = False
+        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("indexes", default=[], dist_reduce_fx="cat")
+        self.add_state("roles", default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        indexes: Tensor | None = None,
+        role: Role = "both",
+    ) -> None:
+        """Add a batch: ``embeddings [B, D]``, ``labels [B]``, dataset ``indexes [B]``."""
+        if role not in _ROLE_CODES:
+            raise ValueError(f"`role` must be one of {tuple(_ROLE_CODES)}, got {role!r}")
+        if embeddings.ndim != 2:
+            raise ValueError(
+                f"`embeddings` must be 2-D [batch, dim], got shape {tuple(embeddings.shape)}"
+            )
+        n = embeddings.shape[0]
+        if labels.shape != (n,):
+            raise ValueError(
+                f"`labels` must have shape [{n}] to match embeddings, got {tuple(labels.shape)}"
+            )
+        if indexes is None:
+            indexes = torch.full((n,), -1, dtype=torch.int64, device=embeddings.device)
+        elif indexes.shape != (n,):
+            raise ValueError(
+                f"`indexes` must have shape [{n}] to match embeddings, got {tuple(indexes.shape)}"
+            )
+        elif bool((indexes < 0).any()):
+            raise ValueError(
+                f"`indexes` must be >= 0 dataset indices, got min {int(indexes.min())}"
+            )
+        self.embeddings.append(embeddings.detach())  # type: ignore[union-attr]
+        self.labels.append(labels.detach().to(torch.int64))  # type: ignore[union-attr]
+        self.indexes.append(indexes.detach().to(device=embeddings.device, dtype=torch.int64))  # type: ignore[union-attr]
+        self.roles.append(  # type: ignore[union-attr]
+            torch.full((n,), _ROLE_CODES[role], dtype=torch.int8, device=embeddings.device)
+        )
+
+    def compute(self) -> dict[str, Tensor]:
+        """Metrics as 0-d float tensors; see :func:`retrieval_metrics` for the keys."""
+        if isinstance(self.embeddings, list) and not self.embeddings:
+            raise ValueError("RetrievalMetrics.compute() called before any update()")
+        emb = dim_zero_cat(self.embeddings)
+        labels = dim_zero_cat(self.labels).to(emb.device)
+        index = dim_zero_cat(self.indexes).to(emb.device)
+        roles = dim_zero_cat(self.roles).to(emb.device)
+        if bool((index >= 0).all()):
+            # One key per (role, index): a query set and a gallery set may reuse indices.
+            key = roles.long() * (int(index.max()) + 1) + index
+            _, emb, labels, roles = dedupe_by_index(key, emb, labels, roles)
+        elif world_size() > 1 and not self._warned_no_index:
+            self._warned_no_index = True
+            warnings.warn(
+                "RetrievalMetrics got no dataset indexes under DDP: samples that "
+                "DistributedSampler repeats to pad the last batch are counted twice",
+                UserWarning,
+                stacklevel=2,
+            )
+        values = self._compute(emb, labels, roles)
+        return {name: torch.tensor(v, dtype=torch.float32) for name, v in values.items()}
+
+    def _compute(self, emb: Tensor, labels: Tensor, roles: Tensor) -> dict[str, float]:
+        split = bool((roles != _ROLE_CODES["both"]).any())
+        query_mask = (roles & 1).bool()
+        reference_mask = (roles & 2).bool()
+        if split and not bool(query_mask.any()):
+            raise ValueError("RetrievalMetrics got reference items but no query items")
+        if split and not bool(reference_mask.any()):
+            raise ValueError("RetrievalMetrics got query items but no reference items")
+        # Items in both sets cannot retrieve themselves.
+        overlap = bool((query_mask & reference_mask).any())
+        candidates = int(reference_mask.sum()) - (1 if overlap else 0)
+        num_queries = int(query_mask.sum())
+        if candidates < 1:
+            warnings.warn(
+                f"only {int(reference_mask.sum())} item(s) to search: retrieval metrics "
+                "are unavailable (not reported)",
+                UserWarning,
+                stacklevel=3,
+            )
+            return {"unscorable_queries": float(num_queries)}
+        ks = {k: min(k, candidates) for k in self.k}
+        if any(k != v for k, v in ks.items()):
+            warnings.warn(
+                f"k={max(self.k)} exceeds the {candidates} retrievable items: recall@k and "
+                f"precision@k for k > {candidates} are computed at k={candidates}",
+                UserWarning,
+                stacklevel=3,
+            )
+        result = retrieval_metrics(
+            emb,
+            labels,
+            tuple(sorted(set(ks.values()))),
+            query_mask=query_mask if split else None,
+            reference_mask=reference_mask if split else None,
+            metric=self.metric,  # type: ignore[arg-type]
+            map_at_r=self.map_at_r,
+            mrr=self.mrr,
+            precision=self.precision,
+            clustering=self.clustering,
+            average=self.average,  # type: ignore[arg-type]
+            fast=self.fast,
+        )
+        out: dict[str, float] = {}
+        for k, used in ks.items():
+            for prefix in ("recall", "precision"):
+                if f"{prefix}@{used}" in result:
+                    out[f"{prefix}@{k}"] = result[f"{prefix}@{used}"]
+        out.update({n: v for n, v in result.items() if "@" not in n or n == "map@r"})
+        return out

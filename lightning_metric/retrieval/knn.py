@@ -1,0 +1,364 @@
+"""Exact k-nearest-neighbour search.
+
+CPU tensors and numpy arrays go through FAISS' brute-force kernels (``faiss.knn``, no index
+copy), one query chunk at a time so peak memory stays ``O(N * D + chunk * k)``. Tensors on an
+accelerator go through chunked matmul + top-k in torch; on CUDA an optional float16 candidate
+pass is re-scored in float32 and checked against a rounding-error bound, so the neighbours are
+always those of the exact float32 search.
+
+Ties are broken deterministically: equal scores rank the lower reference index first.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Metric",
+    "Neighbors",
+    "as_tensor",
+    "check_embeddings",
+    "knn",
+    "prepare",
+    "search_prepared",
+]
+
+Metric = Literal["cosine", "ip", "l2"]
+_METRICS = ("cosine", "ip", "l2")
+# Elements of the [chunk, reference] score block materialised at once by the torch path.
+_TORCH_BLOCK_ELEMENTS = 1 << 27
+# Queries per FAISS call: large enough that FAISS' own blocking dominates, small enough that
+# the result buffers stay a few MB.
+_FAISS_CHUNK = 16384
+
+
+class Neighbors(NamedTuple):
+    """Result of :func:`knn`.
+
+    ``values`` are similarities (``cosine``/``ip``, descending) or squared euclidean
+    distances (``l2``, ascending); ``indices`` index the reference rows.
+    """
+
+    values: Tensor
+    indices: Tensor
+
+
+def as_tensor(x: Tensor | np.ndarray, name: str) -> Tensor:
+    """Convert an array-like to a tensor without copying when possible."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    raise TypeError(f"`{name}` must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def check_embeddings(x: Tensor, name: str) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"`{name}` must be 2-D [num_items, dim], got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"`{name}` is empty: nothing to evaluate")
+    if not x.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating point tensor, got dtype {x.dtype}")
+    bad = ~torch.isfinite(x).all(dim=1)
+    num_bad = int(bad.sum())
+    if num_bad:
+        first = bad.nonzero()[:5, 0].tolist()
+        raise ValueError(
+            f"`{name}` has {num_bad} of {x.shape[0]} rows containing NaN or Inf "
+            f"(first rows: {first}); check the model output before evaluating"
+        )
+
+
+def prepare(x: Tensor, metric: Metric) -> Tensor:
+    """Detach, cast to contiguous float32 and L2-normalise for ``cosine``."""
+    x = x.detach()
+    if x.device.type == "cpu" or x.dtype != torch.float32:
+        x = x.float()
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)
+    return x.contiguous()
+
+
+def knn(
+    query: Tensor | np.ndarray,
+    reference: Tensor | np.ndarray | None = None,
+    k: int = 1,
+    metric: Metric = "cosine",
+    *,
+    exclude: Tensor | None = None,
+    chunk_size: int | None = None,
+    fast: bool | None = None,
+) -> Neighbors:
+    """Exact ``k`` nearest neighbours of every query row among the reference rows.
+
+    Args:
+        query: ``[Q, D]`` query embeddings.
+        reference: ``[R, D]`` reference embeddings. ``None`` searches ``query`` leave-one-out:
+            every query's own row is excluded by index, so exact duplicates are still found.
+        k: number of neighbours per query, ``1 <= k <= number of candidates``.
+        metric: ``"cosine"`` (rows L2-normalised first), ``"ip"`` (inner product) or ``"l2"``
+            (squared euclidean distance).
+        exclude: optional ``[Q]`` int64 reference row to exclude per query (``-1`` for none),
+            for a reference set that contains some queries.
+        chunk_size: queries per search call; default bounds memory automatically.
+        fast: CUDA only: find candidates with a float16 matmul and re-score them in float32
+            (default ``True`` for ``cosine`` on CUDA). The result is identical to the exact
+            search; rows whose candidate set cannot be proven complete are searched exactly.
+
+    Returns:
+        :class:`Neighbors` ``(values [Q, k], indices [Q, k])`` on the query's device.
+    """
+    if metric not in _METRICS:
+        raise ValueError(f"`metric` must be one of {_METRICS}, got {metric!r}")
+    q = as_tensor(query, "query")
+    check_embeddings(q, "query")
+    leave_one_out = reference is None
+    if leave_one_out:
+        if exclude is not None:
+            raise ValueError("`exclude` cannot be combined with `reference=None` (leave-one-out)")
+        r = q
+        exclude = torch.arange(q.shape[0], device=q.device)
+    else:
+        r = as_tensor(reference, "reference")  # type: ignore[arg-type]
+        check_embeddings(r, "reference")
+        if r.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"query and reference dims differ: query has dim {q.shape[1]}, "
+                f"reference has dim {r.shape[1]}"
+            )
+        if r.device != q.device:
+            raise ValueError(f"query is on {q.device} but reference is on {r.device}")
+    if exclude is not None:
+        exclude = exclude.to(device=q.device, dtype=torch.int64)
+        if exclude.shape != (q.shape[0],):
+            raise ValueError(
+                f"`exclude` must have shape [{q.shape[0]}] (one entry per query), "
+                f"got {tuple(exclude.shape)}"
+            )
+    num_candidates = r.shape[0] - (1 if leave_one_out else 0)
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise ValueError(f"`k` must be an int, got {k!r}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"`k` must be >= 1, got {k}")
+    if k > num_candidates:
+        raise ValueError(
+            f"k={k} is larger than the number of reference candidates per query "
+            f"({num_candidates}{', the query itself excluded' if leave_one_out else ''})"
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
+
+    if fast and metric != "cosine":
+        raise ValueError(f"`fast=True` is only supported for metric='cosine', got {metric!r}")
+    qp = prepare(q, metric)
+    rp = qp if leave_one_out else prepare(r, metric)
+    return search_prepared(qp, rp, k, metric, exclude, chunk_size, fast)
+
+
+def search_prepared(
+    q: Tensor,
+    r: Tensor,
+    k: int,
+    metric: Metric,
+    exclude: Tensor | None,
+    chunk_size: int | None = None,
+    fast: bool | None = None,
+) -> Neighbors:
+    """:func:`knn` on inputs already checked and passed through :func:`prepare`."""
+    if q.device.type == "cpu":
+        values, indices = _knn_faiss(q, r, k, metric, exclude, chunk_size)
+    else:
+        use_fast = (metric == "cosine" and q.device.type == "cuda") if fast is None else fast
+        values, indices = _knn_torch(q, r, k, metric, exclude, chunk_size, use_fast)
+    return Neighbors(values, indices)
+
+
+# ---------------------------------------------------------------- FAISS (CPU) path
+
+
+def _knn_faiss(
+    q: Tensor, r: Tensor, k: int, metric: Metric, exclude: Tensor | None, chunk_size: int | None
+) -> tuple[Tensor, Tensor]:
+    import faiss
+
+    descending = metric != "l2"
+    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    xq, xb = q.numpy(), r.numpy()
+    extra = 1 if exclude is not None else 0
+    # FAISS errors out (or pads with -1) when asked for more results than there are rows.
+    k_search = min(k + extra, xb.shape[0])
+    chunk = chunk_size or _FAISS_CHUNK
+    nq = xq.shape[0]
+    out_v = np.empty((nq, k), dtype=np.float32)
+    out_i = np.empty((nq, k), dtype=np.int64)
+    for start in range(0, nq, chunk):
+        stop = min(start + chunk, nq)
+        vals, idx = faiss.knn(xq[start:stop], xb, k_search, metric=faiss_metric)
+        vals, idx = torch.from_numpy(vals), torch.from_numpy(idx)
+        ex = exclude[start:stop] if exclude is not None else None
+        vals, idx = _finalize(vals, idx, k, ex, descending)
+        out_v[start:stop] = vals.numpy()
+        out_i[start:stop] = idx.numpy()
+    return torch.from_numpy(out_v), torch.from_numpy(out_i)
+
+
+def _finalize(
+    vals: Tensor, idx: Tensor, k: int, exclude: Tensor | None, descending: bool
+) -> tuple[Tensor, Tensor]:
+    """Drop the excluded item, order ties by index and keep ``k`` columns.
+
+    FAISS only replaces its current worst result by a strictly better one while scanning the
+    reference in index order, so at the cut-off the lower index already wins; inside the
+    returned list ties are put in index order here.
+    """
+    if exclude is not None:
+        is_self = idx == exclude[:, None]
+        keep = ~is_self
+        # Rows where the excluded item was not returned keep their first k results.
+        keep[:, -1] &= is_self.any(dim=1)
+        if idx.shape[1] > k:
+            vals = vals[keep].view(-1, k)
+            idx = idx[keep].view(-1, k)
+    vals, idx = vals[:, :k], idx[:, :k]
+    if k > 1 and bool((vals[:, 1:] == vals[:, :-1]).any()):
+        vals, idx = _sort_ties_by_index(vals, idx, descending)
+    return vals.contiguous(), idx.contiguous()
+
+
+def _sort_ties_by_index(vals: Tensor, idx: Tensor, descending: bool) -> tuple[Tensor, Tensor]:
+    # Two stable sorts = lexicographic (value, index) order.
+    order = torch.argsort(idx, dim=1, stable=True)
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    order = torch.argsort(vals, dim=1, descending=descending, stable=True)
+    return vals.gather(1, order), idx.gather(1, order)
+
+
+# ---------------------------------------------------------------- torch (accelerator) path
+
+
+def _scores(q: Tensor, r: Tensor, metric: Metric) -> Tensor:
+    s = q @ r.T
+    if metric == "l2":
+        # Squared distance, negated so that larger is better for top-k.
+        s = 2 * s - (q * q).sum(1, keepdim=True) - (r * r).sum(1)[None, :]
+    return s
+
+
+def _torch_chunk(num_reference: int, chunk_size: int | None) -> int:
+    return chunk_size or max(1, min(8192, _TORCH_BLOCK_ELEMENTS // max(num_reference, 1)))
+
+
+def _knn_torch(
+    q: Tensor,
+    r: Tensor,
+    k: int,
+    metric: Metric,
+    exclude: Tensor | None,
+    chunk_size: int | None,
+    fast: bool,
+) -> tuple[Tensor, Tensor]:
+    nq = q.shape[0]
+    out_v = torch.empty((nq, k), dtype=torch.float32, device=q.device)
+    out_i = torch.empty((nq, k), dtype=torch.int64, device=q.device)
+    chunk = _torch_chunk(r.shape[0], chunk_size)
+    # TF32 would silently make the "exact" search approximate.
+    with _no_tf32():
+        r16 = r.half() if fast else None
+        for start in range(0, nq, chunk):
+            stop = min(start + chunk, nq)
+            ex = exclude[start:stop] if exclude is not None else None
+            if r16 is not None:
+                v, i = _fast_chunk(q[start:stop], r, r16, k, ex)
+            else:
+                v, i = _exact_chunk(q[start:stop], r, k, metric, ex)
+            out_v[start:stop], out_i[start:stop] = v, i
+    return out_v, out_i
+
+
+class _no_tf32:
+    def __enter__(self) -> None:
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
+
+
+def _mask_excluded(s: Tensor, exclude: Tensor | None) -> None:
+    if exclude is None:
+        return
+    rows = (exclude >= 0).nonzero()[:, 0]
+    s[rows, exclude[rows]] = -torch.inf
+
+
+def _exact_chunk(
+    q: Tensor, r: Tensor, k: int, metric: Metric, exclude: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    s = _scores(q, r, metric)
+    _mask_excluded(s, exclude)
+    v, i = topk_lowest_index(s, k)
+    return (-v if metric == "l2" else v), i
+
+
+def topk_lowest_index(s: Tensor, k: int, slack: int = 8) -> tuple[Tensor, Tensor]:
+    """Row-wise top-``k`` of ``s`` (descending), equal values ordered by column index.
+
+    ``torch.topk`` makes no promise about which of several equal values it returns, so a few
+    extra candidates are taken and ordered lexicographically; rows whose tie group at the
+    cut-off may extend past the candidates fall back to a full stable sort.
+    """
+    n = s.shape[1]
+    kc = min(n, k + slack)
+    v, i = torch.topk(s, kc, dim=1)
+    v, i = _sort_ties_by_index(v, i, descending=True)
+    if kc < n:
+        unsure = (v[:, kc - 1] == v[:, k - 1]).nonzero()[:, 0]
+        if unsure.numel():
+            sv, si = torch.sort(s[unsure], dim=1, descending=True, stable=True)
+            v[unsure, :k], i[unsure, :k] = sv[:, :k], si[:, :k]
+    return v[:, :k], i[:, :k]
+
+
+def _fp16_error_bound(dim: int) -> float:
+    """Bound on |fp16 matmul score - exact score| for unit-norm rows.
+
+    Rounding q and r to float16 moves q.r by at most (2u + u^2) |q||r| (u = 2^-11, relative)
+    plus dim * 2^-25 for subnormals, float32 accumulation adds dim * 2^-24, and rounding the
+    float16 output adds half an ulp at |score| <= 1 + eps (2^-11).
+    """
+    u = 2.0**-11
+    return 1.25 * (2 * u + u * u + dim * 2.0**-25 * 2 + dim * 2.0**-24 + 2.0**-11)
+
+
+def _fast_chunk(
+    q: Tensor, r: Tensor, r16: Tensor, k: int, exclude: Tensor | None, extra: int = 32
+) -> tuple[Tensor, Tensor]:
+    n = r.shape[0]
+    kc = min(n, k + extra)
+    approx = q.half() @ r16.T
+    _mask_excluded(approx, exclude)
+    a_v, cand = torch.topk(approx, kc, dim=1)
+    del approx
+    # Exact float32 scores of the candidates, then the exact order among them.
+    exact = torch.bmm(r[cand], q[:, :, None])[:, :, 0]
+    if exclude is not None:
+        exact = exact.masked_fill(cand == exclude[:, None], -torch.inf)
+    v, i = _sort_ties_by_index(exact, cand, descending=True)
+    if kc == n:
+        return v[:, :k], i[:, :k]
+    # Anything outside the candidates scores at most a_v[:, -1] + bound exactly; if the k-th
+    # exact score is strictly above that, no outsider can enter or tie into the top k.
+    bound = _fp16_error_bound(q.shape[1])
+    unsure = ~(v[:, k - 1] > a_v[:, -1].float() + bound)
+    unsure |= ~torch.isfinite(a_v[:, -1])
+    rows = unsure.nonzero()[:, 0]
+    v, i = v[:, :k].clone(), i[:, :k].clone()
+    if rows.numel():
+        ev, ei = _exact_chunk(q[rows], r, k, "ip", exclude[rows] if exclude is not None else None)
+        v[rows], i[rows] = ev, ei
+    return v, i
