@@ -1,0 +1,228 @@
+"""MetricLearningModule: backbone -> neck -> embedding, trained by a margin head or a PML loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.miners import BaseMiner
+from torch import nn
+
+from lightning_metric.heads import MarginHead
+from lightning_metric.necks import EmbeddingNeck
+
+HeadFactory = Callable[[int, int], MarginHead]
+"""Builds a head from `(embedding_dim, num_classes)`: a head class or a `functools.partial`."""
+
+Batch = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
+
+
+def split_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Return `(x, labels, index)` from a `{"x", "label", "index"}` dict or an
+    `(x, label[, index])` tuple; `index` is None when the data set does not provide it."""
+    if isinstance(batch, Mapping):
+        missing = {"x", "label"} - set(batch)
+        if missing:
+            raise ValueError(
+                f"a batch dict needs keys 'x' and 'label' (and optionally 'index'); "
+                f"missing {sorted(missing)}, got keys {sorted(batch)}"
+            )
+        return batch["x"], batch["label"], batch.get("index")
+    if isinstance(batch, Sequence) and len(batch) in (2, 3):
+        return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
+    raise ValueError(
+        f"expected a batch {{'x', 'label'[, 'index']}} or a tuple (x, label[, index]), "
+        f"got {type(batch).__name__}"
+    )
+
+
+class MetricLearningModule(LightningModule):
+    """Backbone + neck + one training objective; `forward(x)` returns unit-norm embeddings.
+
+    Exactly one objective:
+      * ``head``: a margin head (ArcFace, CosFace, ...) trained with cross-entropy through
+        ``head.loss``. Given as a head class / ``functools.partial`` (built here with
+        ``embedding_dim`` and ``num_classes``; this is what YAML produces) or as a built
+        head instance.
+      * ``loss``: any pytorch-metric-learning loss, optionally with a PML ``miner``. PML
+        objects (distances, reducers, regularizers inside them) are used as-is.
+
+    Hooks to override in a subclass (each is small, so override only what you change):
+      * ``embed(x)``: the embedding *before* L2 normalisation (backbone -> neck).
+      * ``forward(x)``: ``F.normalize(embed(x))``, what retrieval and predict use.
+      * ``compute_loss(embeddings, labels)``: the objective on un-normalised embeddings.
+      * ``parameter_groups()``: the optimizer's param groups (model vs objective).
+
+    Args:
+        backbone: any ``nn.Module`` producing features; ``num_features`` on it sizes the
+            default neck (the built-in backbones and adapters all have it).
+        neck: maps backbone features to ``embedding_dim``; default ``EmbeddingNeck``.
+        head: margin head, see above.
+        loss: PML loss, see above.
+        miner: PML miner, only with ``loss``.
+        num_classes: number of training classes (needed to build ``head``); the CLI links
+            it from ``data.num_classes``.
+        embedding_dim: embedding size.
+        optimizer: optimizer factory for all parameters.
+        lr_scheduler: optional scheduler factory, stepped every ``lr_scheduler_interval``.
+        objective_lr: learning rate of the head / loss parameters (class centres, proxies);
+            None uses the optimizer's learning rate.
+        lr_scheduler_interval: "epoch" or "step".
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: Optional[nn.Module] = None,
+        head: Optional[HeadFactory] = None,
+        loss: Optional[BaseMetricLossFunction] = None,
+        miner: Optional[BaseMiner] = None,
+        num_classes: Optional[int] = None,
+        embedding_dim: int = 128,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        objective_lr: Optional[float] = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+    ) -> None:
+        super().__init__()
+        if (head is None) == (loss is None):
+            raise ValueError(
+                "pass exactly one objective: head=<margin head, e.g. ArcFaceHead> for a "
+                "classification objective, or loss=<a pytorch_metric_learning loss> for a "
+                f"pair/proxy objective; got head={_name(head)} and loss={_name(loss)}"
+            )
+        if miner is not None and head is not None:
+            raise ValueError(
+                f"miner={_name(miner)} selects pairs/triplets for a PML loss, but the objective "
+                f"is the classification head {_name(head)}; drop the miner or use loss=..."
+            )
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ValueError(
+                f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}"
+            )
+        self.save_hyperparameters(
+            ignore=["backbone", "neck", "head", "loss", "miner", "optimizer", "lr_scheduler"]
+        )
+        self.backbone = backbone
+        if neck is None:
+            neck = EmbeddingNeck(getattr(backbone, "num_features", None), embedding_dim)
+        self.neck = neck
+        self.embedding_dim = int(getattr(neck, "embedding_dim", embedding_dim))
+        self.head = _build_head(head, self.embedding_dim, num_classes)
+        self.loss_fn = loss
+        self.miner = miner
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.objective_lr = objective_lr
+        self.lr_scheduler_interval = lr_scheduler_interval
+
+    # -- embedding -------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding before L2 normalisation (what margin heads receive)."""
+        return self.neck(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings, in float32 even under autocast (retrieval needs it)."""
+        return F.normalize(self.embed(x).float(), dim=-1)
+
+    # -- objective -------------------------------------------------------------------------
+    @property
+    def objective(self) -> nn.Module:
+        """The module holding the objective's parameters: the head or the PML loss."""
+        return self.head if self.head is not None else self.loss_fn  # type: ignore[return-value]
+
+    def compute_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training loss from un-normalised embeddings ``[B, D]`` and labels ``[B]``."""
+        if self.head is not None:
+            return self.head.loss(embeddings, labels)
+        assert self.loss_fn is not None
+        # PML's distances and reducers are written for float32.
+        normalised = F.normalize(embeddings.float(), dim=-1)
+        indices = self.miner(normalised, labels) if self.miner is not None else None
+        return self.loss_fn(normalised, labels, indices)
+
+    # -- steps -----------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        x, labels, _ = split_batch(batch)
+        loss = self.compute_loss(self.embed(x), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def _eval_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        x, labels, index = split_batch(batch)
+        out = {"embeddings": self(x), "labels": labels}
+        if index is not None:
+            out["index"] = index
+        return out
+
+    def validation_step(
+        self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Returns embeddings, labels and dataset index for evaluation callbacks (RecallAtK)."""
+        return self._eval_step(batch)
+
+    def test_step(
+        self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch)
+
+    def predict_step(
+        self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch)
+
+    # -- optimisation ----------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Model parameters, then objective parameters with their own learning rate.
+
+        Proxy/centre parameters typically need a larger learning rate than the network
+        (PML's learnable losses document this), hence the separate group.
+        """
+        objective_params = list(self.objective.parameters())
+        objective_ids = {id(p) for p in objective_params}
+        model_params = [p for p in self.parameters() if id(p) not in objective_ids]
+        groups: list[dict[str, Any]] = [{"params": model_params, "name": "model"}]
+        if objective_params:
+            group: dict[str, Any] = {"params": objective_params, "name": "objective"}
+            if self.objective_lr is not None:
+                group["lr"] = self.objective_lr
+            groups.append(group)
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},
+        }
+
+
+def _build_head(
+    head: Optional[HeadFactory | nn.Module], embedding_dim: int, num_classes: Optional[int]
+) -> Optional[nn.Module]:
+    if head is None or isinstance(head, nn.Module):
+        return head
+    if num_classes is None:
+        raise ValueError(
+            f"head={_name(head)} is built here and needs num_classes (the number of training "
+            "classes); pass num_classes=..., or in the CLI let it be linked from data.num_classes"
+        )
+    return head(embedding_dim, num_classes)
+
+
+def _name(obj: object) -> str:
+    if obj is None:
+        return "None"
+    return (
+        getattr(obj, "__name__", None)
+        or getattr(getattr(obj, "func", None), "__name__", None)
+        or type(obj).__name__
+    )
