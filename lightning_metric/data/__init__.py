@@ -1,0 +1,14 @@
+"""DataModules for metric learning: the embedded glyph benchmark and sklearn's digits."""
+
+from lightning_metric.data.augment import RandomAffineNoise
+from lightning_metric.data.base import ArrayDataModule, ArrayDataset
+from lightning_metric.data.digits import DigitsDataModule
+from lightning_metric.data.glyphs import GlyphsDataModule
+
+__all__ = [
+    "ArrayDataModule",
+    "ArrayDataset",
+    "DigitsDataModule",
+    "GlyphsDataModule",
+    "RandomAffineNoise",
+]
