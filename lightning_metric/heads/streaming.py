@@ -1,9 +1,9 @@
 """Streaming (fused) margin-softmax cross-entropy for very many classes.
 
 The dense loss materialises ``[B, C]`` cosines, logits, softmax and their gradients
-(PML: ~6 such tensors). Here the classes are visited in chunks: forward keeps only an
-online log-sum-exp per row; backward recomputes each chunk's logits, forms
-``softmax - target`` for it and pushes it through the chunk's little graph with
+(PML: ~6 such tensors). Here the classes are visited in chunks: forward keeps only a
+log-sum-exp accumulator per row; backward recomputes each chunk's logits, forms
+``softmax - target`` for it and pushes it through the chunk's small graph with
 ``torch.autograd.grad``. Activation memory is O(B x chunk); the weight gradient is
 written straight into one ``zeros_like(weight)``. Because the chunk graph is the head's own
 ``_chunk_logits``/``_target_logit``, every head (sub-centres, CurricularFace, AdaFace)
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from lightning_metric.heads.base import MarginHead
 
 __all__ = ["streaming_margin_cross_entropy"]
+
+# exp() of a float32 overflows past ~88.7; keeping every shifted logit <= _HEADROOM leaves
+# room for summing up to e^(88 - 60) ~ 1e12 classes.
+_HEADROOM = 60.0
 
 
 def streaming_margin_cross_entropy(
@@ -63,6 +67,11 @@ class _Plan:
         return weight[idx], idx
 
 
+def _target_in_chunk(local: Tensor, a: int, b: int) -> tuple[Tensor, Tensor]:
+    inside = (local >= a) & (local < b)
+    return inside.nonzero().squeeze(1), local[inside] - a
+
+
 class _StreamingMarginCE(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -79,28 +88,30 @@ class _StreamingMarginCE(torch.autograd.Function):
     ) -> Tensor:
         plan = _Plan(head, class_index, chunk_size)
         target_rows = class_rows(labels, plan.k)
-        cos_t = head._target_cosine(x, weight[target_rows])
-        z_t = head.scale * head._target_logit(cos_t, norms)
+        z_t = head.scale * head._target_logit(head._target_cosine(x, weight[target_rows]), norms)
         target = z_t / head.scale
-        b = x.shape[0]
-        arange = torch.arange(b, device=x.device)
-        # Online log-sum-exp, seeded with the target logit (always present, never -inf).
-        run_max, run_sum = z_t.clone(), torch.ones_like(z_t)
+        # A fixed per-row shift instead of a running max: it rides inside the chunk GEMM.
+        # Non-target logits lie in [-s, s] for all heads but CurricularFace, so this shift
+        # keeps every exp() argument in [-80, 60] (no overflow, and never an all-zero row);
+        # the rare chunk that still overshoots is rescaled exactly below.
+        s = head.scale
+        shift = torch.maximum(z_t, z_t.new_tensor(min(s - _HEADROOM, 80.0 - s)))
+        run_sum = torch.exp(z_t - shift)
         z_sum = z_t.clone() if smoothing > 0 else None
-        for a, e in plan.bounds:
-            z = head._chunk_logits(x, plan.rows(weight, a, e)[0], target)
-            inside = (local >= a) & (local < e)
-            rows_in, cols_in = arange[inside], local[inside] - a
+        for a, b in plan.bounds:
+            z = head._chunk_logits(x, plan.rows(weight, a, b)[0], target, shift)
+            rows_in, cols_in = _target_in_chunk(local, a, b)
             if z_sum is not None:
-                z_sum += z.sum(dim=1)
-                z_sum[rows_in] -= z[rows_in, cols_in]
+                z_sum += z.sum(dim=1) + (b - a) * shift
+                z_sum[rows_in] -= z[rows_in, cols_in] + shift[rows_in]
             z[rows_in, cols_in] = float("-inf")  # the target enters once, as z_t
-            new_max = torch.maximum(run_max, z.amax(dim=1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(
-                z - new_max.unsqueeze(1)
-            ).sum(dim=1)
-            run_max = new_max
-        lse = run_max + torch.log(run_sum)
+            over = z.amax(dim=1).sub_(_HEADROOM).clamp_min_(0.0)
+            if bool(over.any()):
+                z -= over.unsqueeze(1)
+                run_sum *= torch.exp(-over)
+                shift = shift + over
+            run_sum += z.exp_().sum(dim=1)
+        lse = shift + torch.log(run_sum)
         per_row = lse - (1.0 - smoothing) * z_t
         if z_sum is not None:
             per_row = per_row - smoothing / plan.n * z_sum
@@ -114,42 +125,42 @@ class _StreamingMarginCE(torch.autograd.Function):
         plan: _Plan = ctx.plan
         head: MarginHead = ctx.head
         smoothing: float = ctx.smoothing
+        # d loss / d z = g * (softmax - (1 - eps) onehot - eps / n); g is applied to the small
+        # [B, D] / [chunk, D] gradients, not to the [B, chunk] block.
         g = grad_out / x.shape[0]
         off = smoothing / plan.n
-        arange = torch.arange(x.shape[0], device=x.device)
         need_w = ctx.needs_input_grad[1]
         grad_x = torch.zeros_like(x)
         grad_w = torch.zeros_like(weight) if need_w else None
         x_leaf = x.detach().requires_grad_()
         with torch.enable_grad():
-            for a, e in plan.bounds:
-                w_chunk, where = plan.rows(weight, a, e)
+            for a, b in plan.bounds:
+                w_chunk, where = plan.rows(weight, a, b)
                 w_leaf = w_chunk.detach().requires_grad_(need_w)
-                z = head._chunk_logits(x_leaf, w_leaf, target)
-                with torch.no_grad():
-                    dz = torch.exp(z - lse.unsqueeze(1)).sub_(off).mul_(g)
-                    inside = (local >= a) & (local < e)
-                    dz[arange[inside], local[inside] - a] = 0.0  # handled by the target pass
-                inputs = (x_leaf, w_leaf) if need_w else (x_leaf,)
-                grads = torch.autograd.grad(z, inputs, dz)
+                z = head._chunk_logits(x_leaf, w_leaf, target, lse)  # z - lse = log softmax
+                # softmax written over z's storage: no backward node saves z itself.
+                p = z.detach().exp_()
+                if off:
+                    p.sub_(off)
+                rows_in, cols_in = _target_in_chunk(local, a, b)
+                p[rows_in, cols_in] = 0.0  # the target's gradient comes from the pass below
+                grads = torch.autograd.grad(z, (x_leaf, w_leaf) if need_w else (x_leaf,), p)
                 grad_x += grads[0]
                 if grad_w is not None:
-                    _scatter_rows(grad_w, where, grads[1])
+                    _add_rows(grad_w, where, grads[1].mul_(g))
             target_rows = class_rows(labels, plan.k)
             w_t = weight[target_rows].detach().requires_grad_(need_w)
             z_t = head.scale * head._target_logit(head._target_cosine(x_leaf, w_t), norms)
-            with torch.no_grad():
-                dz_t = (torch.exp(z_t - lse) - (1.0 - smoothing) - off) * g
-            inputs = (x_leaf, w_t) if need_w else (x_leaf,)
-            grads = torch.autograd.grad(z_t, inputs, dz_t)
-        grad_x += grads[0]
+            dz_t = torch.exp(z_t.detach() - lse) - (1.0 - smoothing) - off
+            grads = torch.autograd.grad(z_t, (x_leaf, w_t) if need_w else (x_leaf,), dz_t)
+        grad_x = (grad_x + grads[0]).mul_(g)
         if grad_w is not None:
-            grad_w.index_add_(0, target_rows, grads[1].to(grad_w.dtype))
+            grad_w.index_add_(0, target_rows, grads[1].mul_(g).to(grad_w.dtype))
         return grad_x, grad_w, None, None, None, None, None, None, None
 
 
-def _scatter_rows(grad_w: Tensor, where: Tensor | slice, g: Tensor) -> None:
+def _add_rows(grad_w: Tensor, where: Tensor | slice, g: Tensor) -> None:
     if isinstance(where, slice):
-        grad_w[where] += g
+        grad_w[where] += g  # each chunk's rows are disjoint
     else:
         grad_w.index_add_(0, where, g.to(grad_w.dtype))
