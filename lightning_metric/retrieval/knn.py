@@ -184,50 +184,65 @@ def search_prepared(
 def _knn_faiss(
     q: Tensor, r: Tensor, k: int, metric: Metric, exclude: Tensor | None, chunk_size: int | None
 ) -> tuple[Tensor, Tensor]:
-    import faiss
-
-    descending = metric != "l2"
-    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     xq, xb = q.numpy(), r.numpy()
-    extra = 1 if exclude is not None else 0
-    # FAISS errors out (or pads with -1) when asked for more results than there are rows.
-    k_search = min(k + extra, xb.shape[0])
+    need = k + (1 if exclude is not None else 0)
     chunk = chunk_size or _FAISS_CHUNK
     nq = xq.shape[0]
     out_v = np.empty((nq, k), dtype=np.float32)
     out_i = np.empty((nq, k), dtype=np.int64)
     for start in range(0, nq, chunk):
         stop = min(start + chunk, nq)
-        vals, idx = faiss.knn(xq[start:stop], xb, k_search, metric=faiss_metric)
-        vals, idx = torch.from_numpy(vals), torch.from_numpy(idx)
+        vals, idx = _faiss_search_complete(xq[start:stop], xb, need, metric)
         ex = exclude[start:stop] if exclude is not None else None
-        vals, idx = _finalize(vals, idx, k, ex, descending)
+        vals, idx = _drop_excluded(vals, idx, k, ex)
         out_v[start:stop] = vals.numpy()
         out_i[start:stop] = idx.numpy()
     return torch.from_numpy(out_v), torch.from_numpy(out_i)
 
 
-def _finalize(
-    vals: Tensor, idx: Tensor, k: int, exclude: Tensor | None, descending: bool
+def _faiss_search_complete(
+    xq: np.ndarray, xb: np.ndarray, need: int, metric: Metric, slack: int = 8
 ) -> tuple[Tensor, Tensor]:
-    """Drop the excluded item, order ties by index and keep ``k`` columns.
+    """FAISS top-``need`` per row in (value, lower index first) order.
 
-    FAISS only replaces its current worst result by a strictly better one while scanning the
-    reference in index order, so at the cut-off the lower index already wins; inside the
-    returned list ties are put in index order here.
+    FAISS returns an arbitrary subset of a group of equal values at its cut-off, so a few
+    extra results are requested; rows whose tie group at position ``need`` reaches the last
+    returned value are searched again, deeper, until the group is complete.
     """
-    if exclude is not None:
+    import faiss
+
+    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    descending = metric != "l2"
+    nb = xb.shape[0]
+    depth = min(nb, need + slack)
+    vals_np, idx_np = faiss.knn(xq, xb, depth, metric=faiss_metric)
+    vals, idx = _sort_ties_by_index(torch.from_numpy(vals_np), torch.from_numpy(idx_np), descending)
+    rows = torch.arange(xq.shape[0])
+    cur = vals
+    while depth < nb:
+        unsure = (cur[:, need - 1] == cur[:, depth - 1]).nonzero()[:, 0]
+        if unsure.numel() == 0:
+            break
+        rows = rows[unsure]
+        depth = min(nb, 2 * depth)
+        v_np, i_np = faiss.knn(np.ascontiguousarray(xq[rows.numpy()]), xb, depth, faiss_metric)
+        cur, cur_i = _sort_ties_by_index(torch.from_numpy(v_np), torch.from_numpy(i_np), descending)
+        vals[rows, :need], idx[rows, :need] = cur[:, :need], cur_i[:, :need]
+    return vals[:, :need], idx[:, :need]
+
+
+def _drop_excluded(
+    vals: Tensor, idx: Tensor, k: int, exclude: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Remove each row's excluded reference item (if returned) and keep ``k`` columns."""
+    if exclude is not None and idx.shape[1] > k:
         is_self = idx == exclude[:, None]
         keep = ~is_self
         # Rows where the excluded item was not returned keep their first k results.
         keep[:, -1] &= is_self.any(dim=1)
-        if idx.shape[1] > k:
-            vals = vals[keep].view(-1, k)
-            idx = idx[keep].view(-1, k)
-    vals, idx = vals[:, :k], idx[:, :k]
-    if k > 1 and bool((vals[:, 1:] == vals[:, :-1]).any()):
-        vals, idx = _sort_ties_by_index(vals, idx, descending)
-    return vals.contiguous(), idx.contiguous()
+        vals = vals[keep].view(-1, k)
+        idx = idx[keep].view(-1, k)
+    return vals[:, :k].contiguous(), idx[:, :k].contiguous()
 
 
 def _sort_ties_by_index(vals: Tensor, idx: Tensor, descending: bool) -> tuple[Tensor, Tensor]:
