@@ -1,0 +1,71 @@
+"""2-process CPU (gloo) DDP validation gives exactly the single-process metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import Callback
+from test_recall_callback import DictDataset, Tiny, clustered
+from torch.utils.data import DataLoader
+
+from lightning_metric.callbacks import RecallAtK
+
+pytestmark = pytest.mark.ddp
+
+
+class DumpMetrics(Callback):
+    """Writes every rank's logged metrics, to check that all ranks agree."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        path = Path(self.folder) / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(values))
+
+
+def run(devices: int, folder: Path, loaders: list[DataLoader]) -> dict[str, float]:
+    folder.mkdir()
+    callbacks = [
+        # Each loader leave-one-out on its own (names get /dataloader_idx_i) ...
+        RecallAtK(k=(1, 2, 4, 8), precision=True),
+        # ... and loader 0 as queries against loader 1 as gallery.
+        RecallAtK(k=(1, 2, 4, 8), query_dataloader_idx=0, reference_dataloader_idx=1),
+        DumpMetrics(str(folder)),
+    ]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.validate(Tiny(), loaders, verbose=False)
+    ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
+    assert len(ranks) == devices
+    for other in ranks[1:]:
+        assert other == ranks[0]
+    return ranks[0]
+
+
+def test_ddp_validate_equals_single_process(tmp_path: Path) -> None:
+    # 101 and 37 items: DistributedSampler pads both loaders with repeated samples.
+    x, labels = clustered(101, 12, seed=3)
+    labels[100] = 77  # singleton: unscorable
+    xg, lg = clustered(37, 12, seed=4)
+    loaders = [
+        DataLoader(DictDataset(x, labels), batch_size=8),
+        DataLoader(DictDataset(xg, lg), batch_size=8),
+    ]
+    single = run(1, tmp_path / "single", loaders)
+    ddp = run(2, tmp_path / "ddp", loaders)
+    assert {"val/recall@1", "val/recall@1/dataloader_idx_0", "val/map@r"} <= set(single)
+    assert single["val/unscorable_queries/dataloader_idx_0"] == 1.0
+    assert single == ddp
