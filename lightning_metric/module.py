@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from pytorch_metric_learning.losses import BaseMetricLossFunction
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
 from pytorch_metric_learning.miners import BaseMiner
 from torch import nn
 
@@ -80,7 +82,7 @@ class MetricLearningModule(LightningModule):
         backbone: nn.Module,
         neck: Optional[nn.Module] = None,
         head: Optional[HeadFactory] = None,
-        loss: Optional[BaseMetricLossFunction] = None,
+        loss: Optional[Union[BaseMetricLossFunction, CrossBatchMemory]] = None,
         miner: Optional[BaseMiner] = None,
         num_classes: Optional[int] = None,
         embedding_dim: int = 128,
@@ -105,9 +107,7 @@ class MetricLearningModule(LightningModule):
             raise ValueError(
                 f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}"
             )
-        self.save_hyperparameters(
-            ignore=["backbone", "neck", "head", "loss", "miner", "optimizer", "lr_scheduler"]
-        )
+        _save_hyperparameters(self)
         self.backbone = backbone
         if neck is None:
             neck = EmbeddingNeck(getattr(backbone, "num_features", None), embedding_dim)
@@ -203,6 +203,24 @@ class MetricLearningModule(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},
         }
+
+
+def _save_hyperparameters(module: LightningModule) -> None:
+    """Save the config under LightningCLI, only plain values otherwise.
+
+    Under the CLI the hyper-parameters are the YAML's class paths and init args, so a
+    checkpoint rebuilds its own model (`lightning-metric test --ckpt_path`,
+    `MetricLearningModule.load_from_checkpoint(path)`). From Python the same arguments are
+    live objects: they are saved as weights in the state dict, and pickling them into the
+    hyper-parameters would break `weights_only` loading.
+    """
+    if _given_hyperparameters.get() is not None:
+        module.save_hyperparameters(frame=inspect.currentframe().f_back)  # type: ignore[union-attr]
+    else:
+        module.save_hyperparameters(
+            ignore=["backbone", "neck", "head", "loss", "miner", "optimizer", "lr_scheduler"],
+            frame=inspect.currentframe().f_back,  # type: ignore[union-attr]
+        )
 
 
 def _build_head(

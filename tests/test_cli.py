@@ -1,0 +1,68 @@
+"""The `lightning-metric` command, driven in-process as a user would from the shell."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_metric import MetricLearningModule
+from lightning_metric.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "examples" / "configs" / "digits_arcface.yaml")
+
+
+def smoke_args(tmp_path: Path) -> list[str]:
+    """Overrides that turn an example config into a seconds-long run inside tmp_path."""
+    return [
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+def test_fit_then_test_from_checkpoint_logs_recall(tmp_path, capsys):
+    cli = main(["fit", "--config", DIGITS, *smoke_args(tmp_path)])
+    recall = cli.trainer.callback_metrics["val/recall@1"].item()
+    assert 0.0 <= recall <= 1.0
+    ckpts = list(Path(tmp_path).rglob("*.ckpt"))
+    assert ckpts, "fit must leave a checkpoint behind"
+    # The head was sized from the data module by the CLI link, not from YAML.
+    assert cli.model.head.weight.shape == (cli.datamodule.num_classes, 32)
+
+    # A CLI checkpoint rebuilds its own model from the saved config, weights included.
+    restored = MetricLearningModule.load_from_checkpoint(ckpts[0], weights_only=True).eval()
+    x = next(iter(cli.datamodule.test_dataloader()))["x"]
+    torch.testing.assert_close(restored(x), cli.model.eval()(x))
+
+    test_cli = main(["test", "--config", DIGITS, *smoke_args(tmp_path), f"--ckpt_path={ckpts[0]}"])
+    assert "test/recall@1" in test_cli.trainer.callback_metrics
+    assert "test/recall@1" in capsys.readouterr().out
+
+
+def test_print_config_is_complete_and_round_trips(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", DIGITS, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    init = config["model"]["init_args"]
+    assert init["head"]["class_path"] == "lightning_metric.heads.ArcFaceHead"
+    assert init["backbone"]["class_path"] == "lightning_metric.backbones.SmallCNN"
+    assert config["data"]["class_path"] == "lightning_metric.data.DigitsDataModule"
+    # What --print_config prints must itself be a valid config that prints the same.
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(saved), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == config
+
+
+def test_console_script_is_installed():
+    bin_dir = Path(sys.executable).parent
+    assert (bin_dir / "lightning-metric").exists()
