@@ -4,11 +4,13 @@ from lightning_metric.data.augment import RandomAffineNoise
 from lightning_metric.data.base import ArrayDataModule, ArrayDataset
 from lightning_metric.data.digits import DigitsDataModule
 from lightning_metric.data.glyphs import GlyphsDataModule
+from lightning_metric.data.samplers import MPerClassSampler
 
 __all__ = [
     "ArrayDataModule",
     "ArrayDataset",
     "DigitsDataModule",
     "GlyphsDataModule",
+    "MPerClassSampler",
     "RandomAffineNoise",
 ]

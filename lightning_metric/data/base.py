@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_metric.data.augment import BatchCollate, RandomAffineNoise
+from lightning_metric.data.samplers import MPerClassSampler
 
 Split = Literal["train", "val", "test"]
 
@@ -91,6 +92,11 @@ class ArrayDataModule(pl.LightningDataModule):
     Training shuffles with a generator seeded from ``seed`` and drops the last partial batch
     (a batch of one breaks BatchNorm in the neck). Under DDP, Lightning swaps in its
     DistributedSampler as usual.
+
+    With ``m_per_class`` set, training batches come from :class:`MPerClassSampler`: ``m``
+    samples of each of ``batch_size // m_per_class`` classes (pair losses with miners need
+    positives in every batch). It splits batches across DDP ranks itself and works with either
+    value of ``Trainer(use_distributed_sampler=...)``.
     """
 
     image_size: int
@@ -104,9 +110,17 @@ class ArrayDataModule(pl.LightningDataModule):
         augment: bool = True,
         eval_batch_size: Optional[int] = None,
         predict_split: Split = "test",
+        m_per_class: Optional[int] = None,
     ) -> None:
         super().__init__()
         check_positive_int("batch_size", batch_size)
+        if m_per_class is not None:
+            check_positive_int("m_per_class", m_per_class)
+            if batch_size % m_per_class:
+                raise ValueError(
+                    f"batch_size must be a multiple of m_per_class: batch_size {batch_size} is "
+                    f"not divisible by m_per_class {m_per_class}"
+                )
         if eval_batch_size is not None:
             check_positive_int("eval_batch_size", eval_batch_size)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -123,6 +137,7 @@ class ArrayDataModule(pl.LightningDataModule):
         self.seed = seed
         self.augment = augment
         self.predict_split: Split = predict_split
+        self.m_per_class = m_per_class
         self.datasets: dict[str, ArrayDataset] = {}
 
     # -- hooks for subclasses -------------------------------------------------------------
@@ -159,16 +174,17 @@ class ArrayDataModule(pl.LightningDataModule):
         # Mixing the rank in keeps the augmentation streams of DDP ranks independent.
         seed = self.seed + 1_000_003 * self._rank()
         augment = self.make_augment() if self.augment else None
-        return DataLoader(
-            train,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=BatchCollate(augment, seed=seed),
-            generator=torch.Generator().manual_seed(seed),
-        )
+        common = {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": BatchCollate(augment, seed=seed),
+            "generator": torch.Generator().manual_seed(seed),
+        }
+        if self.m_per_class is not None:
+            # Same seed on every rank: all ranks must derive the same epoch plan to split it.
+            sampler = MPerClassSampler(train.labels, self.m_per_class, self.batch_size, self.seed)
+            return DataLoader(train, batch_sampler=sampler, **common)
+        return DataLoader(train, batch_size=self.batch_size, shuffle=True, drop_last=True, **common)
 
     def _eval_loader(self, split: Split) -> DataLoader:
         return DataLoader(

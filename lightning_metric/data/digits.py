@@ -33,7 +33,7 @@ class DigitsDataModule(ArrayDataModule):
     Train on ``train_classes`` (default 0-4) and evaluate retrieval on the unseen
     ``eval_classes`` (default: the other digits), whose samples are split per digit by ``seed``
     into val (``val_fraction``) and test. Pixel values are scaled to [0, 1]. Meant for smoke
-    tests and examples.
+    tests and examples. ``m_per_class``: see :class:`ArrayDataModule`.
     """
 
     def __init__(
@@ -47,6 +47,7 @@ class DigitsDataModule(ArrayDataModule):
         augment: bool = True,
         eval_batch_size: Optional[int] = None,
         predict_split: Split = "test",
+        m_per_class: Optional[int] = None,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -55,6 +56,7 @@ class DigitsDataModule(ArrayDataModule):
             augment=augment,
             eval_batch_size=eval_batch_size,
             predict_split=predict_split,
+            m_per_class=m_per_class,
         )
         train = _check_digits("train_classes", train_classes)
         if eval_classes is None:

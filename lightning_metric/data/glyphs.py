@@ -95,6 +95,9 @@ class GlyphsDataModule(ArrayDataModule):
         max_classes: keep only this many classes (by seed) before splitting, for quick runs.
         eval_batch_size: batch size of the val/test/predict loaders.
         predict_split: which split ``predict_dataloader`` serves.
+        m_per_class: if set, training batches hold this many images of each of
+            ``batch_size // m_per_class`` classes (:class:`MPerClassSampler`, DDP-aware).
+            Every glyph class has at least ``min_fonts`` images, so m up to 12 needs no padding.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class GlyphsDataModule(ArrayDataModule):
         max_classes: Optional[int] = None,
         eval_batch_size: Optional[int] = None,
         predict_split: Split = "test",
+        m_per_class: Optional[int] = None,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -119,6 +123,7 @@ class GlyphsDataModule(ArrayDataModule):
             augment=augment,
             eval_batch_size=eval_batch_size,
             predict_split=predict_split,
+            m_per_class=m_per_class,
         )
         check_fraction("train_fraction", train_fraction)
         check_fraction("val_fraction", val_fraction)
