@@ -3,3 +3,7 @@
 from lightning_metric.callbacks.recall import RecallAtK
 
 __all__ = ["RecallAtK"]
+
+from lightning_metric.callbacks.prediction_writer import EmbeddingIndexWriter  # noqa: E402
+
+__all__ += ["EmbeddingIndexWriter"]

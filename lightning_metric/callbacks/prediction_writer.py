@@ -1,0 +1,138 @@
+"""EmbeddingIndexWriter: ``lightning-metric predict`` -> a searchable index directory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_metric.callbacks.collect import EmbeddingCollector, loader_dataset
+from lightning_metric.search import MANIFEST, EmbeddingIndex
+
+__all__ = ["EmbeddingIndexWriter"]
+
+
+class EmbeddingIndexWriter(Callback):
+    """Writes the predicted embeddings as an index directory that
+    :meth:`lightning_metric.search.EmbeddingIndex.load` reads.
+
+    ``output_dir`` gets ``embeddings.npy``, ``ids.npy`` (the dataset index of each item),
+    ``labels.npy``, ``index.faiss``, ``paths.txt`` (when the data set has file paths) and
+    ``manifest.json`` (model class, checkpoint, embedding size, metric, count, data module).
+    Under DDP the embeddings of all ranks are gathered and DistributedSampler padding removed;
+    rank 0 writes. With several predict dataloaders, each is written to
+    ``output_dir/dataloader_idx_{i}``.
+
+    In YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_metric.callbacks.EmbeddingIndexWriter
+              init_args: {output_dir: outputs/index}
+
+    Args:
+        output_dir: directory to write.
+        metric: how the index compares embeddings: ``"cosine"``, ``"ip"`` or ``"l2"``.
+        overwrite: replace an existing index in ``output_dir``; otherwise predict stops with
+            an error before computing anything.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        metric: Literal["cosine", "ip", "l2"] = "cosine",
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(output_dir, str | Path) or not str(output_dir):
+            raise ValueError(f"output_dir must be a directory path, got {output_dir!r}")
+        if metric not in ("cosine", "ip", "l2"):
+            raise ValueError(f"metric must be one of ('cosine', 'ip', 'l2'), got {metric!r}")
+        self.output_dir = Path(output_dir)
+        self.metric: Literal["cosine", "ip", "l2"] = metric
+        self.overwrite = overwrite
+        self._collectors: dict[int, EmbeddingCollector] = {}
+        self.written: list[Path] = []
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (self.output_dir / MANIFEST).exists() and not self.overwrite:
+            raise FileExistsError(
+                f"{str(self.output_dir)!r} already holds an index ({MANIFEST}); choose another "
+                "output_dir or set overwrite: true on EmbeddingIndexWriter"
+            )
+
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collectors = {}
+        self._start = time.perf_counter()
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        collector = self._collectors.setdefault(
+            dataloader_idx, EmbeddingCollector(type(self).__name__)
+        )
+        collector.update(pl_module, outputs, batch)
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        several = len(self._collectors) > 1
+        self.written = []
+        for idx, collector in sorted(self._collectors.items()):
+            index, embeddings, labels = collector.compute(pl_module.device)
+            if not trainer.is_global_zero:
+                continue
+            target = self.output_dir / f"dataloader_idx_{idx}" if several else self.output_dir
+            dataset = loader_dataset(trainer.predict_dataloaders, idx)
+            all_paths = getattr(dataset, "paths", None)
+            paths = [str(all_paths[i]) for i in index.tolist()] if all_paths is not None else None
+            built = EmbeddingIndex(
+                embeddings,
+                ids=index,
+                labels=labels,
+                metric=self.metric,
+                paths=paths,
+                info=_describe(trainer, pl_module, idx),
+                show_progress=True,
+            )
+            built.save(target)
+            self.written.append(target)
+            rank_zero_info(
+                f"EmbeddingIndexWriter: wrote {len(built)} embeddings of dimension {built.dim} "
+                f"({self.metric}) to {target} in {time.perf_counter() - self._start:.1f} s"
+            )
+        self._collectors = {}
+
+
+def _describe(trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader_idx: int) -> dict:
+    from lightning_metric import __version__
+
+    datamodule = getattr(trainer, "datamodule", None)
+    model_cls = type(pl_module)
+    info: dict[str, Any] = {
+        "lightning_metric_version": __version__,
+        "model": {
+            "class_path": f"{model_cls.__module__}.{model_cls.__qualname__}",
+            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "embedding_dim": getattr(pl_module, "embedding_dim", None),
+            "backbone": type(getattr(pl_module, "backbone", None)).__name__,
+            "hparams": dict(pl_module.hparams),
+        },
+        "dataloader_idx": dataloader_idx,
+    }
+    if datamodule is not None:
+        data_cls = type(datamodule)
+        info["data"] = {
+            "class_path": f"{data_cls.__module__}.{data_cls.__qualname__}",
+            "predict_split": getattr(datamodule, "predict_split", None),
+            "hparams": dict(getattr(datamodule, "hparams", {})),
+        }
+    return info

@@ -1,0 +1,506 @@
+"""EmbeddingIndex: a searchable directory of embeddings written by ``EmbeddingIndexWriter``.
+
+The directory holds only FAISS and NumPy files plus JSON, all read without pickle:
+
+    manifest.json    format, version, embedding size, metric, count, model / data description
+    index.faiss      FAISS flat index (inner product for cosine/ip, L2 for l2)
+    embeddings.npy   float32 [N, D], as the model produced them
+                     (index.faiss holds them L2-normalised for the cosine metric)
+    ids.npy          int64 [N], the item ids search returns (dataset index by default)
+    labels.npy       int64 [N], class labels (-1 where unknown)
+    paths.txt        optional, one source file per item (image-folder data sets)
+
+Example::
+
+    index = EmbeddingIndex.load("outputs/digits_index")
+    ids, scores = index.search(query_embeddings, k=5)
+    index.add(new_embeddings, ids=new_ids)
+    index.save()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_metric.retrieval.knn import Metric, prepare
+
+__all__ = ["FORMAT", "VERSION", "EmbeddingIndex", "IndexFormatError", "SearchResult"]
+
+FORMAT = "lightning-metric-index"
+VERSION = 1
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+EMBEDDINGS_FILE = "embeddings.npy"
+IDS_FILE = "ids.npy"
+LABELS_FILE = "labels.npy"
+PATHS_FILE = "paths.txt"
+_METRICS = ("cosine", "ip", "l2")
+# Rows added to FAISS per call: bounds the temporary float32 copy and gives progress steps.
+_ADD_CHUNK = 65536
+
+ArrayLike = Union[Tensor, np.ndarray]
+
+
+class IndexFormatError(ValueError):
+    """The index directory is missing a file, or its files disagree with each other."""
+
+
+class SearchResult(NamedTuple):
+    """``ids [Q, k]`` of the neighbours (the stored ids, not row numbers) and their ``scores``:
+    similarities for ``cosine``/``ip`` (descending), squared distances for ``l2`` (ascending)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+class EmbeddingIndex:
+    """Exact search over stored embeddings with a FAISS flat index; items can be added.
+
+    Build one from arrays with :meth:`from_embeddings`, or load what ``lightning-metric
+    predict`` wrote with :meth:`load`. :meth:`search` takes embeddings ``[Q, D]``, or raw
+    inputs when a ``model`` is attached (they are embedded with ``model(x)`` in eval mode).
+
+    Args:
+        embeddings: ``[N, D]`` floats.
+        ids: ``[N]`` integer ids returned by search (default ``0..N-1``); must be unique.
+        labels: ``[N]`` integer labels (default ``-1``).
+        metric: ``"cosine"`` (rows are L2-normalised), ``"ip"`` or ``"l2"``.
+        paths: optional source file per item.
+        info: extra JSON-serialisable description stored in the manifest (model, data).
+        model: optional module mapping inputs to ``[B, D]`` embeddings, for searching inputs.
+    """
+
+    def __init__(
+        self,
+        embeddings: ArrayLike,
+        ids: Optional[ArrayLike] = None,
+        labels: Optional[ArrayLike] = None,
+        metric: Metric = "cosine",
+        paths: Optional[Sequence[str]] = None,
+        info: Optional[Mapping[str, Any]] = None,
+        model: Optional[nn.Module] = None,
+        show_progress: bool = False,
+    ) -> None:
+        if metric not in _METRICS:
+            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+        self.metric: Metric = metric
+        emb = _as_embeddings(embeddings, "embeddings", metric)
+        self.dim = emb.shape[1]
+        self.embeddings = np.empty((0, self.dim), dtype=np.float32)
+        self.ids = np.empty(0, dtype=np.int64)
+        self.labels = np.empty(0, dtype=np.int64)
+        self.paths: Optional[list[str]] = [] if paths is not None else None
+        self.info: dict[str, Any] = dict(info or {})
+        self.model = model
+        self.directory: Optional[Path] = None
+        self._index = _new_faiss_index(self.dim, metric)
+        self.add(emb, ids=ids, labels=labels, paths=paths, show_progress=show_progress)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_embeddings(
+        cls,
+        embeddings: ArrayLike,
+        ids: Optional[ArrayLike] = None,
+        labels: Optional[ArrayLike] = None,
+        metric: Metric = "cosine",
+        **kwargs: Any,
+    ) -> EmbeddingIndex:
+        return cls(embeddings, ids=ids, labels=labels, metric=metric, **kwargs)
+
+    @classmethod
+    def load(
+        cls, directory: Union[str, os.PathLike[str]], model: Optional[nn.Module] = None
+    ) -> EmbeddingIndex:
+        """Read an index directory, checking that its files agree with the manifest."""
+        import faiss
+
+        root = Path(directory)
+        if not root.is_dir():
+            raise FileNotFoundError(f"index directory {str(root)!r} does not exist")
+        manifest = _read_manifest(root / MANIFEST)
+        n, dim, metric = manifest["count"], manifest["embedding_dim"], manifest["metric"]
+        embeddings = _load_npy(root / EMBEDDINGS_FILE, np.float32, (n, dim))
+        ids = _load_npy(root / IDS_FILE, np.int64, (n,))
+        labels = _load_npy(root / LABELS_FILE, np.int64, (n,))
+        index_path = root / INDEX_FILE
+        if not index_path.is_file():
+            raise IndexFormatError(f"missing FAISS index file {str(index_path)!r}")
+        try:
+            index = faiss.read_index(str(index_path))
+        except RuntimeError as err:
+            raise IndexFormatError(
+                f"cannot read FAISS index {str(index_path)!r} (corrupt or not a FAISS file): {err}"
+            ) from err
+        expected_type = _faiss_metric(metric)
+        if index.d != dim or index.ntotal != n or index.metric_type != expected_type:
+            raise IndexFormatError(
+                f"{str(index_path)!r} holds {index.ntotal} vectors of dimension {index.d} "
+                f"(FAISS metric type {index.metric_type}), but {MANIFEST} says {n} vectors of "
+                f"dimension {dim} with metric {metric!r} (FAISS metric type {expected_type})"
+            )
+        paths = None
+        if (root / PATHS_FILE).is_file():
+            paths = (root / PATHS_FILE).read_text(encoding="utf-8").splitlines()
+            if len(paths) != n:
+                raise IndexFormatError(
+                    f"{str(root / PATHS_FILE)!r} has {len(paths)} lines, expected {n} (count in "
+                    f"{MANIFEST})"
+                )
+        self = cls.__new__(cls)
+        self.metric = metric
+        self.dim = dim
+        self.embeddings = embeddings
+        self.ids = ids
+        self.labels = labels
+        self.paths = paths
+        self.info = dict(manifest.get("info", {}))
+        self.model = None
+        self.directory = root
+        self._index = index
+        self._check_unique_ids(ids)
+        if model is not None:
+            self.attach_model(model)
+        return self
+
+    def attach_model(self, model: nn.Module) -> None:
+        """Use ``model`` to embed raw inputs passed to :meth:`search`."""
+        declared = getattr(model, "embedding_dim", None)
+        if declared is not None and int(declared) != self.dim:
+            raise ValueError(
+                f"the model produces {declared}-d embeddings but the index holds {self.dim}-d "
+                "embeddings; load the checkpoint the index was built with"
+            )
+        self.model = model
+
+    # ------------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def search(self, queries: Any, k: int = 10, *, inputs: Optional[bool] = None) -> SearchResult:
+        """The ``k`` nearest stored items of each query.
+
+        ``queries`` are embeddings ``[Q, D]``, or inputs for the attached model. With a model
+        attached, anything not shaped ``[Q, D]`` is treated as inputs; pass ``inputs=True``
+        to force embedding (e.g. 2-D tabular inputs of width ``D``) or ``inputs=False`` to
+        forbid it.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if k > len(self):
+            raise ValueError(f"k={k} is larger than the number of indexed items ({len(self)})")
+        q = _prepared(self._query_embeddings(queries, inputs), self.metric)
+        scores, rows = _search_complete(self._index, q, int(k), descending=self.metric != "l2")
+        return SearchResult(self.ids[rows], scores)
+
+    def _query_embeddings(self, queries: Any, inputs: Optional[bool]) -> np.ndarray:
+        looks_like_embeddings = (
+            isinstance(queries, Tensor | np.ndarray)
+            and queries.ndim == 2
+            and queries.shape[1] == self.dim
+        )
+        if inputs is None:
+            inputs = self.model is not None and not looks_like_embeddings
+            shape = tuple(getattr(queries, "shape", ()))
+            if self.model is None and len(shape) != 2:
+                raise ValueError(
+                    f"queries must be embeddings [count, {self.dim}], got "
+                    f"{type(queries).__name__} of shape {shape}; searching raw inputs needs a "
+                    "model: EmbeddingIndex.load(dir, model=...) or index.attach_model(model)"
+                )
+        if inputs:
+            if self.model is None:
+                raise ValueError(
+                    "searching raw inputs needs a model: EmbeddingIndex.load(dir, model=...) "
+                    "or index.attach_model(model)"
+                )
+            queries = self._embed(queries)
+        return _as_embeddings(queries, "queries", self.metric, dim=self.dim)
+
+    @torch.no_grad()
+    def _embed(self, x: Any) -> Tensor:
+        assert self.model is not None
+        x = torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+        param = next(self.model.parameters(), None)
+        if isinstance(x, Tensor) and param is not None:
+            x = x.to(param.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model(x)
+        finally:
+            self.model.train(was_training)
+        if not isinstance(out, Tensor):
+            raise ValueError(
+                f"the attached model must return an embeddings tensor [B, {self.dim}], got "
+                f"{type(out).__name__}"
+            )
+        return out.detach().float().cpu()
+
+    # ------------------------------------------------------------------ updates
+
+    def add(
+        self,
+        embeddings: ArrayLike,
+        ids: Optional[ArrayLike] = None,
+        labels: Optional[ArrayLike] = None,
+        paths: Optional[Sequence[str]] = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """Append items; returns their ids (default: continuing after the largest id)."""
+        emb = _as_embeddings(embeddings, "embeddings", self.metric, dim=self.dim)
+        n = emb.shape[0]
+        if ids is None:
+            start = int(self.ids.max()) + 1 if len(self.ids) else 0
+            new_ids = np.arange(start, start + n, dtype=np.int64)
+        else:
+            new_ids = _as_int_vector(ids, "ids", n)
+        new_labels = (
+            np.full(n, -1, dtype=np.int64)
+            if labels is None
+            else _as_int_vector(labels, "labels", n)
+        )
+        self._check_unique_ids(np.concatenate([self.ids, new_ids]))
+        if (self.paths is None) != (paths is None) and len(self.ids):
+            raise ValueError(
+                "this index "
+                + ("stores" if self.paths is not None else "does not store")
+                + " a path per item; pass paths for all additions or for none"
+            )
+        if paths is not None:
+            if len(paths) != n:
+                raise ValueError(f"paths must have one entry per embedding ({n}), got {len(paths)}")
+            bad = [p for p in paths if "\n" in p or "\r" in p]
+            if bad:
+                raise ValueError(f"paths must not contain line breaks, got {bad[0]!r}")
+        _add_in_chunks(self._index, _prepared(emb, self.metric), show_progress)
+        self.embeddings = np.concatenate([self.embeddings, emb])
+        self.ids = np.concatenate([self.ids, new_ids])
+        self.labels = np.concatenate([self.labels, new_labels])
+        if paths is not None:
+            self.paths = [*(self.paths or []), *paths]
+        return new_ids
+
+    def save(self, directory: Union[str, os.PathLike[str], None] = None) -> Path:
+        """Write the directory (default: where it was loaded from). The manifest is written
+        last, so an interrupted save never leaves a directory that loads inconsistently."""
+        import faiss
+
+        if directory is None:
+            if self.directory is None:
+                raise ValueError("this index was not loaded from a directory; pass save(directory)")
+            directory = self.directory
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        # A stale manifest would describe the old files while the new ones are being written.
+        (root / MANIFEST).unlink(missing_ok=True)
+        _atomic_write(root / EMBEDDINGS_FILE, lambda f: np.save(f, self.embeddings))
+        _atomic_write(root / IDS_FILE, lambda f: np.save(f, self.ids))
+        _atomic_write(root / LABELS_FILE, lambda f: np.save(f, self.labels))
+        # faiss.write_index wants a path, so write beside the target and rename.
+        tmp = root / f".{INDEX_FILE}.tmp"
+        faiss.write_index(self._index, str(tmp))
+        os.replace(tmp, root / INDEX_FILE)
+        if self.paths is not None:
+            text = "".join(f"{p}\n" for p in self.paths)
+            _atomic_write(root / PATHS_FILE, lambda f: f.write(text.encode("utf-8")))
+        else:
+            (root / PATHS_FILE).unlink(missing_ok=True)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "embedding_dim": self.dim,
+            "metric": self.metric,
+            "count": len(self),
+            "faiss_index": type(self._index).__name__,
+            "files": {
+                "index": INDEX_FILE,
+                "embeddings": EMBEDDINGS_FILE,
+                "ids": IDS_FILE,
+                "labels": LABELS_FILE,
+                **({"paths": PATHS_FILE} if self.paths is not None else {}),
+            },
+            "info": _jsonable(self.info),
+        }
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        _atomic_write(root / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+        self.directory = root
+        return root
+
+    def _check_unique_ids(self, ids: np.ndarray) -> None:
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            dupes = uniq[counts > 1][:5].tolist()
+            raise ValueError(f"ids must be unique; these occur more than once: {dupes}")
+
+    def __repr__(self) -> str:
+        return f"EmbeddingIndex(count={len(self)}, dim={self.dim}, metric={self.metric!r})"
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _new_faiss_index(dim: int, metric: str) -> Any:
+    import faiss
+
+    return faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
+
+
+def _faiss_metric(metric: str) -> int:
+    import faiss
+
+    return int(faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
+
+
+def _add_in_chunks(index: Any, emb: np.ndarray, show_progress: bool) -> None:
+    starts = range(0, emb.shape[0], _ADD_CHUNK)
+    if show_progress and emb.shape[0] > _ADD_CHUNK:
+        from rich.progress import track
+
+        starts = track(starts, description="building FAISS index", total=len(starts))
+    for start in starts:
+        index.add(emb[start : start + _ADD_CHUNK])
+
+
+def _as_embeddings(x: Any, name: str, metric: str, dim: Optional[int] = None) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().float().cpu().numpy()
+    elif isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [count, dim], got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(
+            f"{name} have dimension {x.shape[1]}, but the index holds {dim}-d embeddings"
+        )
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"{name} has {int(bad.sum())} rows with NaN or Inf (first: {np.flatnonzero(bad)[:5]})"
+        )
+    return x
+
+
+def _prepared(x: np.ndarray, metric: str) -> np.ndarray:
+    # The very normalisation retrieval.knn applies, so both find the same neighbours.
+    return prepare(torch.from_numpy(x), metric).numpy()  # type: ignore[arg-type]
+
+
+def _as_int_vector(x: ArrayLike, name: str, n: int) -> np.ndarray:
+    arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must have shape [{n}] (one per embedding), got {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _search_complete(
+    index: Any, q: np.ndarray, k: int, descending: bool, slack: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows per query, equal scores ordered by row as in ``retrieval.knn``.
+
+    FAISS keeps an arbitrary subset of a tie group at its cut-off, so a few extra results are
+    requested and rows whose tie group reaches the last returned one are searched deeper.
+    """
+    n = int(index.ntotal)
+    depth = min(n, k + slack)
+    scores, rows = _sort_ties(*index.search(q, depth), descending)
+    todo = np.arange(len(q))
+    cur = scores
+    while depth < n:
+        unsure = np.flatnonzero(cur[:, k - 1] == cur[:, depth - 1])
+        if not len(unsure):
+            break
+        todo = todo[unsure]
+        depth = min(n, 2 * depth)
+        cur, cur_rows = _sort_ties(*index.search(q[todo], depth), descending)
+        scores[todo, :k], rows[todo, :k] = cur[:, :k], cur_rows[:, :k]
+    return scores[:, :k], rows[:, :k]
+
+
+def _sort_ties(
+    scores: np.ndarray, rows: np.ndarray, descending: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((rows, -scores if descending else scores), axis=1)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise IndexFormatError(
+            f"missing {str(path)!r}: not an index directory written by EmbeddingIndex.save / "
+            "EmbeddingIndexWriter"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IndexFormatError(f"{str(path)!r} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{str(path)!r} is not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise IndexFormatError(
+            f"{str(path)!r} has version {manifest.get('version')!r}; this release reads "
+            f"version {VERSION}"
+        )
+    for key, kind in (("count", int), ("embedding_dim", int), ("metric", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise IndexFormatError(f"{str(path)!r}: {key!r} missing or not {kind.__name__}")
+    if manifest["metric"] not in _METRICS:
+        raise IndexFormatError(
+            f"{str(path)!r}: metric {manifest['metric']!r} is not one of {_METRICS}"
+        )
+    return manifest
+
+
+def _load_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    if not path.is_file():
+        raise IndexFormatError(f"missing {str(path)!r}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise IndexFormatError(f"cannot read {str(path)!r} as a NumPy array: {err}") from err
+    if arr.shape != shape or arr.dtype != dtype:
+        raise IndexFormatError(
+            f"{str(path)!r} holds {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape} "
+            f"(from {MANIFEST})"
+        )
+    return arr
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return repr(value)
