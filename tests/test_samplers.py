@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, TensorDataset
 
 from lightning_metric.data import DigitsDataModule, MPerClassSampler
 
@@ -77,8 +77,8 @@ def test_lightning_sets_the_epoch_through_the_inner_sampler() -> None:
 
 
 def test_rank_and_world_size_from_an_injected_distributed_sampler() -> None:
-    dataset = list(range(len(LABELS)))
-    injected = DistributedSampler(dataset, num_replicas=3, rank=2, shuffle=True, seed=99)
+    dataset = TensorDataset(torch.arange(len(LABELS)))
+    injected: DistributedSampler[int] = DistributedSampler(dataset, num_replicas=3, rank=2, seed=9)
     sampler = MPerClassSampler(LABELS, 4, 16, seed=5, sampler=injected)
     assert (sampler.num_replicas, sampler.rank) == (3, 2)
     explicit = MPerClassSampler(LABELS, 4, 16, seed=5, num_replicas=3, rank=2)

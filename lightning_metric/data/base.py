@@ -174,17 +174,29 @@ class ArrayDataModule(pl.LightningDataModule):
         # Mixing the rank in keeps the augmentation streams of DDP ranks independent.
         seed = self.seed + 1_000_003 * self._rank()
         augment = self.make_augment() if self.augment else None
-        common = {
-            "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
-            "collate_fn": BatchCollate(augment, seed=seed),
-            "generator": torch.Generator().manual_seed(seed),
-        }
+        collate = BatchCollate(augment, seed=seed)
+        generator = torch.Generator().manual_seed(seed)
         if self.m_per_class is not None:
             # Same seed on every rank: all ranks must derive the same epoch plan to split it.
             sampler = MPerClassSampler(train.labels, self.m_per_class, self.batch_size, self.seed)
-            return DataLoader(train, batch_sampler=sampler, **common)
-        return DataLoader(train, batch_size=self.batch_size, shuffle=True, drop_last=True, **common)
+            return DataLoader(
+                train,
+                batch_sampler=sampler,
+                collate_fn=collate,
+                generator=generator,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
+        return DataLoader(
+            train,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=collate,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def _eval_loader(self, split: Split) -> DataLoader:
         return DataLoader(
