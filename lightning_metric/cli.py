@@ -14,12 +14,22 @@ from lightning_metric.module import MetricLearningModule
 
 
 class LightningMetricCLI(LightningCLI):
-    """LightningCLI whose data module tells the model how many training classes exist."""
+    """LightningCLI whose data module tells the model (head or PML loss) how many training
+    classes exist."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Resolved after the data module is built, so a head never has to repeat it in YAML.
         parser.link_arguments(
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+        )
+        # Proxy/classification PML losses (ProxyAnchorLoss, ArcFaceLoss, ...) and
+        # CrossBatchMemory need the class count and embedding size too; a loss without such
+        # a parameter is left untouched by these links.
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.loss.init_args.num_classes", apply_on="instantiate"
+        )
+        parser.link_arguments(
+            "model.init_args.embedding_dim", "model.init_args.loss.init_args.embedding_size"
         )
 
     def after_fit(self) -> None:
@@ -65,5 +75,10 @@ def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI
     return LightningMetricCLI(MetricLearningModule, LightningDataModule, **cli_kwargs)
 
 
-if __name__ == "__main__":  # pragma: no cover
+def entry_point() -> None:
+    """The console script: returns None so the process exits 0 on success."""
     main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry_point()

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["dedupe_by_index", "gather_uneven", "world_size"]
+__all__ = ["dedupe_by_index", "gather_for_loss", "gather_uneven", "world_size"]
 
 
 def world_size() -> int:
@@ -57,3 +57,57 @@ def dedupe_by_index(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     first[1:] = sorted_index[1:] != sorted_index[:-1]
     keep = order[first]
     return (index[keep], *(t[keep] for t in tensors))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None  # type: ignore[attr-defined]
+
+
+def gather_for_loss(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Every rank's embeddings and labels, concatenated in rank order, for a batch loss.
+
+    Meant for a loss that every rank computes identically on the gathered batch. Gradient
+    flows to this rank's rows only, multiplied by the world size: DDP then averages the model
+    gradients over ranks, which gives exactly the gradient of the loss on the concatenated
+    batch on one device, with no extra collective in the backward pass. The loss value and
+    the gradients of the loss's own parameters (proxies) are left unscaled: they are already
+    identical on every rank, so DDP's average keeps them right (PML's DistributedLossWrapper
+    multiplies the loss instead, which over-scales both by the world size).
+
+    Batch sizes may differ between ranks. A no-op outside distributed training.
+    """
+    world = world_size()
+    if world == 1:
+        return embeddings, labels
+    rank = dist.get_rank()
+    size = torch.tensor([embeddings.shape[0]], device=embeddings.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    gathered_emb = _gather_padded(embeddings.detach(), counts)
+    gathered_labels = _gather_padded(labels, counts)
+    start = sum(counts[:rank])
+    local = _ScaleGrad.apply(embeddings, float(world))
+    gathered_emb = torch.cat([gathered_emb[:start], local, gathered_emb[start + counts[rank] :]])
+    return gathered_emb, gathered_labels
+
+
+def _gather_padded(tensor: Tensor, counts: list[int]) -> Tensor:
+    """all_gather needs one shape on every rank: pad to the largest part, then cut back."""
+    longest = max(counts)
+    if tensor.shape[0] != longest:
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        tensor = padded
+    parts = [torch.empty_like(tensor) for _ in counts]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
 from pytorch_metric_learning.miners import BaseMiner
 from torch import nn
 
+from lightning_metric.distributed import gather_for_loss
 from lightning_metric.heads import MarginHead
 from lightning_metric.necks import EmbeddingNeck
 
@@ -75,6 +77,10 @@ class MetricLearningModule(LightningModule):
         objective_lr: learning rate of the head / loss parameters (class centres, proxies);
             None uses the optimizer's learning rate.
         lr_scheduler_interval: "epoch" or "step".
+        gather_across_ranks: under DDP, compute the PML loss (and run the miner) on the
+            embeddings of all ranks, so pairs cross GPUs and the loss and model gradients are
+            those of one big batch on one device. Required for ``CrossBatchMemory``, whose
+            memory must be identical on every rank. No effect with a head or on one device.
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class MetricLearningModule(LightningModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         objective_lr: Optional[float] = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        gather_across_ranks: bool = True,
     ) -> None:
         super().__init__()
         if (head is None) == (loss is None):
@@ -107,6 +114,8 @@ class MetricLearningModule(LightningModule):
             raise ValueError(
                 f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}"
             )
+        if loss is not None:
+            _check_pml_objective(loss, miner, gather_across_ranks)
         _save_hyperparameters(self)
         self.backbone = backbone
         if neck is None:
@@ -120,6 +129,11 @@ class MetricLearningModule(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.objective_lr = objective_lr
         self.lr_scheduler_interval = lr_scheduler_interval
+        self.gather_across_ranks = gather_across_ranks
+        if loss is not None:
+            _check_pml_sizes(loss, self.embedding_dim, num_classes)
+        # Set by compute_loss, logged by training_step: did this batch's mining come up empty?
+        self._mined_nothing: Optional[bool] = None
 
     # -- embedding -------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,14 +157,39 @@ class MetricLearningModule(LightningModule):
         assert self.loss_fn is not None
         # PML's distances and reducers are written for float32.
         normalised = F.normalize(embeddings.float(), dim=-1)
+        if self.gather_across_ranks:
+            normalised, labels = gather_for_loss(normalised, labels)
+        miner = self.miner
+        if isinstance(self.loss_fn, CrossBatchMemory):
+            miner = self.loss_fn.miner
+            if len(labels) > self.loss_fn.memory_size:
+                raise ValueError(
+                    f"CrossBatchMemory(memory_size={self.loss_fn.memory_size}) must hold at "
+                    f"least one global batch ({len(labels)} embeddings, all ranks together); "
+                    "raise memory_size"
+                )
         indices = self.miner(normalised, labels) if self.miner is not None else None
-        return self.loss_fn(normalised, labels, indices)
+        # An empty mining result gives PML's zero loss, still attached to the graph.
+        loss = self.loss_fn(normalised, labels, indices)
+        if miner is not None:
+            self._mined_nothing = _found_nothing(miner)
+        return loss
 
     # -- steps -----------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, labels, _ = split_batch(batch)
+        self._mined_nothing = None
         loss = self.compute_loss(self.embed(x), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        if self._mined_nothing is not None:
+            # Per epoch: how many batches the miner found no pair/triplet in (loss 0 there).
+            self.log(
+                "train/empty_mining_batches",
+                float(self._mined_nothing),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="sum",
+            )
         return loss
 
     def _eval_step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -221,6 +260,99 @@ def _save_hyperparameters(module: LightningModule) -> None:
             ignore=["backbone", "neck", "head", "loss", "miner", "optimizer", "lr_scheduler"],
             frame=inspect.currentframe().f_back,  # type: ignore[union-attr]
         )
+
+
+# Their forward raises on any indices_tuple (PML's `indices_tuple_not_supported`).
+_LOSSES_REJECTING_MINERS: tuple[type, ...] = (
+    pml_losses.InstanceLoss,
+    pml_losses.P2SGradLoss,
+    pml_losses.PNPLoss,
+    pml_losses.RankedListLoss,
+    pml_losses.VICRegLoss,
+)
+# Classification / proxy losses score every sample against learned class weights; PML turns
+# a miner's tuples into per-sample weights (`convert_to_weights`), so every sample the miner
+# did not pick silently drops out of the loss. That is almost always a copy-paste mistake.
+_CLASSIFICATION_LOSSES: tuple[type, ...] = (
+    pml_losses.LargeMarginSoftmaxLoss,  # ArcFace, CosFace, SphereFace, SubCenterArcFace
+    pml_losses.NormalizedSoftmaxLoss,
+    pml_losses.ProxyAnchorLoss,
+    pml_losses.ProxyNCALoss,
+    pml_losses.SoftTripleLoss,
+)
+
+
+def _check_pml_objective(loss: nn.Module, miner: Optional[BaseMiner], gather: bool) -> None:
+    if isinstance(loss, CrossBatchMemory):
+        if miner is not None:
+            raise ValueError(
+                f"miner={_name(miner)} with loss=CrossBatchMemory: the memory loss mines pairs "
+                "between the batch and the memory itself, so pass the miner as "
+                "CrossBatchMemory(miner=...) instead of to the module"
+            )
+        if not gather:
+            raise ValueError(
+                "loss=CrossBatchMemory needs gather_across_ranks=True: every rank must enqueue "
+                "the same (gathered) batch or the memories of the ranks drift apart"
+            )
+        _check_same_distance_kind(loss.loss, loss.miner)
+        return
+    if miner is None:
+        return
+    if isinstance(loss, _LOSSES_REJECTING_MINERS):
+        raise ValueError(
+            f"loss={_name(loss)} does not accept mined tuples (PML raises on indices_tuple), "
+            f"but miner={_name(miner)} was given; drop the miner"
+        )
+    if isinstance(loss, _CLASSIFICATION_LOSSES):
+        raise ValueError(
+            f"loss={_name(loss)} is a classification/proxy loss that scores every sample "
+            f"against class proxies; with miner={_name(miner)} PML would only re-weight the "
+            "samples the miner picked and drop the rest. Drop the miner, or use a pair loss "
+            "(e.g. TripletMarginLoss, MultiSimilarityLoss) with it"
+        )
+    _check_same_distance_kind(loss, miner)
+
+
+def _check_same_distance_kind(loss: nn.Module, miner: Optional[nn.Module]) -> None:
+    """A miner's margins and hardness are in its distance's units, the loss's in the loss's:
+    mixing a similarity (``is_inverted``, larger = closer) with a distance mines tuples the
+    loss does not mean."""
+    loss_distance = getattr(loss, "distance", None)
+    miner_distance = getattr(miner, "distance", None)
+    if loss_distance is None or miner_distance is None:
+        return
+    if loss_distance.is_inverted != miner_distance.is_inverted:
+
+        def kind(distance: nn.Module) -> str:
+            return "similarity" if distance.is_inverted else "distance"
+
+        raise ValueError(
+            f"miner={_name(miner)} uses {_name(miner_distance)} (a {kind(miner_distance)}) but "
+            f"loss={_name(loss)} uses {_name(loss_distance)} (a {kind(loss_distance)}); give "
+            f"both the same kind, e.g. distance={_name(loss_distance)}() on the miner"
+        )
+
+
+def _check_pml_sizes(loss: nn.Module, embedding_dim: int, num_classes: Optional[int]) -> None:
+    size = getattr(loss, "embedding_size", None)
+    if size is not None and size != embedding_dim:
+        raise ValueError(
+            f"loss={_name(loss)} has embedding_size={size} but the model's embeddings have "
+            f"embedding_dim={embedding_dim}; make them equal (the CLI fills it in when omitted)"
+        )
+    loss_classes = getattr(loss, "num_classes", None)
+    if loss_classes is not None and num_classes is not None and loss_classes != num_classes:
+        raise ValueError(
+            f"loss={_name(loss)} has num_classes={loss_classes} but num_classes={num_classes} "
+            "was given (the number of training classes); make them equal"
+        )
+
+
+def _found_nothing(miner: nn.Module) -> bool:
+    """Whether the miner's last call returned no tuple at all (from PML's own records)."""
+    counts = [getattr(miner, n, 0) for n in ("num_triplets", "num_pos_pairs", "num_neg_pairs")]
+    return not any(counts)
 
 
 def _build_head(
