@@ -11,6 +11,9 @@ Ties are broken deterministically: equal scores rank the lower reference index f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -34,6 +37,47 @@ _TORCH_BLOCK_ELEMENTS = 1 << 27
 # Queries per FAISS call: large enough that FAISS' own blocking dominates, small enough that
 # the result buffers stay a few MB.
 _FAISS_CHUNK = 16384
+
+
+_faiss_threads: ContextVar[int | None] = ContextVar("_faiss_threads", default=None)
+
+
+@contextmanager
+def single_threaded_bookkeeping() -> Iterator[None]:
+    """Run torch's small CPU ops single-threaded; FAISS keeps the caller's thread count.
+
+    Element-wise ops on ``[queries, k]`` tensors gain nothing from threads, but OpenMP
+    barriers stall badly when the cores are oversubscribed (measured ~65x slower on a busy
+    2-core machine). torch and FAISS may share one OpenMP runtime, so FAISS calls set their
+    thread count explicitly (:func:`_faiss_knn`).
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or _faiss_threads.get() is not None:
+        yield
+        return
+    token = _faiss_threads.set(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _faiss_threads.reset(token)
+
+
+def _faiss_knn(
+    xq: np.ndarray, xb: np.ndarray, k: int, metric: int
+) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    threads = _faiss_threads.get()
+    if threads is None:
+        return faiss.knn(xq, xb, k, metric=metric)
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        return faiss.knn(xq, xb, k, metric=metric)
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 class Neighbors(NamedTuple):
@@ -63,6 +107,9 @@ def check_embeddings(x: Tensor, name: str) -> None:
         raise ValueError(f"`{name}` is empty: nothing to evaluate")
     if not x.is_floating_point():
         raise ValueError(f"`{name}` must be a floating point tensor, got dtype {x.dtype}")
+    # One reduction is enough when all is well; overflow to inf only costs the detailed pass.
+    if bool(torch.isfinite(x.sum())):
+        return
     bad = ~torch.isfinite(x).all(dim=1)
     num_bad = int(bad.sum())
     if num_bad:
@@ -155,9 +202,10 @@ def knn(
 
     if fast and metric != "cosine":
         raise ValueError(f"`fast=True` is only supported for metric='cosine', got {metric!r}")
-    qp = prepare(q, metric)
-    rp = qp if leave_one_out else prepare(r, metric)
-    return search_prepared(qp, rp, k, metric, exclude, chunk_size, fast)
+    with single_threaded_bookkeeping():
+        qp = prepare(q, metric)
+        rp = qp if leave_one_out else prepare(r, metric)
+        return search_prepared(qp, rp, k, metric, exclude, chunk_size, fast)
 
 
 def search_prepared(
@@ -215,7 +263,7 @@ def _faiss_search_complete(
     descending = metric != "l2"
     nb = xb.shape[0]
     depth = min(nb, need + slack)
-    vals_np, idx_np = faiss.knn(xq, xb, depth, metric=faiss_metric)
+    vals_np, idx_np = _faiss_knn(xq, xb, depth, faiss_metric)
     vals, idx = _sort_ties_by_index(torch.from_numpy(vals_np), torch.from_numpy(idx_np), descending)
     rows = torch.arange(xq.shape[0])
     cur = vals
@@ -225,7 +273,7 @@ def _faiss_search_complete(
             break
         rows = rows[unsure]
         depth = min(nb, 2 * depth)
-        v_np, i_np = faiss.knn(np.ascontiguousarray(xq[rows.numpy()]), xb, depth, faiss_metric)
+        v_np, i_np = _faiss_knn(np.ascontiguousarray(xq[rows.numpy()]), xb, depth, faiss_metric)
         cur, cur_i = _sort_ties_by_index(torch.from_numpy(v_np), torch.from_numpy(i_np), descending)
         vals[rows, :need], idx[rows, :need] = cur[:, :need], cur_i[:, :need]
     return vals[:, :need], idx[:, :need]
@@ -237,15 +285,29 @@ def _drop_excluded(
     """Remove each row's excluded reference item (if returned) and keep ``k`` columns."""
     if exclude is not None and idx.shape[1] > k:
         is_self = idx == exclude[:, None]
-        keep = ~is_self
-        # Rows where the excluded item was not returned keep their first k results.
-        keep[:, -1] &= is_self.any(dim=1)
-        vals = vals[keep].view(-1, k)
-        idx = idx[keep].view(-1, k)
+        # Column of the excluded item, or past the k kept columns when it was not returned.
+        pos = torch.where(is_self.any(1), is_self.int().argmax(1), k)
+        cols = torch.arange(k)[None, :]
+        cols = cols + (cols >= pos[:, None]).long()
+        return vals.gather(1, cols), idx.gather(1, cols)
     return vals[:, :k].contiguous(), idx[:, :k].contiguous()
 
 
 def _sort_ties_by_index(vals: Tensor, idx: Tensor, descending: bool) -> tuple[Tensor, Tensor]:
+    """Order each row by value, equal values by index (input rows are sorted by value)."""
+    if vals.shape[1] < 2:
+        return vals, idx
+    tied = (vals[:, 1:] == vals[:, :-1]).any(1).nonzero()[:, 0]
+    if tied.numel() == 0:
+        return vals, idx
+    if tied.numel() < vals.shape[0]:
+        vals, idx = vals.clone(), idx.clone()
+        vals[tied], idx[tied] = _lexsort(vals[tied], idx[tied], descending)
+        return vals, idx
+    return _lexsort(vals, idx, descending)
+
+
+def _lexsort(vals: Tensor, idx: Tensor, descending: bool) -> tuple[Tensor, Tensor]:
     # Two stable sorts = lexicographic (value, index) order.
     order = torch.argsort(idx, dim=1, stable=True)
     vals, idx = vals.gather(1, order), idx.gather(1, order)
@@ -363,7 +425,7 @@ def _fast_chunk(
     exact = torch.bmm(r[cand], q[:, :, None])[:, :, 0]
     if exclude is not None:
         exact = exact.masked_fill(cand == exclude[:, None], -torch.inf)
-    v, i = _sort_ties_by_index(exact, cand, descending=True)
+    v, i = _lexsort(exact, cand, descending=True)
     if kc == n:
         return v[:, :k], i[:, :k]
     # Anything outside the candidates scores at most a_v[:, -1] + bound exactly; if the k-th

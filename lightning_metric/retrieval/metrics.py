@@ -31,6 +31,7 @@ from lightning_metric.retrieval.knn import (
     check_embeddings,
     prepare,
     search_prepared,
+    single_threaded_bookkeeping,
 )
 
 __all__ = [
@@ -296,16 +297,17 @@ def retrieval_metrics(
     if average not in ("micro", "macro"):
         raise ValueError(f"`average` must be 'micro' or 'macro', got {average!r}")
     ks = check_k(k)
-    s = _setup(
-        embeddings,
-        labels,
-        reference_embeddings,
-        reference_labels,
-        query_mask,
-        reference_mask,
-        metric,
-    )
-    pq = _score(s, ks, map_at_r, mrr, precision, chunk_size, fast, metric)
+    with single_threaded_bookkeeping():
+        s = _setup(
+            embeddings,
+            labels,
+            reference_embeddings,
+            reference_labels,
+            query_mask,
+            reference_mask,
+            metric,
+        )
+        pq = _score(s, ks, map_at_r, mrr, precision, chunk_size, fast, metric)
     out: dict[str, float] = {}
     if pq.num_unscorable == pq.num_queries:
         _warn_unscorable(pq.num_queries)
@@ -360,16 +362,17 @@ def retrieval_metrics_per_class(
     absent, and ``"unscorable_queries"`` maps each label to its count of unscorable queries.
     """
     ks = check_k(k)
-    s = _setup(
-        embeddings,
-        labels,
-        reference_embeddings,
-        reference_labels,
-        query_mask,
-        reference_mask,
-        metric,
-    )
-    pq = _score(s, ks, map_at_r, mrr, precision, chunk_size, fast, metric)
+    with single_threaded_bookkeeping():
+        s = _setup(
+            embeddings,
+            labels,
+            reference_embeddings,
+            reference_labels,
+            query_mask,
+            reference_mask,
+            metric,
+        )
+        pq = _score(s, ks, map_at_r, mrr, precision, chunk_size, fast, metric)
     if pq.num_unscorable == pq.num_queries:
         _warn_unscorable(pq.num_queries)
     out: dict[str, dict[int, float]] = {}
