@@ -14,3 +14,20 @@ __all__ = [
     "MPerClassSampler",
     "RandomAffineNoise",
 ]
+
+from lightning_metric.data.benchmarks import (  # noqa: E402
+    Cars196DataModule,
+    CUB200DataModule,
+    InShopDataModule,
+    SOPDataModule,
+)
+from lightning_metric.data.folders import ImageFileDataset, ImageFolderDataModule  # noqa: E402
+
+__all__ += [
+    "CUB200DataModule",
+    "Cars196DataModule",
+    "ImageFileDataset",
+    "ImageFolderDataModule",
+    "InShopDataModule",
+    "SOPDataModule",
+]

@@ -1,0 +1,390 @@
+"""The standard deep-metric-learning benchmarks, read from their usual on-disk layouts.
+
+Nothing is downloaded: point ``root`` at the extracted data set. Standard splits (as in
+Oh Song et al. 2016 and the papers that followed): train on the first half of the classes,
+evaluate retrieval on the other half. ``val`` and ``test`` are that same evaluation half,
+as in the literature (there is no separate validation set in these protocols).
+
+==============  ==============================================  =========================
+data set        files expected under ``root``                   split
+==============  ==============================================  =========================
+CUB-200-2011    images.txt, image_class_labels.txt, images/     classes 1-100 / 101-200
+Cars196         cars_annos.mat, car_ims/                        classes 1-98 / 99-196
+SOP             Ebay_train.txt, Ebay_test.txt, <category>/      as listed (11,318 / 11,316)
+In-Shop         list_eval_partition.txt, img/                   train / query + gallery
+==============  ==============================================  =========================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from lightning_metric.data.base import Split
+from lightning_metric.data.folders import (
+    ImageFileDataModule,
+    Transforms,
+    _label_split,
+    require_dir,
+    require_file,
+)
+
+__all__ = ["CUB200DataModule", "Cars196DataModule", "InShopDataModule", "SOPDataModule"]
+
+
+def _read_table(path: Path, columns: int, header_lines: int = 0) -> list[list[str]]:
+    """Whitespace-separated rows of ``path`` with at least ``columns`` fields each."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if number <= header_lines or not line.strip():
+                continue
+            fields = line.split()
+            if len(fields) < columns:
+                raise ValueError(
+                    f"{str(path)!r} line {number}: expected {columns} whitespace-separated "
+                    f"fields, got {line.strip()!r}"
+                )
+            rows.append(fields)
+    return rows
+
+
+def _int(value: str, path: Path, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{str(path)!r}: {what} must be an integer, got {value!r}") from None
+
+
+class _BenchmarkDataModule(ImageFileDataModule):
+    """Shared constructor: the layout is read in ``__init__`` (text files only, fast) so that
+    ``num_classes`` is known at once; image files are checked in ``setup``."""
+
+    name = "benchmark"
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 120,
+        num_workers: int = 4,
+        seed: int = 0,
+        augment: bool = True,
+        eval_batch_size: Optional[int] = None,
+        predict_split: Any = "test",
+        m_per_class: Optional[int] = None,
+        image_size: int = 224,
+        resize_size: int = 256,
+        transforms: Transforms = "standard",
+        verify_images: bool = False,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            augment=augment,
+            eval_batch_size=eval_batch_size,
+            # In-Shop's query/gallery splits are checked by InShopDataModule itself.
+            predict_split=predict_split if predict_split in ("train", "val", "test") else "test",
+            m_per_class=m_per_class,
+            image_size=image_size,
+            resize_size=resize_size,
+            transforms=transforms,
+            verify_images=verify_images,
+        )
+        self.predict_split = predict_split
+        self.root = require_dir(root, self.name)
+        self.splits = self.read_layout(self.root)
+
+    def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
+        raise NotImplementedError
+
+
+def _train_test_by_class(
+    paths: list[str], class_ids: list[int], num_train_classes: int
+) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
+    present = sorted(set(class_ids))
+    train = [c for c in present if c <= num_train_classes]
+    test = [c for c in present if c > num_train_classes]
+    held_out = _label_split(paths, class_ids, test)
+    return {"train": _label_split(paths, class_ids, train), "val": held_out, "test": held_out}
+
+
+class CUB200DataModule(_BenchmarkDataModule):
+    """CUB-200-2011 (Wah et al. 2011): 11,788 bird images of 200 species.
+
+    ``root`` is the extracted ``CUB_200_2011`` directory (``images.txt``,
+    ``image_class_labels.txt``, ``images/``). Train on classes 1-100 (5,864 images), evaluate
+    on 101-200 (5,924 images). ``classes[label]`` is the official class id.
+    """
+
+    name = "CUB-200-2011"
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 120,
+        num_workers: int = 4,
+        seed: int = 0,
+        augment: bool = True,
+        eval_batch_size: Optional[int] = None,
+        predict_split: Split = "test",
+        m_per_class: Optional[int] = None,
+        image_size: int = 224,
+        resize_size: int = 256,
+        transforms: Transforms = "standard",
+        verify_images: bool = False,
+    ) -> None:
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            augment=augment,
+            eval_batch_size=eval_batch_size,
+            predict_split=predict_split,
+            m_per_class=m_per_class,
+            image_size=image_size,
+            resize_size=resize_size,
+            transforms=transforms,
+            verify_images=verify_images,
+        )
+        self.save_hyperparameters()
+
+    def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
+        images_txt = require_file(root / "images.txt", "CUB-200-2011 image list")
+        labels_txt = require_file(root / "image_class_labels.txt", "CUB-200-2011 class label")
+        images = {r[0]: r[1] for r in _read_table(images_txt, 2)}
+        labels = {r[0]: _int(r[1], labels_txt, "class id") for r in _read_table(labels_txt, 2)}
+        unlabelled = sorted(set(images) - set(labels), key=lambda s: (len(s), s))
+        if unlabelled:
+            raise ValueError(
+                f"{str(labels_txt)!r} has no class for image ids {unlabelled[:5]} listed in "
+                f"{str(images_txt)!r}"
+            )
+        ids = sorted(images, key=lambda s: (len(s), s))
+        paths = [str(root / "images" / images[i]) for i in ids]
+        return _train_test_by_class(paths, [labels[i] for i in ids], 100)
+
+
+class Cars196DataModule(_BenchmarkDataModule):
+    """Stanford Cars (Krause et al. 2013): 16,185 images of 196 car models.
+
+    ``root`` holds ``cars_annos.mat`` and ``car_ims/`` (the "all images" release). Train on
+    classes 1-98 (8,054 images), evaluate on 99-196 (8,131 images); the official train/test
+    flag in the annotations is ignored, as in the metric-learning protocol.
+    """
+
+    name = "Cars196"
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 120,
+        num_workers: int = 4,
+        seed: int = 0,
+        augment: bool = True,
+        eval_batch_size: Optional[int] = None,
+        predict_split: Split = "test",
+        m_per_class: Optional[int] = None,
+        image_size: int = 224,
+        resize_size: int = 256,
+        transforms: Transforms = "standard",
+        verify_images: bool = False,
+    ) -> None:
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            augment=augment,
+            eval_batch_size=eval_batch_size,
+            predict_split=predict_split,
+            m_per_class=m_per_class,
+            image_size=image_size,
+            resize_size=resize_size,
+            transforms=transforms,
+            verify_images=verify_images,
+        )
+        self.save_hyperparameters()
+
+    def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
+        from scipy.io import loadmat
+
+        mat_path = require_file(root / "cars_annos.mat", "Cars196 annotation")
+        try:
+            # Only numeric arrays and strings: scipy never unpickles anything here.
+            mat = loadmat(mat_path, squeeze_me=True)
+            annotations = np.atleast_1d(mat["annotations"])
+            rel_paths = [str(a) for a in annotations["relative_im_path"]]
+            class_ids = [int(c) for c in annotations["class"]]
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"{str(mat_path)!r} is not the Cars196 annotation file: expected a struct array "
+                f"'annotations' with fields 'relative_im_path' and 'class' ({err})"
+            ) from err
+        paths = [str(root / p) for p in rel_paths]
+        return _train_test_by_class(paths, class_ids, 98)
+
+
+class SOPDataModule(_BenchmarkDataModule):
+    """Stanford Online Products (Oh Song et al. 2016): 120,053 images of 22,634 products.
+
+    ``root`` is ``Stanford_Online_Products/`` with ``Ebay_train.txt`` (59,551 images,
+    11,318 classes) and ``Ebay_test.txt`` (60,502 images, 11,316 classes); each lists
+    ``image_id class_id super_class_id path`` after a header line.
+    """
+
+    name = "Stanford Online Products"
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 120,
+        num_workers: int = 4,
+        seed: int = 0,
+        augment: bool = True,
+        eval_batch_size: Optional[int] = None,
+        predict_split: Split = "test",
+        m_per_class: Optional[int] = None,
+        image_size: int = 224,
+        resize_size: int = 256,
+        transforms: Transforms = "standard",
+        verify_images: bool = False,
+    ) -> None:
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            augment=augment,
+            eval_batch_size=eval_batch_size,
+            predict_split=predict_split,
+            m_per_class=m_per_class,
+            image_size=image_size,
+            resize_size=resize_size,
+            transforms=transforms,
+            verify_images=verify_images,
+        )
+        self.save_hyperparameters()
+
+    def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
+        splits = {}
+        for name, file in (("train", "Ebay_train.txt"), ("test", "Ebay_test.txt")):
+            path = require_file(root / file, f"Stanford Online Products {name} list")
+            rows = _read_table(path, 4, header_lines=1)
+            class_ids = [_int(r[1], path, "class_id") for r in rows]
+            paths = [str(root / r[3]) for r in rows]
+            splits[name] = _label_split(paths, class_ids, sorted(set(class_ids)))
+        overlap = set(splits["train"][2]) & set(splits["test"][2])
+        if overlap:
+            raise ValueError(
+                f"Ebay_train.txt and Ebay_test.txt share class ids {sorted(overlap)[:5]}; the "
+                "standard split is class-disjoint"
+            )
+        return {"train": splits["train"], "val": splits["test"], "test": splits["test"]}
+
+
+InShopSplit = Literal["train", "query", "gallery"]
+
+
+class InShopDataModule(_BenchmarkDataModule):
+    """In-Shop Clothes Retrieval (Liu et al. 2016): 52,712 images of 7,982 items.
+
+    ``root`` holds ``list_eval_partition.txt`` (or ``Eval/list_eval_partition.txt``) and the
+    ``img/`` folder it refers to. Train on the ``train`` items (25,882 images, 3,997 items);
+    evaluation searches the 14,218 ``query`` images among the 12,612 ``gallery`` images
+    (3,985 items). ``val_dataloader``/``test_dataloader`` return ``[query, gallery]``: use
+    ``RecallAtK(query_dataloader_idx=0, reference_dataloader_idx=1)``. Query and gallery
+    labels share one numbering (``classes[label]`` is the item id), so they compare.
+    ``predict_split`` is ``"train"``, ``"query"`` or ``"gallery"``.
+    """
+
+    name = "In-Shop"
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 120,
+        num_workers: int = 4,
+        seed: int = 0,
+        augment: bool = True,
+        eval_batch_size: Optional[int] = None,
+        predict_split: InShopSplit = "gallery",
+        m_per_class: Optional[int] = None,
+        image_size: int = 224,
+        resize_size: int = 256,
+        transforms: Transforms = "standard",
+        verify_images: bool = False,
+    ) -> None:
+        if predict_split not in ("train", "query", "gallery"):
+            raise ValueError(
+                f"predict_split must be 'train', 'query' or 'gallery', got {predict_split!r}"
+            )
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            augment=augment,
+            eval_batch_size=eval_batch_size,
+            predict_split=predict_split,
+            m_per_class=m_per_class,
+            image_size=image_size,
+            resize_size=resize_size,
+            transforms=transforms,
+            verify_images=verify_images,
+        )
+        self.save_hyperparameters()
+
+    def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
+        candidates = [root / "list_eval_partition.txt", root / "Eval" / "list_eval_partition.txt"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"expected the In-Shop partition file at {str(candidates[0])!r} or "
+                f"{str(candidates[1])!r}; neither exists"
+            )
+        # Line 1: the image count; line 2: the header "image_name item_id evaluation_status".
+        rows = _read_table(path, 3, header_lines=2)
+        by_split: dict[str, tuple[list[str], list[str]]] = {
+            s: ([], []) for s in ("train", "query", "gallery")
+        }
+        for fields in rows:
+            image, item, status = fields[0], fields[1], fields[2]
+            if status not in by_split:
+                raise ValueError(
+                    f"{str(path)!r}: evaluation_status must be train, query or gallery, got "
+                    f"{status!r} for {image!r}"
+                )
+            by_split[status][0].append(str(root / image))
+            by_split[status][1].append(item)
+        train_paths, train_items = by_split["train"]
+        eval_items = sorted(set(by_split["query"][1]) | set(by_split["gallery"][1]))
+        return {
+            "train": _label_split(train_paths, train_items, sorted(set(train_items))),
+            "query": _label_split(*by_split["query"], eval_items),
+            "gallery": _label_split(*by_split["gallery"], eval_items),
+        }
+
+    def dataset(self, split: str) -> Any:  # type: ignore[override]
+        if split not in ("train", "query", "gallery"):
+            raise ValueError(f"In-Shop splits are 'train', 'query' and 'gallery', got {split!r}")
+        self.setup()
+        return self.datasets[split]
+
+    def _loader(self, split: str) -> DataLoader:
+        make: Callable[[str], DataLoader] = super()._eval_loader  # type: ignore[assignment]
+        return make(split)
+
+    def val_dataloader(self) -> list[DataLoader]:  # type: ignore[override]
+        return [self._loader("query"), self._loader("gallery")]
+
+    def test_dataloader(self) -> list[DataLoader]:  # type: ignore[override]
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split)
