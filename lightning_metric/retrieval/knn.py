@@ -126,7 +126,11 @@ def prepare(x: Tensor, metric: Metric) -> Tensor:
     if x.device.type == "cpu" or x.dtype != torch.float32:
         x = x.float()
     if metric == "cosine":
-        x = torch.nn.functional.normalize(x, dim=1)
+        norms = torch.linalg.vector_norm(x, dim=1)
+        # Model outputs are usually unit-norm already; dividing again only moves the last bit
+        # and costs a copy of the whole set.
+        if not bool(((norms - 1).abs() <= 1e-6).all()):
+            x = x / norms.clamp_min(1e-12)[:, None]
     return x.contiguous()
 
 
@@ -326,8 +330,16 @@ def _scores(q: Tensor, r: Tensor, metric: Metric) -> Tensor:
     return s
 
 
-def _torch_chunk(num_reference: int, chunk_size: int | None) -> int:
-    return chunk_size or max(1, min(8192, _TORCH_BLOCK_ELEMENTS // max(num_reference, 1)))
+def _torch_chunk(num_reference: int, chunk_size: int | None, device: torch.device) -> int:
+    if chunk_size:
+        return chunk_size
+    elements = _TORCH_BLOCK_ELEMENTS
+    if device.type == "cuda":
+        # A score block of a few GB keeps the GEMMs large; 1/16 of free memory leaves room
+        # for top-k workspace and the float16 copy of the reference.
+        free, _ = torch.cuda.mem_get_info(device)
+        elements = max(elements, free // 16 // 4)
+    return max(1, min(8192, elements // max(num_reference, 1)))
 
 
 def _knn_torch(
@@ -342,7 +354,7 @@ def _knn_torch(
     nq = q.shape[0]
     out_v = torch.empty((nq, k), dtype=torch.float32, device=q.device)
     out_i = torch.empty((nq, k), dtype=torch.int64, device=q.device)
-    chunk = _torch_chunk(r.shape[0], chunk_size)
+    chunk = _torch_chunk(r.shape[0], chunk_size, q.device)
     # TF32 would silently make the "exact" search approximate.
     with _no_tf32():
         r16 = r.half() if fast else None
