@@ -228,3 +228,30 @@ def test_standard_transforms_shapes() -> None:
     img = Image.fromarray(np.zeros((300, 400, 3), dtype=np.uint8))
     assert standard_transform(train=True)(img).shape == (3, 224, 224)
     assert standard_transform(train=False, image_size=64, resize_size=72)(img).shape == (3, 64, 64)
+
+
+# -- published-recipe configs ------------------------------------------------------------------
+
+CONFIGS = Path(__file__).parents[1] / "examples" / "configs"
+
+
+@pytest.mark.parametrize("name", ["cub_proxyanchor", "cars196_proxyanchor", "sop_proxyanchor"])
+def test_benchmark_config_print_config_validates(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    from lightning_metric.cli import main
+
+    path = CONFIGS / f"{name}.yaml"
+    assert re.search(r"recall@1 = \d\d\.\d", path.read_text()), "published recall@1 comment"
+    with pytest.raises(SystemExit) as exit_info:
+        main(args=["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "embedding_dim: 512" in printed and "m_per_class:" in printed
+    # The printed config is itself a valid config that prints back unchanged.
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(args=["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
