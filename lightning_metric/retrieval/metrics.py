@@ -435,7 +435,7 @@ def verification_metrics(
         scores = (x @ x.T)[i, j]
         same = lab[i] == lab[j]
     else:
-        if is_same is None:
+        if pairs is None or is_same is None:
             raise ValueError("`pairs` needs `is_same`, one boolean per pair")
         p = as_tensor(pairs, "pairs").to(x.device)
         same = as_tensor(is_same, "is_same").to(x.device)
