@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Optional
 
+from jsonargparse import ArgumentParser, Namespace
+from jsonargparse.typing import import_object
 from lightning import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -22,15 +25,27 @@ class LightningMetricCLI(LightningCLI):
         parser.link_arguments(
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
         )
-        # Proxy/classification PML losses (ProxyAnchorLoss, ArcFaceLoss, ...) and
-        # CrossBatchMemory need the class count and embedding size too; a loss without such
-        # a parameter is left untouched by these links.
-        parser.link_arguments(
-            "data.num_classes", "model.init_args.loss.init_args.num_classes", apply_on="instantiate"
-        )
-        parser.link_arguments(
-            "model.init_args.embedding_dim", "model.init_args.loss.init_args.embedding_size"
-        )
+
+    def before_instantiate_classes(self) -> None:
+        """Fill a PML loss's ``num_classes`` / ``embedding_size`` when the YAML leaves them out.
+
+        Proxy/classification losses (ProxyAnchorLoss, ArcFaceLoss, ...) and CrossBatchMemory
+        need them. jsonargparse links cannot target ``loss.init_args`` because the loss is
+        optional (a head config has none), so they are filled here, only when needed.
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config.get("model")
+        loss = model.get("init_args", {}).get("loss") if model else None
+        if not loss or "class_path" not in loss:
+            return
+        if loss.get("init_args") is None:
+            loss["init_args"] = Namespace()
+        init_args = loss["init_args"]
+        accepted = inspect.signature(import_object(loss["class_path"])).parameters
+        if "embedding_size" in accepted and init_args.get("embedding_size") is None:
+            init_args["embedding_size"] = model["init_args"]["embedding_dim"]
+        if "num_classes" in accepted and init_args.get("num_classes") is None:
+            init_args["num_classes"] = _data_num_classes(config["data"])
 
     def after_fit(self) -> None:
         """Print the final validation metrics: the headline numbers of a `fit` run."""
@@ -46,6 +61,21 @@ class LightningMetricCLI(LightningCLI):
         best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
         if best:
             rank_zero_info(f"best checkpoint: {best}")
+
+
+def _data_num_classes(data_config: Namespace) -> int:
+    """``num_classes`` of the configured data module (built once more, cheaply: the data
+    modules defer loading to ``setup``, and the glyph table is cached)."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    data = parser.instantiate_classes(parser.parse_object({"data": data_config})).data
+    num_classes = getattr(data, "num_classes", None)
+    if not isinstance(num_classes, int):
+        raise ValueError(
+            f"the PML loss needs num_classes, and {type(data).__name__} has no integer "
+            f"num_classes attribute (got {num_classes!r}); set loss.init_args.num_classes"
+        )
+    return num_classes
 
 
 def _wandb_has_credentials() -> bool:
