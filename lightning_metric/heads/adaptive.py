@@ -28,6 +28,7 @@ class CurricularFaceHead(MarginHead):
     """
 
     t: Tensor
+    max_negative_cos = 2.0  # cos * (t + cos) with t, cos <= 1
 
     def __init__(
         self,

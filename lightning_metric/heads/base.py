@@ -22,7 +22,9 @@ __all__ = ["MarginHead"]
 # Above this many (sampled) class rows ``loss()`` streams by default: a dense [B, C] float32
 # logit matrix and its softmax are then the largest activations of a typical model.
 AUTO_STREAM_ROWS = 16384
-AUTO_CHUNK_SIZE = 4096
+# Elements of one [B, chunk] block: ~4 MB keeps a CPU chunk in cache; ~128 MB keeps a GPU
+# busy per kernel (few launches) while staying far below the dense [B, C] footprint.
+_AUTO_BLOCK = {"cpu": 2**20, "cuda": 2**25}
 
 
 class MarginHead(nn.Module):
@@ -53,6 +55,8 @@ class MarginHead(nn.Module):
     """
 
     sub_centers: int = 1
+    # Upper bound of ``_negative_logits`` (unscaled); the streaming loss sizes its shift by it.
+    max_negative_cos: float = 1.0
 
     def __init__(
         self,
@@ -176,7 +180,8 @@ class MarginHead(nn.Module):
                 n = class_index.numel()
             chunk = self.chunk_size
             if chunk is None and n * self.sub_centers > AUTO_STREAM_ROWS:
-                chunk = AUTO_CHUNK_SIZE
+                block = _AUTO_BLOCK.get(x.device.type, _AUTO_BLOCK["cuda"])
+                chunk = max(256, block // (x.shape[0] * self.sub_centers))
             if chunk is None:
                 cos = self._class_cosine(x, self._rows(class_index))
                 logits = self._margin_logits(cos, local, norms)

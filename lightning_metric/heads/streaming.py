@@ -91,11 +91,13 @@ class _StreamingMarginCE(torch.autograd.Function):
         z_t = head.scale * head._target_logit(head._target_cosine(x, weight[target_rows]), norms)
         target = z_t / head.scale
         # A fixed per-row shift instead of a running max: it rides inside the chunk GEMM.
-        # Non-target logits lie in [-s, s] for all heads but CurricularFace, so this shift
-        # keeps every exp() argument in [-80, 60] (no overflow, and never an all-zero row);
-        # the rare chunk that still overshoots is rescaled exactly below.
-        s = head.scale
-        shift = torch.maximum(z_t, z_t.new_tensor(min(s - _HEADROOM, 80.0 - s)))
+        # Non-target logits lie in [-s, top], so with this shift every exp() argument is
+        # >= -80 (a row never sums to zero) and, for top - 80 + s <= 60 (s <= 70 for plain
+        # heads), <= 60 (no overflow); otherwise a chunk that overshoots is rescaled exactly.
+        top = head.scale * head.max_negative_cos  # no non-target logit exceeds this
+        floor = min(top - _HEADROOM, 80.0 - head.scale)
+        shift = torch.maximum(z_t, z_t.new_tensor(floor))
+        may_overflow = floor < top - _HEADROOM
         run_sum = torch.exp(z_t - shift)
         z_sum = z_t.clone() if smoothing > 0 else None
         for a, b in plan.bounds:
@@ -105,11 +107,12 @@ class _StreamingMarginCE(torch.autograd.Function):
                 z_sum += z.sum(dim=1) + (b - a) * shift
                 z_sum[rows_in] -= z[rows_in, cols_in] + shift[rows_in]
             z[rows_in, cols_in] = float("-inf")  # the target enters once, as z_t
-            over = z.amax(dim=1).sub_(_HEADROOM).clamp_min_(0.0)
-            if bool(over.any()):
-                z -= over.unsqueeze(1)
-                run_sum *= torch.exp(-over)
-                shift = shift + over
+            if may_overflow:  # an extra pass over the block, for large scales only
+                over = z.amax(dim=1).sub_(_HEADROOM).clamp_min_(0.0)
+                if bool(over.any()):
+                    z -= over.unsqueeze(1)
+                    run_sum *= torch.exp(-over)
+                    shift = shift + over
             run_sum += z.exp_().sum(dim=1)
         lse = shift + torch.log(run_sum)
         per_row = lse - (1.0 - smoothing) * z_t
@@ -127,11 +130,15 @@ class _StreamingMarginCE(torch.autograd.Function):
         smoothing: float = ctx.smoothing
         # d loss / d z = g * (softmax - (1 - eps) onehot - eps / n); g is applied to the small
         # [B, D] / [chunk, D] gradients, not to the [B, chunk] block.
-        g = grad_out / x.shape[0]
+        g = float(grad_out) / x.shape[0]
         off = smoothing / plan.n
         need_w = ctx.needs_input_grad[1]
         grad_x = torch.zeros_like(x)
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_w = None
+        if need_w:  # without sampling every row is written below: no memset needed
+            grad_w = (
+                torch.empty_like(weight) if plan.class_index is None else torch.zeros_like(weight)
+            )
         x_leaf = x.detach().requires_grad_()
         with torch.enable_grad():
             for a, b in plan.bounds:
@@ -147,7 +154,7 @@ class _StreamingMarginCE(torch.autograd.Function):
                 grads = torch.autograd.grad(z, (x_leaf, w_leaf) if need_w else (x_leaf,), p)
                 grad_x += grads[0]
                 if grad_w is not None:
-                    _add_rows(grad_w, where, grads[1].mul_(g))
+                    _write_rows(grad_w, where, grads[1], g)
             target_rows = class_rows(labels, plan.k)
             w_t = weight[target_rows].detach().requires_grad_(need_w)
             z_t = head.scale * head._target_logit(head._target_cosine(x_leaf, w_t), norms)
@@ -155,12 +162,12 @@ class _StreamingMarginCE(torch.autograd.Function):
             grads = torch.autograd.grad(z_t, (x_leaf, w_t) if need_w else (x_leaf,), dz_t)
         grad_x = (grad_x + grads[0]).mul_(g)
         if grad_w is not None:
-            grad_w.index_add_(0, target_rows, grads[1].mul_(g).to(grad_w.dtype))
+            grad_w.index_add_(0, target_rows, grads[1].to(grad_w.dtype), alpha=g)
         return grad_x, grad_w, None, None, None, None, None, None, None
 
 
-def _add_rows(grad_w: Tensor, where: Tensor | slice, g: Tensor) -> None:
-    if isinstance(where, slice):
-        grad_w[where] += g  # each chunk's rows are disjoint
+def _write_rows(grad_w: Tensor, where: Tensor | slice, gw: Tensor, g: float) -> None:
+    if isinstance(where, slice):  # chunks are disjoint and cover every row: plain writes
+        torch.mul(gw, g, out=grad_w[where])
     else:
-        grad_w.index_add_(0, where, g.to(grad_w.dtype))
+        grad_w.index_add_(0, where, gw.to(grad_w.dtype), alpha=g)
