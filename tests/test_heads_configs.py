@@ -1,0 +1,42 @@
+"""Every head family's example config trains (a few batches, on digits) through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_metric.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+HEAD_CONFIGS = {
+    "glyphs_normsoftmax.yaml": "NormSoftmaxHead",
+    "glyphs_cosface.yaml": "CosFaceHead",
+    "glyphs_subcenter_arcface.yaml": "SubCenterArcFaceHead",
+    "glyphs_combined_margin.yaml": "CombinedMarginHead",
+    "glyphs_curricularface.yaml": "CurricularFaceHead",
+    "glyphs_adaface.yaml": "AdaFaceHead",
+}
+
+
+@pytest.mark.parametrize("name", list(HEAD_CONFIGS))
+def test_head_config_fits(name: str, tmp_path: Path) -> None:
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / name),
+            # Same model and head; the seconds-sized data set so the test stays fast.
+            "--data=lightning_metric.data.DigitsDataModule",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={tmp_path}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=lightning_metric.callbacks.RecallAtK",
+        ]
+    )
+    assert type(cli.model.head).__name__ == HEAD_CONFIGS[name]
+    assert cli.model.head.num_classes == cli.datamodule.num_classes
+    assert 0.0 <= cli.trainer.callback_metrics["val/recall@1"].item() <= 1.0
