@@ -33,6 +33,7 @@ def _one_thread() -> Iterator[None]:
     yield
     torch.set_num_threads(before)
 
+
 ALL_HEADS: list[Callable[..., MarginHead]] = [
     NormSoftmaxHead,
     CosFaceHead,
@@ -459,3 +460,24 @@ def test_every_head_builds_from_class_path() -> None:
         )
         head = parser.instantiate_classes(cfg).head
         assert type(head) is cls and head.weight.shape == (5 * head.sub_centers, 8)
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_sampled_loss_never_builds_full_logits(
+    chunk: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    widths: list[int] = []
+    for name in ("_class_cosine", "_chunk_logits"):
+        original = getattr(MarginHead, name)
+
+        def spy(self: MarginHead, *args: torch.Tensor, _f: Callable = original) -> torch.Tensor:
+            out = _f(self, *args)
+            widths.append(out.shape[1])
+            return out
+
+        monkeypatch.setattr(MarginHead, name, spy)
+    head = ArcFaceHead(D, 20_000, sample_rate=0.01, chunk_size=chunk)
+    x, y = _inputs(13, c=20_000)
+    head.loss(x.requires_grad_(), y).backward()
+    assert widths and max(widths) <= (200 if chunk is None else 64)
+    assert torch.isfinite(head.weight.grad).all()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lightning_metric.heads.sampling import class_rows
 
@@ -123,6 +124,7 @@ class _StreamingMarginCE(torch.autograd.Function):
         return per_row.mean()
 
     @staticmethod
+    @once_differentiable  # backward runs its own small autograd graphs, without create_graph
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, norms, labels, local, lse, target = ctx.saved_tensors
         plan: _Plan = ctx.plan
