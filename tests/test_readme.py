@@ -19,6 +19,7 @@ SMOKE = [
     "--trainer.limit_train_batches=2",
     "--trainer.limit_val_batches=2",
     "--trainer.limit_test_batches=2",
+    "--trainer.limit_predict_batches=2",
     "--trainer.enable_progress_bar=false",
     "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
     "--trainer.logger.save_dir=outputs",
@@ -60,7 +61,7 @@ def test_python_blocks_run_in_order():
 def test_readme_yaml_is_a_valid_model_and_data_config(tmp_path):
     from lightning_metric.cli import main
 
-    (config,) = blocks("yaml")
+    config = next(b for b in blocks("yaml") if b.startswith("model:"))
     path = tmp_path / "readme.yaml"
     path.write_text(config)
     cli = main(["--config", str(path), "--trainer.logger=false"], run=False)
@@ -84,3 +85,5 @@ def test_cli_commands_run_from_a_fresh_directory(tmp_path):
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
         if command[1] == "test":
             assert "test/recall@1" in result.stdout
+        if command[1] == "predict":
+            assert (tmp_path / "outputs" / "digits_index" / "index.faiss").is_file()
