@@ -189,6 +189,7 @@ class MetricLearningModule(LightningModule):
                 on_step=False,
                 on_epoch=True,
                 reduce_fx="sum",
+                batch_size=len(labels),
             )
         return loss
 
