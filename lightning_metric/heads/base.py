@@ -22,9 +22,10 @@ __all__ = ["MarginHead"]
 # Above this many (sampled) class rows ``loss()`` streams by default: a dense [B, C] float32
 # logit matrix and its softmax are then the largest activations of a typical model.
 AUTO_STREAM_ROWS = 16384
-# Elements of one [B, chunk] block: ~4 MB keeps a CPU chunk in cache; ~128 MB keeps a GPU
-# busy per kernel (few launches) while staying far below the dense [B, C] footprint.
-_AUTO_BLOCK = {"cpu": 2**20, "cuda": 2**25}
+# Elements of one [B, chunk] block (16 MB on CPU, 128 MB on CUDA). Few, large chunks: each
+# chunk costs ~30 kernel launches / OpenMP parallel regions, and on a busy CPU every parallel
+# region waits for a core (4k-class chunks ran 7x slower than 32k ones under load).
+_AUTO_BLOCK = {"cpu": 2**22, "cuda": 2**25}
 
 
 class MarginHead(nn.Module):
@@ -104,6 +105,11 @@ class MarginHead(nn.Module):
         """Update running statistics (training only, before the margin is applied)."""
 
     # -- shared pipeline --------------------------------------------------------------------
+    @property
+    def _plain_negatives(self) -> bool:
+        """True when non-target logits are just ``scale * cos`` (one centre, no re-weighting)."""
+        return self.sub_centers == 1 and type(self)._negative_logits is MarginHead._negative_logits
+
     def _class_cosine(self, x: Tensor, rows: Tensor) -> Tensor:
         """Cosines ``[B, n]`` of unit ``x [B, D]`` to ``n`` classes' rows ``[n * K, D]``."""
         cos = x @ l2_normalize(rows)[0].T
@@ -118,7 +124,7 @@ class MarginHead(nn.Module):
         heads that leave negatives alone the scale and shift ride inside one ``addmm``:
         two fewer passes over the ``[B, chunk]`` block, which dominate on CPU.
         """
-        if self.sub_centers == 1 and type(self)._negative_logits is MarginHead._negative_logits:
+        if self._plain_negatives:
             w = l2_normalize(rows)[0]
             return torch.addmm(shift.neg().unsqueeze(1), x, w.T, alpha=self.scale)
         cos = self._class_cosine(x, rows)

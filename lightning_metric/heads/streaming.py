@@ -145,18 +145,11 @@ class _StreamingMarginCE(torch.autograd.Function):
         with torch.enable_grad():
             for a, b in plan.bounds:
                 w_chunk, where = plan.rows(weight, a, b)
-                w_leaf = w_chunk.detach().requires_grad_(need_w)
-                z = head._chunk_logits(x_leaf, w_leaf, target, lse)  # z - lse = log softmax
-                # softmax written over z's storage: no backward node saves z itself.
-                p = z.detach().exp_()
-                if off:
-                    p.sub_(off)
-                rows_in, cols_in = _target_in_chunk(local, a, b)
-                p[rows_in, cols_in] = 0.0  # the target's gradient comes from the pass below
-                grads = torch.autograd.grad(z, (x_leaf, w_leaf) if need_w else (x_leaf,), p)
-                grad_x += grads[0]
-                if grad_w is not None:
-                    _write_rows(grad_w, where, grads[1], g)
+                targets = _target_in_chunk(local, a, b)
+                gx, gw = _chunk_backward(head, x_leaf, w_chunk, target, lse, targets, off, need_w)
+                grad_x += gx
+                if grad_w is not None and gw is not None:
+                    _write_rows(grad_w, where, gw, g)
             target_rows = class_rows(labels, plan.k)
             w_t = weight[target_rows].detach().requires_grad_(need_w)
             z_t = head.scale * head._target_logit(head._target_cosine(x_leaf, w_t), norms)
@@ -166,6 +159,48 @@ class _StreamingMarginCE(torch.autograd.Function):
         if grad_w is not None:
             grad_w.index_add_(0, target_rows, grads[1].to(grad_w.dtype), alpha=g)
         return grad_x, grad_w, None, None, None, None, None, None, None
+
+
+def _chunk_backward(
+    head: MarginHead,
+    x_leaf: Tensor,
+    w_chunk: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    targets: tuple[Tensor, Tensor],
+    off: float,
+    need_w: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Gradients of ``sum((softmax - off) * z)`` over one chunk (target column excluded)
+    with respect to the unit embeddings and the chunk's weight rows."""
+    if head._plain_negatives:
+        # z = s * x @ w_hat.T by hand: two GEMMs and the normalisation's Jacobian applied
+        # in place, instead of autograd's ~4 extra [chunk, D] temporaries.
+        w = w_chunk.detach().float()
+        norms = torch.linalg.vector_norm(w, dim=1).clamp_min_(1e-12)
+        w_hat = w / norms.unsqueeze(1)
+        s = head.scale
+        p = torch.addmm(lse.neg().unsqueeze(1), x_leaf.detach(), w_hat.T, alpha=s).exp_()
+        _softmax_to_dz(p, targets, off)
+        gx = torch.mm(p, w_hat).mul_(s)
+        if not need_w:
+            return gx, None
+        gw_hat = torch.mm(p.T, x_leaf.detach())
+        radial = torch.einsum("ij,ij->i", gw_hat, w_hat).unsqueeze(1)
+        gw = gw_hat.addcmul_(w_hat, radial, value=-1.0).mul_((s / norms).unsqueeze(1))
+        return gx, gw
+    w_leaf = w_chunk.detach().requires_grad_(need_w)
+    z = head._chunk_logits(x_leaf, w_leaf, target, lse)  # z - lse = log softmax
+    p = z.detach().exp_()  # overwrites z's storage: no backward node saves z itself
+    _softmax_to_dz(p, targets, off)
+    grads = torch.autograd.grad(z, (x_leaf, w_leaf) if need_w else (x_leaf,), p)
+    return grads[0], grads[1] if need_w else None
+
+
+def _softmax_to_dz(p: Tensor, targets: tuple[Tensor, Tensor], off: float) -> None:
+    if off:
+        p.sub_(off)  # label smoothing's uniform part
+    p[targets] = 0.0  # the target's gradient comes from its own pass
 
 
 def _write_rows(grad_w: Tensor, where: Tensor | slice, gw: Tensor, g: float) -> None:
