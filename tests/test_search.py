@@ -21,6 +21,12 @@ QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false"]
 def predicted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 2-step digits model trained and then predicted through the CLI."""
     root = tmp_path_factory.mktemp("predict")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # the config's checkpoint dirpath is relative to the working dir
+        return _fit_and_predict(root)
+
+
+def _fit_and_predict(root: Path) -> dict[str, Path]:
     main(
         args=[
             "fit",
@@ -30,10 +36,10 @@ def predicted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             f"--trainer.default_root_dir={root}",
             "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=0",
+            "--trainer.limit_val_batches=1",
         ]
     )
-    (ckpt,) = (root / "checkpoints").glob("*.ckpt")
+    (ckpt,) = root.rglob("*.ckpt")
     out = root / "index"
     main(
         args=[
