@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 _HALF_PI = math.pi / 2
+_OUTLIER_SLICE = 65536
 
 
 def _check_angle(name: str, value: float) -> None:
@@ -198,20 +199,16 @@ class SubCenterArcFaceHead(MarginHead):
         x, _ = self._prepare(embeddings, labels)
         labels = labels.long()
         k = self.sub_centers
-        cos = (
-            torch.cat(  # [N, K], in slices so a whole dataset fits
-                [
-                    self._sub_center_cosines(x[a : a + 65536], self.weight[class_rows(lab, k)])
-                    for a, lab in ((a, labels[a : a + 65536]) for a in range(0, len(labels), 65536))
-                ]
-            )
-            if len(labels)
-            else x.new_zeros(0, k)
-        )
+        # [N, K] cosines to the own class's sub-centres, in slices so a whole dataset fits.
+        parts = [x.new_zeros(0, k)]
+        for a in range(0, len(labels), _OUTLIER_SLICE):
+            rows = self.weight[class_rows(labels[a : a + _OUTLIER_SLICE], k)]
+            parts.append(self._sub_center_cosines(x[a : a + _OUTLIER_SLICE], rows))
+        cos = torch.cat(parts)
         nearest = cos.argmax(dim=1)
         votes = torch.bincount(labels * k + nearest, minlength=self.num_classes * k)
         dominant = votes.view(self.num_classes, k).argmax(dim=1)
         dominant_cos = cos.gather(1, dominant[labels].unsqueeze(1)).squeeze(1)
         outliers = torch.nonzero(dominant_cos < math.cos(math.radians(threshold_degrees)))
-        rows = torch.arange(self.num_classes, device=dominant.device) * k + dominant
-        return SubCenterOutliers(outliers.flatten(), dominant, self.weight[rows].detach().clone())
+        best = torch.arange(self.num_classes, device=dominant.device) * k + dominant
+        return SubCenterOutliers(outliers.flatten(), dominant, self.weight[best].detach().clone())

@@ -97,7 +97,8 @@ class _StreamingMarginCE(torch.autograd.Function):
         # heads), <= 60 (no overflow); otherwise a chunk that overshoots is rescaled exactly.
         top = head.scale * head.max_negative_cos  # no non-target logit exceeds this
         floor = min(top - _HEADROOM, 80.0 - head.scale)
-        shift = torch.maximum(z_t, z_t.new_tensor(floor))
+        # (With a single class there are no negatives to keep the sum above zero.)
+        shift = torch.maximum(z_t, z_t.new_tensor(floor)) if plan.n > 1 else z_t.clone()
         may_overflow = floor < top - _HEADROOM
         run_sum = torch.exp(z_t - shift)
         z_sum = z_t.clone() if smoothing > 0 else None
