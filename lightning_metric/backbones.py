@@ -51,6 +51,9 @@ class SmallCNN(nn.Module):
         )
         self.in_channels = in_channels
         self.num_features = 4 * w
+        # NHWC lets oneDNN (CPU) and cuDNN pick their fast convolutions: 2.5x on a 2-core
+        # AVX-512 CPU in float32, 6x with bf16 autocast (measured on a 128x1x32x32 step).
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
@@ -58,7 +61,7 @@ class SmallCNN(nn.Module):
                 f"SmallCNN(in_channels={self.in_channels}) expects images [B, "
                 f"{self.in_channels}, H, W], got shape {tuple(x.shape)}"
             )
-        return self.features(x)
+        return self.features(x.contiguous(memory_format=torch.channels_last))
 
 
 class TorchvisionBackbone(nn.Module):
