@@ -20,7 +20,20 @@ _EXPORTS = {
 }
 _SUBPACKAGES = ("backbones", "callbacks", "data", "heads", "metrics", "retrieval", "search")
 
-__all__ = [*_EXPORTS, *_SUBPACKAGES]
+__all__ = [
+    "EmbeddingNeck",
+    "MetricLearningModule",
+    "SmallCNN",
+    "TimmBackbone",
+    "TorchvisionBackbone",
+    "backbones",
+    "callbacks",
+    "data",
+    "heads",
+    "metrics",
+    "retrieval",
+    "search",
+]
 
 if TYPE_CHECKING:
     from lightning_metric.backbones import SmallCNN, TimmBackbone, TorchvisionBackbone

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -16,33 +16,13 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMem
 from pytorch_metric_learning.miners import BaseMiner
 from torch import nn
 
+from lightning_metric.batch import Batch, split_batch
 from lightning_metric.distributed import gather_for_loss
 from lightning_metric.heads import MarginHead
 from lightning_metric.necks import EmbeddingNeck
 
 HeadFactory = Callable[[int, int], MarginHead]
 """Builds a head from `(embedding_dim, num_classes)`: a head class or a `functools.partial`."""
-
-Batch = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
-
-
-def split_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Return `(x, labels, index)` from a `{"x", "label", "index"}` dict or an
-    `(x, label[, index])` tuple; `index` is None when the data set does not provide it."""
-    if isinstance(batch, Mapping):
-        missing = {"x", "label"} - set(batch)
-        if missing:
-            raise ValueError(
-                f"a batch dict needs keys 'x' and 'label' (and optionally 'index'); "
-                f"missing {sorted(missing)}, got keys {sorted(batch)}"
-            )
-        return batch["x"], batch["label"], batch.get("index")
-    if isinstance(batch, Sequence) and len(batch) in (2, 3):
-        return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
-    raise ValueError(
-        f"expected a batch {{'x', 'label'[, 'index']}} or a tuple (x, label[, index]), "
-        f"got {type(batch).__name__}"
-    )
 
 
 class MetricLearningModule(LightningModule):

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_metric.batch import step_embeddings
 from lightning_metric.distributed import dedupe_by_index, gather_uneven, world_size
 
 __all__ = ["EmbeddingCollector", "loader_dataset"]
-
-
-def _from_batch(batch: Any, owner: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    if isinstance(batch, Mapping) and "x" in batch and "label" in batch:
-        return batch["x"], batch["label"], batch.get("index")
-    if isinstance(batch, list | tuple) and len(batch) in (2, 3):
-        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
-    raise ValueError(
-        f"{owner}: cannot read the batch; expected a dict with 'x', 'label' (and 'index') or "
-        f"a tuple (x, label[, index]), got {type(batch).__name__}"
-    )
 
 
 class EmbeddingCollector:
@@ -47,20 +36,7 @@ class EmbeddingCollector:
         return sum(len(e) for e in self._embeddings)
 
     def update(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
-        if isinstance(outputs, Mapping) and "embeddings" in outputs and "labels" in outputs:
-            embeddings, labels = outputs["embeddings"], outputs["labels"]
-            index = outputs.get("index")
-            if index is None:
-                index = _from_batch(batch, self.owner)[2]
-        else:
-            x, labels, index = _from_batch(batch, self.owner)
-            with torch.no_grad():
-                embeddings = pl_module(x)
-        if not isinstance(embeddings, Tensor) or embeddings.ndim != 2:
-            raise ValueError(
-                f"{self.owner}: expected embeddings [B, D] from the step output or pl_module(x), "
-                f"got {getattr(embeddings, 'shape', type(embeddings).__name__)}"
-            )
+        embeddings, labels, index = step_embeddings(pl_module, outputs, batch, self.owner)
         self._embeddings.append(embeddings.detach().float().cpu())
         self._labels.append(torch.as_tensor(labels).detach().long().cpu().reshape(-1))
         if index is None:

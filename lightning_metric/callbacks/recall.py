@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 
+from lightning_metric.batch import step_embeddings
 from lightning_metric.metrics import RetrievalMetrics
 from lightning_metric.retrieval.metrics import check_k
 
@@ -129,7 +127,7 @@ class RecallAtK(Callback):
             key = 0
         else:
             role, key = "both", dataloader_idx
-        embeddings, labels, index = _extract(pl_module, outputs, batch)
+        embeddings, labels, index = step_embeddings(pl_module, outputs, batch, "RecallAtK")
         if key not in self._metrics:
             self._metrics[key] = self._new_metric()
         self._metrics[key].update(embeddings, labels, index, role=role)  # type: ignore[arg-type]
@@ -193,43 +191,3 @@ class RecallAtK(Callback):
 
 def _num_loaders(num_batches: Any) -> int:
     return len(num_batches) if isinstance(num_batches, list | tuple) else 1
-
-
-def _unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-    if isinstance(batch, Mapping):
-        missing = [key for key in ("x", "label") if key not in batch]
-        if missing:
-            raise ValueError(
-                f"RecallAtK: batch dict lacks {missing}; expected keys 'x', 'label' "
-                f"(and 'index'), got {sorted(batch)}"
-            )
-        return batch["x"], batch["label"], batch.get("index")
-    if isinstance(batch, list | tuple) and len(batch) in (2, 3):
-        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
-    raise ValueError(
-        "RecallAtK: cannot read the batch; expected a dict with 'x', 'label', 'index' or a "
-        f"tuple (x, label[, index]), got {type(batch).__name__}"
-    )
-
-
-def _extract(
-    pl_module: pl.LightningModule, outputs: Any, batch: Any
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    if isinstance(outputs, Mapping) and "embeddings" in outputs and "labels" in outputs:
-        index = outputs.get("index")
-        if index is None:
-            try:
-                index = _unpack_batch(batch)[2]
-            except ValueError:
-                index = None
-        return outputs["embeddings"].detach(), outputs["labels"].detach(), index
-    x, labels, index = _unpack_batch(batch)
-    with torch.no_grad():
-        embeddings = pl_module(x)
-    if not isinstance(embeddings, Tensor):
-        raise ValueError(
-            "RecallAtK: pl_module(x) must return an embeddings tensor [B, D], got "
-            f"{type(embeddings).__name__}; or return {{'embeddings', 'labels', 'index'}} from "
-            "validation_step"
-        )
-    return embeddings, labels, index
