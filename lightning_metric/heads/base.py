@@ -106,9 +106,13 @@ class MarginHead(nn.Module):
 
     # -- shared pipeline --------------------------------------------------------------------
     @property
+    def _reweights_negatives(self) -> bool:
+        return type(self)._negative_logits is not MarginHead._negative_logits
+
+    @property
     def _plain_negatives(self) -> bool:
         """True when non-target logits are just ``scale * cos`` (one centre, no re-weighting)."""
-        return self.sub_centers == 1 and type(self)._negative_logits is MarginHead._negative_logits
+        return self.sub_centers == 1 and not self._reweights_negatives
 
     def _class_cosine(self, x: Tensor, rows: Tensor) -> Tensor:
         """Cosines ``[B, n]`` of unit ``x [B, D]`` to ``n`` classes' rows ``[n * K, D]``."""
@@ -187,6 +191,8 @@ class MarginHead(nn.Module):
             chunk = self.chunk_size
             if chunk is None and n * self.sub_centers > AUTO_STREAM_ROWS:
                 block = _AUTO_BLOCK.get(x.device.type, _AUTO_BLOCK["cuda"])
+                if self._reweights_negatives:  # its elementwise graph keeps ~4 blocks alive
+                    block //= 4
                 chunk = max(256, block // (x.shape[0] * self.sub_centers))
             if chunk is None:
                 cos = self._class_cosine(x, self._rows(class_index))

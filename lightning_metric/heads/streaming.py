@@ -3,11 +3,12 @@
 The dense loss materialises ``[B, C]`` cosines, logits, softmax and their gradients
 (PML: ~6 such tensors). Here the classes are visited in chunks: forward keeps only a
 log-sum-exp accumulator per row; backward recomputes each chunk's logits, forms
-``softmax - target`` for it and pushes it through the chunk's small graph with
-``torch.autograd.grad``. Activation memory is O(B x chunk); the weight gradient is
-written straight into one ``zeros_like(weight)``. Because the chunk graph is the head's own
-``_chunk_logits``/``_target_logit``, every head (sub-centres, CurricularFace, AdaFace)
-streams with the exact gradients of its dense path.
+``softmax - target`` for it and pushes it back through the chunk's GEMMs by hand (a head's
+elementwise rule for non-target logits, e.g. CurricularFace's, goes through
+``torch.autograd.grad``; the margined target through the head's own ``_target_logit``).
+Activation memory is O(B x chunk); the weight gradient is written straight into one
+``empty_like``/``zeros_like(weight)``. Values and gradients equal the dense path's for every
+head (tests/test_heads.py::test_streaming_equals_dense).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class _StreamingMarginCE(torch.autograd.Function):
             for a, b in plan.bounds:
                 w_chunk, where = plan.rows(weight, a, b)
                 targets = _target_in_chunk(local, a, b)
-                gx, gw = _chunk_backward(head, x_leaf, w_chunk, target, lse, targets, off, need_w)
+                gx, gw = _chunk_backward(head, x, w_chunk, target, lse, targets, off, need_w)
                 grad_x += gx
                 if grad_w is not None and gw is not None:
                     _write_rows(grad_w, where, gw, g)
@@ -164,7 +165,7 @@ class _StreamingMarginCE(torch.autograd.Function):
 
 def _chunk_backward(
     head: MarginHead,
-    x_leaf: Tensor,
+    x: Tensor,
     w_chunk: Tensor,
     target: Tensor,
     lse: Tensor,
@@ -173,29 +174,45 @@ def _chunk_backward(
     need_w: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Gradients of ``sum((softmax - off) * z)`` over one chunk (target column excluded)
-    with respect to the unit embeddings and the chunk's weight rows."""
-    if head._plain_negatives:
-        # z = s * x @ w_hat.T by hand: two GEMMs and the normalisation's Jacobian applied
-        # in place, instead of autograd's ~4 extra [chunk, D] temporaries.
-        w = w_chunk.detach().float()
-        norms = torch.linalg.vector_norm(w, dim=1).clamp_min_(1e-12)
-        w_hat = w / norms.unsqueeze(1)
-        s = head.scale
-        p = torch.addmm(lse.neg().unsqueeze(1), x_leaf.detach(), w_hat.T, alpha=s).exp_()
-        _softmax_to_dz(p, targets, off)
-        gx = torch.mm(p, w_hat).mul_(s)
-        if not need_w:
-            return gx, None
-        gw_hat = torch.mm(p.T, x_leaf.detach())
-        radial = torch.einsum("ij,ij->i", gw_hat, w_hat).unsqueeze(1)
-        gw = gw_hat.addcmul_(w_hat, radial, value=-1.0).mul_((s / norms).unsqueeze(1))
-        return gx, gw
-    w_leaf = w_chunk.detach().requires_grad_(need_w)
-    z = head._chunk_logits(x_leaf, w_leaf, target, lse)  # z - lse = log softmax
-    p = z.detach().exp_()  # overwrites z's storage: no backward node saves z itself
-    _softmax_to_dz(p, targets, off)
-    grads = torch.autograd.grad(z, (x_leaf, w_leaf) if need_w else (x_leaf,), p)
-    return grads[0], grads[1] if need_w else None
+    with respect to the unit embeddings and the chunk's weight rows.
+
+    The chunk's forward is recomputed here. The two GEMMs and the row normalisation's
+    Jacobian are written out by hand (applied in place: autograd would keep ~4 extra
+    ``[chunk, D]`` temporaries); only a head's elementwise ``_negative_logits`` goes through
+    autograd, on the ``[B, chunk]`` cosine block.
+    """
+    w = w_chunk.detach().float()
+    norms = torch.linalg.vector_norm(w, dim=1).clamp_min_(1e-12)
+    w_hat = w / norms.unsqueeze(1)
+    x = x.detach()  # backward runs under enable_grad: keep the hand-written part graph-free
+    s, k, rows = head.scale, head.sub_centers, x.shape[0]
+    if head._plain_negatives:  # z - lse straight out of one GEMM
+        dcos = torch.addmm(lse.neg().unsqueeze(1), x, w_hat.T, alpha=s).exp_()
+        _softmax_to_dz(dcos, targets, off)
+    else:
+        cos_all = torch.mm(x, w_hat.T)
+        cos, which = cos_all.view(rows, -1, k).max(dim=2) if k > 1 else (cos_all, None)
+        if head._reweights_negatives:
+            leaf = cos.requires_grad_()
+            neg = head._negative_logits(leaf, target)
+            p = neg.detach().mul(s).sub_(lse.unsqueeze(1)).exp_()
+            _softmax_to_dz(p, targets, off)
+            (dcos,) = torch.autograd.grad(neg, leaf, p)
+        else:
+            dcos = cos.mul_(s).sub_(lse.unsqueeze(1)).exp_()
+            _softmax_to_dz(dcos, targets, off)
+        if which is not None:  # the gradient goes to the sub-centre that won the max
+            dcos = (
+                cos_all.view(rows, -1, k).zero_().scatter_(2, which.unsqueeze(2), dcos.unsqueeze(2))
+            )
+            dcos = dcos.view(rows, -1)
+    gx = torch.mm(dcos, w_hat).mul_(s)
+    if not need_w:
+        return gx, None
+    gw_hat = torch.mm(dcos.T, x)
+    radial = torch.einsum("ij,ij->i", gw_hat, w_hat).unsqueeze(1)
+    gw = gw_hat.addcmul_(w_hat, radial, value=-1.0).mul_((s / norms).unsqueeze(1))
+    return gx, gw
 
 
 def _softmax_to_dz(p: Tensor, targets: tuple[Tensor, Tensor], off: float) -> None:
