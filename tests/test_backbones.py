@@ -1,5 +1,7 @@
 """Backbones: the built-in CNN across image sizes, and torchvision / timm adapters."""
 
+import math
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ def test_small_cnn_handles_8_to_64_pixel_images(size):
     net = SmallCNN(in_channels=3, width=4)
     out = net(torch.randn(2, 3, size, size))
     # Two ceil-mode poolings: 8 -> 4 -> 2, 13 -> 7 -> 4, never down to zero.
-    side = -(-(-(-size // 2)) // 2)
+    side = math.ceil(math.ceil(size / 2) / 2)
     assert out.shape == (2, net.num_features, side, side)
 
 
