@@ -74,7 +74,7 @@ class _BenchmarkDataModule(ImageFileDataModule):
         seed: int = 0,
         augment: bool = True,
         eval_batch_size: Optional[int] = None,
-        predict_split: Any = "test",
+        predict_split: Split = "test",
         m_per_class: Optional[int] = None,
         image_size: int = 224,
         resize_size: int = 256,
@@ -98,6 +98,7 @@ class _BenchmarkDataModule(ImageFileDataModule):
         self.predict_split = predict_split
         self.root = require_dir(root, self.name)
         self.splits = self.read_layout(self.root)
+        self.save_hyperparameters()
 
     def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
         raise NotImplementedError
@@ -122,37 +123,6 @@ class CUB200DataModule(_BenchmarkDataModule):
     """
 
     name = "CUB-200-2011"
-
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 120,
-        num_workers: int = 4,
-        seed: int = 0,
-        augment: bool = True,
-        eval_batch_size: Optional[int] = None,
-        predict_split: Split = "test",
-        m_per_class: Optional[int] = None,
-        image_size: int = 224,
-        resize_size: int = 256,
-        transforms: Transforms = "standard",
-        verify_images: bool = False,
-    ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            eval_batch_size=eval_batch_size,
-            predict_split=predict_split,
-            m_per_class=m_per_class,
-            image_size=image_size,
-            resize_size=resize_size,
-            transforms=transforms,
-            verify_images=verify_images,
-        )
-        self.save_hyperparameters()
 
     def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
         images_txt = require_file(root / "images.txt", "CUB-200-2011 image list")
@@ -179,37 +149,6 @@ class Cars196DataModule(_BenchmarkDataModule):
     """
 
     name = "Cars196"
-
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 120,
-        num_workers: int = 4,
-        seed: int = 0,
-        augment: bool = True,
-        eval_batch_size: Optional[int] = None,
-        predict_split: Split = "test",
-        m_per_class: Optional[int] = None,
-        image_size: int = 224,
-        resize_size: int = 256,
-        transforms: Transforms = "standard",
-        verify_images: bool = False,
-    ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            eval_batch_size=eval_batch_size,
-            predict_split=predict_split,
-            m_per_class=m_per_class,
-            image_size=image_size,
-            resize_size=resize_size,
-            transforms=transforms,
-            verify_images=verify_images,
-        )
-        self.save_hyperparameters()
 
     def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
         from scipy.io import loadmat
@@ -239,37 +178,6 @@ class SOPDataModule(_BenchmarkDataModule):
     """
 
     name = "Stanford Online Products"
-
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 120,
-        num_workers: int = 4,
-        seed: int = 0,
-        augment: bool = True,
-        eval_batch_size: Optional[int] = None,
-        predict_split: Split = "test",
-        m_per_class: Optional[int] = None,
-        image_size: int = 224,
-        resize_size: int = 256,
-        transforms: Transforms = "standard",
-        verify_images: bool = False,
-    ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            eval_batch_size=eval_batch_size,
-            predict_split=predict_split,
-            m_per_class=m_per_class,
-            image_size=image_size,
-            resize_size=resize_size,
-            transforms=transforms,
-            verify_images=verify_images,
-        )
-        self.save_hyperparameters()
 
     def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
         splits = {}
