@@ -167,7 +167,9 @@ def _fmt_mb(n: float) -> str:
     return f"{n / 2**20:9.1f}"
 
 
-def _table(device: str, rounds: int, reps: int, precision: str, threads: int) -> None:
+def _table(
+    device: str, rounds: int, reps: int, precision: str, threads: int, only: list[str]
+) -> None:
     print(f"\n== {device} | {threads} CPU threads | fp32 matmul precision '{precision}' | "
           f"time: fastest of {rounds} x "
           f"{reps} steps (background load only ever adds) | memory: "
@@ -177,6 +179,8 @@ def _table(device: str, rounds: int, reps: int, precision: str, threads: int) ->
     print(hdr)
     print("-" * len(hdr))
     for case in _cases(device):
+        if only and case.name not in only:
+            continue
         best: dict[str, dict[str, float]] = {}
         for _ in range(rounds):  # PML is re-measured per row: load drifts within a run
             for impl in ("ours", "pml") if case.pml else ("ours",):
@@ -217,6 +221,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--precision", default=None, help="torch fp32 matmul precision")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    ap.add_argument("--only", nargs="*", default=[], help="case names to run (default: all)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -233,7 +238,7 @@ def main() -> None:
             [a.precision] if a.precision else (["highest"] if dev == "cpu" else ["highest", "high"])
         ):
             reps = a.reps if dev == "cpu" else max(a.reps, 10)
-            _table(dev, a.rounds, reps, precision, a.threads)
+            _table(dev, a.rounds, reps, precision, a.threads, a.only)
 
 
 if __name__ == "__main__":
