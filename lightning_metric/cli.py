@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import import_object
 from lightning import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -94,10 +94,16 @@ def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI
     # login prompt. A user who has logged in (or set WANDB_MODE) keeps their choice.
     if "WANDB_MODE" not in os.environ and not _wandb_has_credentials():
         os.environ["WANDB_MODE"] = "offline"
+    # Configs write `${trainer.default_root_dir}`; under a subcommand that key is really
+    # `fit.trainer.default_root_dir`, which this setting resolves.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     cli_kwargs: dict[str, Any] = {
         "subclass_mode_model": True,
         "subclass_mode_data": True,
         "save_config_kwargs": {"overwrite": True},
+        # Interpolation resolved after all --config files are merged, so an overlay that
+        # sets trainer.default_root_dir moves the logs and checkpoints that refer to it.
+        "parser_kwargs": {"parser_mode": "omegaconf+"},
         "auto_configure_optimizers": False,
         "args": args,
         "run": run,

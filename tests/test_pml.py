@@ -42,6 +42,8 @@ def _check_triplet_cosine(model: MetricLearningModule) -> None:
 
 def _check_multisimilarity(model: MetricLearningModule) -> None:
     assert isinstance(model.loss_fn, losses.MultiSimilarityLoss) and model.loss_fn.beta == 50.0
+    # Nothing of the base config's triplet loss (its LpDistance) leaks into the overlay.
+    assert isinstance(model.loss_fn.distance, distances.CosineSimilarity)
     assert isinstance(model.miner, miners.MultiSimilarityMiner)
 
 
@@ -81,12 +83,12 @@ def _check_xbm(model: MetricLearningModule) -> None:
 @pytest.mark.parametrize(
     "name, check",
     [
-        ("glyphs_triplet_cosine", _check_triplet_cosine),
-        ("glyphs_multisimilarity", _check_multisimilarity),
-        ("glyphs_contrastive", _check_contrastive),
-        ("glyphs_proxyanchor", _check_proxyanchor),
-        ("glyphs_ntxent", _check_ntxent),
-        ("glyphs_xbm", _check_xbm),
+        ("triplet_cosine", _check_triplet_cosine),
+        ("multisimilarity", _check_multisimilarity),
+        ("contrastive", _check_contrastive),
+        ("proxyanchor", _check_proxyanchor),
+        ("ntxent", _check_ntxent),
+        ("xbm", _check_xbm),
     ],
 )
 def test_example_config_builds_pml_objects_and_trains(name, check, tmp_path, monkeypatch):
@@ -94,7 +96,8 @@ def test_example_config_builds_pml_objects_and_trains(name, check, tmp_path, mon
     cli = main(
         [
             "fit",
-            f"--config={CONFIGS / f'{name}.yaml'}",
+            f"--config={CONFIGS / 'glyphs_triplet.yaml'}",
+            f"--config={CONFIGS / 'pml' / f'{name}.yaml'}",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.logger=false",
             "--trainer.callbacks=[]",
