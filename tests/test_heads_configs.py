@@ -1,21 +1,22 @@
-"""Every head family's example config trains (a few batches, on digits) through the CLI."""
+"""Every head family's overlay on the main job trains (a few batches, on digits) through the CLI."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_metric.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 HEAD_CONFIGS = {
-    "glyphs_normsoftmax.yaml": "NormSoftmaxHead",
-    "glyphs_cosface.yaml": "CosFaceHead",
-    "glyphs_subcenter_arcface.yaml": "SubCenterArcFaceHead",
-    "glyphs_combined_margin.yaml": "CombinedMarginHead",
-    "glyphs_curricularface.yaml": "CurricularFaceHead",
-    "glyphs_adaface.yaml": "AdaFaceHead",
+    "normsoftmax.yaml": "NormSoftmaxHead",
+    "cosface.yaml": "CosFaceHead",
+    "subcenter_arcface.yaml": "SubCenterArcFaceHead",
+    "combined_margin.yaml": "CombinedMarginHead",
+    "curricularface.yaml": "CurricularFaceHead",
+    "adaface.yaml": "AdaFaceHead",
 }
 
 
@@ -25,7 +26,9 @@ def test_head_config_fits(name: str, tmp_path: Path) -> None:
         [
             "fit",
             "--config",
-            str(CONFIGS / name),
+            str(CONFIGS / "glyphs_arcface.yaml"),
+            "--config",
+            str(CONFIGS / "heads" / name),
             # Same model and head; the seconds-sized data set so the test stays fast.
             "--data=lightning_metric.data.DigitsDataModule",
             f"--trainer.default_root_dir={tmp_path}",
@@ -39,4 +42,7 @@ def test_head_config_fits(name: str, tmp_path: Path) -> None:
     )
     assert type(cli.model.head).__name__ == HEAD_CONFIGS[name]
     assert cli.model.head.num_classes == cli.datamodule.num_classes
+    overlay = yaml.safe_load((CONFIGS / "heads" / name).read_text())["model"]["init_args"]["head"]
+    for key, value in overlay.get("init_args", {}).items():
+        assert getattr(cli.model.head, key) == pytest.approx(value), key
     assert 0.0 <= cli.trainer.callback_metrics["val/recall@1"].item() <= 1.0
