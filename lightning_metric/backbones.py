@@ -104,9 +104,10 @@ def _strip_classifier(model: nn.Module, name: str) -> int:
         if isinstance(layer, nn.Sequential):
             # Keep dropout / activation layers before the final Linear (e.g. VGG, MobileNet).
             idx = max(i for i, m in enumerate(layer) if isinstance(m, nn.Linear))
-            in_features = layer[idx].in_features
+            linear = layer[idx]
+            assert isinstance(linear, nn.Linear)
             layer[idx] = nn.Identity()
-            return in_features
+            return linear.in_features
     raise ValueError(f"cannot find the classifier of torchvision model {name!r} to remove")
 
 

@@ -337,10 +337,11 @@ def _found_nothing(miner: nn.Module) -> bool:
 
 
 def _build_head(
-    head: Optional[HeadFactory | nn.Module], embedding_dim: int, num_classes: Optional[int]
-) -> Optional[nn.Module]:
+    head: Optional[HeadFactory | MarginHead], embedding_dim: int, num_classes: Optional[int]
+) -> Optional[MarginHead]:
+    # Any built nn.Module with MarginHead's interface is used as-is (duck typing).
     if head is None or isinstance(head, nn.Module):
-        return head
+        return head  # type: ignore[return-value]
     if num_classes is None:
         raise ValueError(
             f"head={_name(head)} is built here and needs num_classes (the number of training "

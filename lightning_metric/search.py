@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_metric.retrieval.knn import Metric, prepare
+from lightning_metric.retrieval.knn import Metric, prepare, search_complete
 
 __all__ = ["FORMAT", "VERSION", "EmbeddingIndex", "IndexFormatError", "SearchResult"]
 
@@ -201,8 +201,10 @@ class EmbeddingIndex:
         if k > len(self):
             raise ValueError(f"k={k} is larger than the number of indexed items ({len(self)})")
         q = _prepared(self._query_embeddings(queries, inputs), self.metric)
-        scores, rows = _search_complete(self._index, q, int(k), descending=self.metric != "l2")
-        return SearchResult(self.ids[rows], scores)
+        scores, rows = search_complete(
+            self._index.search, q, len(self), int(k), descending=self.metric != "l2"
+        )
+        return SearchResult(self.ids[rows.numpy()], scores.numpy())
 
     def _query_embeddings(self, queries: Any, inputs: Optional[bool]) -> np.ndarray:
         looks_like_embeddings = (
@@ -365,11 +367,12 @@ def _faiss_metric(metric: str) -> int:
 
 def _add_in_chunks(index: Any, emb: np.ndarray, show_progress: bool) -> None:
     starts = range(0, emb.shape[0], _ADD_CHUNK)
+    steps: Iterable[int] = starts
     if show_progress and emb.shape[0] > _ADD_CHUNK:
         from rich.progress import track
 
-        starts = track(starts, description="building FAISS index", total=len(starts))
-    for start in starts:
+        steps = track(starts, description="building FAISS index", total=len(starts))
+    for start in steps:
         index.add(emb[start : start + _ADD_CHUNK])
 
 
@@ -408,37 +411,6 @@ def _as_int_vector(x: ArrayLike, name: str, n: int) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
     return arr.astype(np.int64)
-
-
-def _search_complete(
-    index: Any, q: np.ndarray, k: int, descending: bool, slack: int = 8
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` rows per query, equal scores ordered by row as in ``retrieval.knn``.
-
-    FAISS keeps an arbitrary subset of a tie group at its cut-off, so a few extra results are
-    requested and rows whose tie group reaches the last returned one are searched deeper.
-    """
-    n = int(index.ntotal)
-    depth = min(n, k + slack)
-    scores, rows = _sort_ties(*index.search(q, depth), descending)
-    todo = np.arange(len(q))
-    cur = scores
-    while depth < n:
-        unsure = np.flatnonzero(cur[:, k - 1] == cur[:, depth - 1])
-        if not len(unsure):
-            break
-        todo = todo[unsure]
-        depth = min(n, 2 * depth)
-        cur, cur_rows = _sort_ties(*index.search(q[todo], depth), descending)
-        scores[todo, :k], rows[todo, :k] = cur[:, :k], cur_rows[:, :k]
-    return scores[:, :k], rows[:, :k]
-
-
-def _sort_ties(
-    scores: np.ndarray, rows: np.ndarray, descending: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((rows, -scores if descending else scores), axis=1)
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

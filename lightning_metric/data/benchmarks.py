@@ -87,15 +87,13 @@ class _BenchmarkDataModule(ImageFileDataModule):
             seed=seed,
             augment=augment,
             eval_batch_size=eval_batch_size,
-            # In-Shop's query/gallery splits are checked by InShopDataModule itself.
-            predict_split=predict_split if predict_split in ("train", "val", "test") else "test",
+            predict_split=predict_split,
             m_per_class=m_per_class,
             image_size=image_size,
             resize_size=resize_size,
             transforms=transforms,
             verify_images=verify_images,
         )
-        self.predict_split = predict_split
         self.root = require_dir(root, self.name)
         self.splits = self.read_layout(self.root)
         self.save_hyperparameters()
@@ -239,13 +237,14 @@ class InShopDataModule(_BenchmarkDataModule):
             seed=seed,
             augment=augment,
             eval_batch_size=eval_batch_size,
-            predict_split=predict_split,
+            predict_split="test",  # the base knows train/val/test; query/gallery are ours
             m_per_class=m_per_class,
             image_size=image_size,
             resize_size=resize_size,
             transforms=transforms,
             verify_images=verify_images,
         )
+        self.predict_subset: InShopSplit = predict_split
         self.save_hyperparameters()
 
     def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
@@ -295,4 +294,4 @@ class InShopDataModule(_BenchmarkDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split)
+        return self._loader(self.predict_subset)

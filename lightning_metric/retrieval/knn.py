@@ -11,7 +11,7 @@ Ties are broken deterministically: equal scores rank the lower reference index f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Literal, NamedTuple
@@ -255,29 +255,44 @@ def _knn_faiss(
 def _faiss_search_complete(
     xq: np.ndarray, xb: np.ndarray, need: int, metric: Metric, slack: int = 8
 ) -> tuple[Tensor, Tensor]:
-    """FAISS top-``need`` per row in (value, lower index first) order.
+    """FAISS top-``need`` of ``xq`` against ``xb`` (flat, no index), ties by lower index."""
+    import faiss
+
+    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+    def search(queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        return _faiss_knn(np.ascontiguousarray(queries), xb, depth, faiss_metric)
+
+    return search_complete(search, xq, xb.shape[0], need, metric != "l2", slack)
+
+
+def search_complete(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    xq: np.ndarray,
+    num_reference: int,
+    need: int,
+    descending: bool,
+    slack: int = 8,
+) -> tuple[Tensor, Tensor]:
+    """Top-``need`` per row from a FAISS-style ``search(queries, depth)``, in (value, lower
+    index first) order, for flat search and FAISS indexes alike.
 
     FAISS returns an arbitrary subset of a group of equal values at its cut-off, so a few
     extra results are requested; rows whose tie group at position ``need`` reaches the last
     returned value are searched again, deeper, until the group is complete.
     """
-    import faiss
-
-    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    descending = metric != "l2"
-    nb = xb.shape[0]
-    depth = min(nb, need + slack)
-    vals_np, idx_np = _faiss_knn(xq, xb, depth, faiss_metric)
+    depth = min(num_reference, need + slack)
+    vals_np, idx_np = search(xq, depth)
     vals, idx = _sort_ties_by_index(torch.from_numpy(vals_np), torch.from_numpy(idx_np), descending)
     rows = torch.arange(xq.shape[0])
     cur = vals
-    while depth < nb:
+    while depth < num_reference:
         unsure = (cur[:, need - 1] == cur[:, depth - 1]).nonzero()[:, 0]
         if unsure.numel() == 0:
             break
         rows = rows[unsure]
-        depth = min(nb, 2 * depth)
-        v_np, i_np = _faiss_knn(np.ascontiguousarray(xq[rows.numpy()]), xb, depth, faiss_metric)
+        depth = min(num_reference, 2 * depth)
+        v_np, i_np = search(xq[rows.numpy()], depth)
         cur, cur_i = _sort_ties_by_index(torch.from_numpy(v_np), torch.from_numpy(i_np), descending)
         vals[rows, :need], idx[rows, :need] = cur[:, :need], cur_i[:, :need]
     return vals[:, :need], idx[:, :need]
