@@ -1,4 +1,4 @@
-"""Developer sessions: `nox` runs tests, vision and lint; `nox -s typecheck` runs mypy.
+"""Developer sessions: `nox` runs tests, vision, lint (ruff) and typecheck (mypy).
 
 torch is installed before the package so pip never swaps it: the CPU wheel for the main
 suite (small, fast to install) and the torch/torchvision pair that import together for the
@@ -11,7 +11,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "vision", "lint"]
+nox.options.sessions = ["tests", "vision", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH_CPU = os.environ.get("LM_TORCH", "torch==2.13.0")

@@ -81,23 +81,22 @@ def _check_xbm(model: MetricLearningModule) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, check",
+    "configs, check",
     [
-        ("triplet_cosine", _check_triplet_cosine),
-        ("multisimilarity", _check_multisimilarity),
-        ("contrastive", _check_contrastive),
-        ("proxyanchor", _check_proxyanchor),
-        ("ntxent", _check_ntxent),
-        ("xbm", _check_xbm),
+        (["glyphs_triplet_cosine.yaml"], _check_triplet_cosine),
+        (["glyphs_triplet.yaml", "pml/multisimilarity.yaml"], _check_multisimilarity),
+        (["glyphs_triplet.yaml", "pml/contrastive.yaml"], _check_contrastive),
+        (["glyphs_triplet.yaml", "pml/proxyanchor.yaml"], _check_proxyanchor),
+        (["glyphs_triplet.yaml", "pml/ntxent.yaml"], _check_ntxent),
+        (["glyphs_triplet.yaml", "pml/xbm.yaml"], _check_xbm),
     ],
 )
-def test_example_config_builds_pml_objects_and_trains(name, check, tmp_path, monkeypatch):
+def test_example_config_builds_pml_objects_and_trains(configs, check, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-metric"])  # pytest's own flags are not ours
     cli = main(
         [
             "fit",
-            f"--config={CONFIGS / 'glyphs_triplet.yaml'}",
-            f"--config={CONFIGS / 'pml' / f'{name}.yaml'}",
+            *(f"--config={CONFIGS / path}" for path in configs),
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.logger=false",
             "--trainer.callbacks=[]",
