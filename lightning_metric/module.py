@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
 from pytorch_metric_learning.miners import BaseMiner
@@ -234,7 +233,7 @@ def _save_hyperparameters(module: LightningModule) -> None:
     live objects: they are saved as weights in the state dict, and pickling them into the
     hyper-parameters would break `weights_only` loading.
     """
-    if _given_hyperparameters.get() is not None:
+    if _under_lightning_cli():
         module.save_hyperparameters(frame=inspect.currentframe().f_back)  # type: ignore[union-attr]
     else:
         module.save_hyperparameters(
@@ -334,6 +333,15 @@ def _found_nothing(miner: nn.Module) -> bool:
     """Whether the miner's last call returned no tuple at all (from PML's own records)."""
     counts = [getattr(miner, n, 0) for n in ("num_triplets", "num_pos_pairs", "num_neg_pairs")]
     return not any(counts)
+
+
+def _under_lightning_cli() -> bool:
+    """Whether LightningCLI is instantiating this module with its config as hparams."""
+    try:  # Lightning's internal hook (2.3+); without it, plain values are the safe choice.
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:
+        return False
+    return _given_hyperparameters.get() is not None
 
 
 def _build_head(
