@@ -66,3 +66,32 @@ def test_print_config_is_complete_and_round_trips(tmp_path, capsys, monkeypatch)
 def test_console_script_is_installed():
     bin_dir = Path(sys.executable).parent
     assert (bin_dir / "lightning-metric").exists()
+
+
+@pytest.mark.parametrize(
+    "logger_args, produced",
+    [
+        ([], "wandb/offline-run-*"),  # the config's own WandbLogger, offline without an account
+        (
+            ["--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger"],
+            "**/events.out.tfevents*",
+        ),
+    ],
+)
+def test_example_config_logs_through_wandb_offline_or_a_swapped_logger(
+    tmp_path, logger_args, produced
+):
+    cli = main(
+        [
+            "fit",
+            "--config",
+            DIGITS,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.enable_progress_bar=false",
+            *logger_args,
+        ]
+    )
+    assert "val/recall@1" in cli.trainer.callback_metrics
+    assert list(tmp_path.glob(produced)), f"no {produced} under {tmp_path}"
