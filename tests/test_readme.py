@@ -83,7 +83,8 @@ def test_cli_commands_run_from_a_fresh_directory(tmp_path):
             [str(exe), *command[1:], *extra], cwd=tmp_path, env=env, capture_output=True, text=True
         )
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
-        if command[1] == "test":
-            assert "test/recall@1" in result.stdout
+        prefix = {"test": "test", "validate": "val"}.get(command[1])
+        if prefix:
+            assert f"{prefix}/recall@1" in result.stdout
         if command[1] == "predict":
             assert (tmp_path / "outputs" / "digits_index" / "index.faiss").is_file()
