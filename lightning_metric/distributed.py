@@ -21,16 +21,7 @@ def gather_uneven(tensor: Tensor) -> Tensor:
     """
     if world_size() == 1:
         return tensor
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world_size())]
-    dist.all_gather(sizes, size)
-    counts = [int(s) for s in sizes]
-    # all_gather needs equal shapes: pad to the largest, then cut each part back.
-    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+    return _gather_padded(tensor, _rank_sizes(tensor))
 
 
 def dedupe_by_index(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -89,16 +80,21 @@ def gather_for_loss(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
     if world == 1:
         return embeddings, labels
     rank = dist.get_rank()
-    size = torch.tensor([embeddings.shape[0]], device=embeddings.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s) for s in sizes]
+    counts = _rank_sizes(embeddings)
     gathered_emb = _gather_padded(embeddings.detach(), counts)
     gathered_labels = _gather_padded(labels, counts)
     start = sum(counts[:rank])
     local = _ScaleGrad.apply(embeddings, float(world))
     gathered_emb = torch.cat([gathered_emb[:start], local, gathered_emb[start + counts[rank] :]])
     return gathered_emb, gathered_labels
+
+
+def _rank_sizes(tensor: Tensor) -> list[int]:
+    """Length of ``tensor`` (dim 0) on every rank, in rank order."""
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
 
 
 def _gather_padded(tensor: Tensor, counts: list[int]) -> Tensor:
