@@ -142,9 +142,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     folder = tmp_path_factory.mktemp("ddp_pml")
-    # fork: the children inherit the imported torch/lightning (spawn re-imports: ~10x slower).
+    # spawn, not fork: a child forked from a parent whose OpenMP / gloo threads are running
+    # can deadlock (seen once in a full-suite run); spawn costs a few seconds of imports.
     mp.start_processes(
-        worker, args=(free_port(), str(folder)), nprocs=WORLD, join=True, start_method="fork"
+        worker, args=(free_port(), str(folder)), nprocs=WORLD, join=True, start_method="spawn"
     )
     return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -197,7 +198,7 @@ def test_lightning_ddp_step_equals_one_big_batch(tmp_path):
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy="ddp_fork",
+        strategy="ddp_spawn",
         max_steps=1,
         logger=False,
         enable_checkpointing=False,

@@ -52,8 +52,9 @@ def _free_port() -> int:
 
 
 def test_statistics_are_rank_averaged(tmp_path: Path) -> None:
+    # spawn, not fork: forking a parent with live OpenMP / gloo threads can deadlock.
     mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork"
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn"
     )
     states = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
     curricular, _ = _heads()
