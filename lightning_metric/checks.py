@@ -1,0 +1,144 @@
+"""Argument validation shared by every entry point, so the same bad value gets the same message.
+
+Small pure functions: each takes the argument's public name and its value, returns the
+normalised value (or ``None``) and raises where the value enters. Wrong *types* raise
+:class:`ArgumentTypeError`, which is both a ``TypeError`` and a ``ValueError`` so callers that
+caught ``ValueError`` before keep working. Messages name the argument, the bad value and what
+was expected.
+
+Training-side checks are appended at the end of this module.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ArgumentTypeError",
+    "check_choice",
+    "check_finite_rows",
+    "check_fraction",
+    "check_int",
+    "check_k",
+    "check_labels",
+    "check_positive_int",
+]
+
+T = TypeVar("T")
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (also a ``ValueError`` for callers that catch that)."""
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass but never a count; numpy integers are ints for every purpose here.
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as a Python int; rejects bool, float (even 1.0) and str."""
+    if not _is_int(value):
+        raise ArgumentTypeError(
+            f"`{name}` must be an integer, got {value!r} of type {type(value).__name__}"
+        )
+    v = int(value)
+    if minimum is not None and v < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"`{name}` must be an integer <= {maximum}, got {v}")
+    return v
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """An integer >= 1."""
+    return check_int(name, value, minimum=1)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A real number strictly between 0 and 1."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"`{name}` must be a fraction in (0, 1), got {value!r} of type {type(value).__name__}"
+        )
+    if not 0.0 < float(value) < 1.0:
+        raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value!r}")
+    return float(value)
+
+
+def check_k(k: Any, name: str = "k") -> tuple[int, ...]:
+    """An int >= 1 or a non-empty sequence of them; returns the sorted, deduplicated tuple."""
+    if _is_int(k):
+        ks: tuple[Any, ...] = (k,)
+    elif isinstance(k, Sequence | np.ndarray | Tensor) and not isinstance(k, str | bytes):
+        ks = tuple(k.tolist()) if isinstance(k, np.ndarray | Tensor) else tuple(k)
+    else:
+        raise ArgumentTypeError(
+            f"`{name}` must be an integer >= 1 or a sequence of them, got {k!r} "
+            f"of type {type(k).__name__}"
+        )
+    if not ks:
+        raise ValueError(f"`{name}` must contain at least one value, got an empty sequence")
+    for v in ks:
+        if not _is_int(v):
+            raise ArgumentTypeError(
+                f"`{name}` values must be integers, got {v!r} of type {type(v).__name__} in {k!r}"
+            )
+        if v < 1:
+            raise ValueError(f"`{name}` values must be integers >= 1, got {v} in {k!r}")
+    return tuple(sorted({int(v) for v in ks}))
+
+
+def check_choice(name: str, value: T, choices: Iterable[T]) -> T:
+    """``value`` must be one of ``choices``."""
+    options = tuple(choices)
+    if value not in options:
+        raise ValueError(f"`{name}` must be one of {options}, got {value!r}")
+    return value
+
+
+def check_labels(
+    name: str, labels: Tensor, num_classes: int | None = None, length: int | None = None
+) -> Tensor:
+    """A 1-D integer tensor (as int64), optionally of ``length`` entries in ``[0, num_classes)``."""
+    if not isinstance(labels, Tensor):
+        raise ArgumentTypeError(
+            f"`{name}` must be a torch.Tensor of integer class ids, got {type(labels).__name__}"
+        )
+    if labels.ndim != 1:
+        raise ValueError(f"`{name}` must be 1-D [num_items], got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ArgumentTypeError(f"`{name}` must hold integer class ids, got dtype {labels.dtype}")
+    if length is not None and labels.shape[0] != length:
+        raise ValueError(f"`{name}` must have {length} entries, got {labels.shape[0]}")
+    labels = labels.to(torch.int64)
+    if num_classes is not None and labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"`{name}` must be in [0, {num_classes}) (num_classes={num_classes}), "
+                f"got label {bad}"
+            )
+    return labels
+
+
+def check_finite_rows(name: str, x: Tensor) -> None:
+    """Every row of the 2-D ``x`` is free of NaN and Inf; the error counts the bad rows."""
+    # One reduction is enough when all is well; overflow to inf only costs the detailed pass.
+    if bool(torch.isfinite(x.sum())):
+        return
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    num_bad = int(bad.sum())
+    if num_bad:
+        first = bad.nonzero()[:5, 0].tolist()
+        raise ValueError(
+            f"`{name}` has {num_bad} of {x.shape[0]} rows containing NaN or Inf "
+            f"(first rows: {first}); check the model output before evaluating"
+        )
