@@ -44,15 +44,16 @@ def _is_int(value: object) -> bool:
 
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     """``value`` as a Python int; rejects bool, float (even 1.0) and str."""
+    expected = "an integer" + "".join(
+        f" {op} {bound}" for op, bound in ((">=", minimum), ("<=", maximum)) if bound is not None
+    )
     if not _is_int(value):
         raise ArgumentTypeError(
-            f"`{name}` must be an integer, got {value!r} of type {type(value).__name__}"
+            f"`{name}` must be {expected}, got {value!r} of type {type(value).__name__}"
         )
     v = int(value)
-    if minimum is not None and v < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {v}")
-    if maximum is not None and v > maximum:
-        raise ValueError(f"`{name}` must be an integer <= {maximum}, got {v}")
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        raise ValueError(f"`{name}` must be {expected}, got {v}")
     return v
 
 
@@ -91,7 +92,7 @@ def check_k(k: Any, name: str = "k") -> tuple[int, ...]:
                 f"`{name}` values must be integers, got {v!r} of type {type(v).__name__} in {k!r}"
             )
         if v < 1:
-            raise ValueError(f"`{name}` values must be integers >= 1, got {v} in {k!r}")
+            raise ValueError(f"`{name}` values must be >= 1, got {v} in {k!r}")
     return tuple(sorted({int(v) for v in ks}))
 
 
@@ -104,12 +105,28 @@ def check_choice(name: str, value: T, choices: Iterable[T]) -> T:
 
 
 def check_labels(
-    name: str, labels: Tensor, num_classes: int | None = None, length: int | None = None
+    name: str,
+    labels: Tensor | np.ndarray,
+    num_classes: int | None = None,
+    length: int | None = None,
 ) -> Tensor:
-    """A 1-D integer tensor (as int64), optionally of ``length`` entries in ``[0, num_classes)``."""
+    """A 1-D integer tensor or array (returned as an int64 tensor), optionally of ``length``
+    entries in ``[0, num_classes)``. Strings, floats and bools are refused, not cast."""
+    if isinstance(labels, np.ndarray):
+        if labels.dtype.kind not in "iu":
+            raise ArgumentTypeError(
+                f"`{name}` must hold integer class ids, got dtype {labels.dtype}"
+                + (
+                    " (strings: map them to integer ids first)"
+                    if labels.dtype.kind in "USO"
+                    else ""
+                )
+            )
+        labels = torch.from_numpy(labels)
     if not isinstance(labels, Tensor):
         raise ArgumentTypeError(
-            f"`{name}` must be a torch.Tensor of integer class ids, got {type(labels).__name__}"
+            f"`{name}` must be a torch.Tensor or numpy array of integer class ids, got "
+            f"{type(labels).__name__}"
         )
     if labels.ndim != 1:
         raise ValueError(f"`{name}` must be 1-D [num_items], got shape {tuple(labels.shape)}")

@@ -11,6 +11,7 @@ Ties are broken deterministically: equal scores rank the lower reference index f
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -19,6 +20,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_metric.checks import ArgumentTypeError, check_choice, check_finite_rows, check_int
 
 __all__ = [
     "Metric",
@@ -106,18 +109,39 @@ def check_embeddings(x: Tensor, name: str) -> None:
     if x.shape[0] == 0:
         raise ValueError(f"`{name}` is empty: nothing to evaluate")
     if not x.is_floating_point():
-        raise ValueError(f"`{name}` must be a floating point tensor, got dtype {x.dtype}")
-    # One reduction is enough when all is well; overflow to inf only costs the detailed pass.
-    if bool(torch.isfinite(x.sum())):
-        return
-    bad = ~torch.isfinite(x).all(dim=1)
-    num_bad = int(bad.sum())
-    if num_bad:
-        first = bad.nonzero()[:5, 0].tolist()
-        raise ValueError(
-            f"`{name}` has {num_bad} of {x.shape[0]} rows containing NaN or Inf "
-            f"(first rows: {first}); check the model output before evaluating"
+        raise ArgumentTypeError(f"`{name}` must be a floating point tensor, got dtype {x.dtype}")
+    check_finite_rows(name, x)
+
+
+def same_rows(a: Tensor, b: Tensor) -> bool:
+    """Whether ``b`` is ``a`` or holds exactly the same rows in the same order."""
+    if a is b:
+        return True
+    return a.shape == b.shape and a.device == b.device and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def check_exclude(exclude: Tensor | np.ndarray, num_queries: int, num_reference: int) -> Tensor:
+    """``exclude`` as int64 ``[Q]`` reference rows in ``[-1, R)`` (``-1``: exclude nothing)."""
+    ex = as_tensor(exclude, "exclude")
+    if ex.is_floating_point() or ex.is_complex() or ex.dtype == torch.bool:
+        raise ArgumentTypeError(
+            f"`exclude` must hold integer reference row numbers, got dtype {ex.dtype}"
         )
+    if ex.shape != (num_queries,):
+        raise ValueError(
+            f"`exclude` must have shape [{num_queries}] (one entry per query), "
+            f"got {tuple(ex.shape)}"
+        )
+    ex = ex.to(torch.int64)
+    if ex.numel():
+        lo, hi = int(ex.min()), int(ex.max())
+        if lo < -1 or hi >= num_reference:
+            bad = lo if lo < -1 else hi
+            raise ValueError(
+                f"`exclude` values must be reference rows in [0, {num_reference}) or -1 for "
+                f"none, got {bad}"
+            )
+    return ex
 
 
 def prepare(x: Tensor, metric: Metric) -> Tensor:
@@ -150,11 +174,14 @@ def knn(
         query: ``[Q, D]`` query embeddings.
         reference: ``[R, D]`` reference embeddings. ``None`` searches ``query`` leave-one-out:
             every query's own row is excluded by index, so exact duplicates are still found.
+            A ``reference`` that is ``query`` itself, or holds exactly the same rows, is
+            searched leave-one-out too (with a warning): otherwise every query would find
+            itself first. Pass ``exclude`` to keep full control.
         k: number of neighbours per query, ``1 <= k <= number of candidates``.
         metric: ``"cosine"`` (rows L2-normalised first), ``"ip"`` (inner product) or ``"l2"``
             (squared euclidean distance).
-        exclude: optional ``[Q]`` int64 reference row to exclude per query (``-1`` for none),
-            for a reference set that contains some queries.
+        exclude: optional ``[Q]`` integer reference row to exclude per query (``-1`` for
+            none), for a reference set that contains some queries.
         chunk_size: queries per search call; default bounds memory automatically.
         fast: CUDA only: find candidates with a float16 matmul and re-score them in float32
             (default ``True`` for ``cosine`` on CUDA). The result is identical to the exact
@@ -163,10 +190,23 @@ def knn(
     Returns:
         :class:`Neighbors` ``(values [Q, k], indices [Q, k])`` on the query's device.
     """
-    if metric not in _METRICS:
-        raise ValueError(f"`metric` must be one of {_METRICS}, got {metric!r}")
+    check_choice("metric", metric, _METRICS)
+    k = check_int("k", k, minimum=1)
     q = as_tensor(query, "query")
     check_embeddings(q, "query")
+    if (
+        reference is not None
+        and exclude is None
+        and same_rows(q, as_tensor(reference, "reference"))
+    ):
+        # Every query would find itself at rank 1 (recall 1.0 from self-matches).
+        warnings.warn(
+            "knn: `reference` holds the same rows as `query`; each query's own row is "
+            "excluded (leave-one-out, as reference=None does)",
+            UserWarning,
+            stacklevel=2,
+        )
+        reference = None
     leave_one_out = reference is None
     if leave_one_out:
         if exclude is not None:
@@ -183,27 +223,20 @@ def knn(
             )
         if r.device != q.device:
             raise ValueError(f"query is on {q.device} but reference is on {r.device}")
-    if exclude is not None:
-        exclude = exclude.to(device=q.device, dtype=torch.int64)
-        if exclude.shape != (q.shape[0],):
-            raise ValueError(
-                f"`exclude` must have shape [{q.shape[0]}] (one entry per query), "
-                f"got {tuple(exclude.shape)}"
-            )
+        if exclude is not None:
+            exclude = check_exclude(exclude, q.shape[0], r.shape[0]).to(q.device)
+    if r.shape[0] < 2 and leave_one_out:
+        raise ValueError(
+            f"`query` has only {r.shape[0]} item: leave-one-out search needs at least 2 items"
+        )
     num_candidates = r.shape[0] - (1 if leave_one_out else 0)
-    if isinstance(k, bool) or not isinstance(k, int | np.integer):
-        raise ValueError(f"`k` must be an int, got {k!r}")
-    k = int(k)
-    if k < 1:
-        raise ValueError(f"`k` must be >= 1, got {k}")
     if k > num_candidates:
         raise ValueError(
             f"k={k} is larger than the number of reference candidates per query "
             f"({num_candidates}{', the query itself excluded' if leave_one_out else ''})"
         )
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
-
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     if fast and metric != "cosine":
         raise ValueError(f"`fast=True` is only supported for metric='cosine', got {metric!r}")
     with single_threaded_bookkeeping():

@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_metric.checks import ArgumentTypeError, check_choice, check_k, check_labels
 from lightning_metric.retrieval.knn import (
     Metric,
     as_tensor,
     check_embeddings,
     prepare,
+    same_rows,
     search_prepared,
     single_threaded_bookkeeping,
 )
@@ -46,30 +48,14 @@ Average = Literal["micro", "macro"]
 _SCORE_BLOCK_ELEMENTS = 1 << 22
 
 
-def check_k(k: int | Sequence[int]) -> tuple[int, ...]:
-    """Validate ``k`` (an int or a non-empty sequence of ints >= 1); sorted, deduplicated."""
-    ks = (k,) if isinstance(k, int | np.integer) else tuple(k)
-    if not ks:
-        raise ValueError("`k` must contain at least one value, got an empty sequence")
-    for v in ks:
-        if isinstance(v, bool) or not isinstance(v, int | np.integer):
-            raise ValueError(f"`k` values must be ints, got {v!r} in {k!r}")
-        if v < 1:
-            raise ValueError(f"`k` values must be >= 1, got {v} in {k!r}")
-    return tuple(sorted({int(v) for v in ks}))
-
-
-def _check_labels(labels: Tensor, n: int, name: str, emb_name: str) -> Tensor:
-    if labels.ndim != 1:
-        raise ValueError(f"`{name}` must be 1-D [num_items], got shape {tuple(labels.shape)}")
-    if labels.shape[0] != n:
+def _check_labels(labels: Tensor | np.ndarray, n: int, name: str, emb_name: str) -> Tensor:
+    lab = check_labels(name, labels)
+    if lab.shape[0] != n:
         raise ValueError(
-            f"`{name}` has {labels.shape[0]} entries but `{emb_name}` has {n} rows; "
+            f"`{name}` has {lab.shape[0]} entries but `{emb_name}` has {n} rows; "
             "they must have the same length"
         )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"`{name}` must hold integer class ids, got dtype {labels.dtype}")
-    return labels.to(torch.int64)
+    return lab
 
 
 def _check_mask(mask: Tensor | np.ndarray, n: int, name: str) -> Tensor:
@@ -104,12 +90,10 @@ def _setup(
     reference_mask: Tensor | np.ndarray | None,
     metric: Metric,
 ) -> _Setup:
-    if metric not in ("cosine", "ip", "l2"):
-        raise ValueError(f"`metric` must be one of ('cosine', 'ip', 'l2'), got {metric!r}")
+    check_choice("metric", metric, ("cosine", "ip", "l2"))
     emb = as_tensor(embeddings, "embeddings")
     check_embeddings(emb, "embeddings")
-    lab = _check_labels(as_tensor(labels, "labels"), emb.shape[0], "labels", "embeddings")
-    lab = lab.to(emb.device)
+    lab = _check_labels(labels, emb.shape[0], "labels", "embeddings").to(emb.device)
     split = reference_embeddings is not None or reference_labels is not None
     masked = query_mask is not None or reference_mask is not None
     if split and masked:
@@ -117,7 +101,6 @@ def _setup(
             "pass either reference_embeddings/reference_labels or query_mask/reference_mask, "
             "not both"
         )
-    exclude: Tensor | None
     if split:
         if reference_embeddings is None or reference_labels is None:
             raise ValueError("reference_embeddings and reference_labels must be given together")
@@ -131,11 +114,16 @@ def _setup(
         if ref.device != emb.device:
             raise ValueError(f"embeddings are on {emb.device}, reference on {ref.device}")
         rlab = _check_labels(
-            as_tensor(reference_labels, "reference_labels"),
+            reference_labels,
             ref.shape[0],
             "reference_labels",
             "reference_embeddings",
         ).to(emb.device)
+        if same_rows(emb, ref):
+            _same_inputs(lab, rlab)
+            split = False  # searched leave-one-out below
+    exclude: Tensor | None
+    if split:
         q, r, qlab = prepare(emb, metric), prepare(ref, metric), lab
         exclude, num_candidates = None, ref.shape[0]
     elif masked:
@@ -163,6 +151,23 @@ def _setup(
     )
 
 
+def _same_inputs(labels: Tensor, reference_labels: Tensor) -> None:
+    """The reference set is the query set passed twice: say so, search it leave-one-out."""
+    if not torch.equal(labels, reference_labels):
+        raise ValueError(
+            "`reference_embeddings` holds the same rows as `embeddings` but "
+            "`reference_labels` differ from `labels`: pass one set with its labels for "
+            "leave-one-out, or the real reference set"
+        )
+    # Each query would retrieve itself at rank 1 and score recall 1.0.
+    warnings.warn(
+        "the reference set is the query set (same embeddings and labels): each query's own "
+        "row is excluded, as in leave-one-out (omit reference_embeddings to silence this)",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 @dataclass
 class _PerQuery:
     labels: Tensor  # contiguous class id of every scorable query
@@ -181,6 +186,11 @@ def _score(
     fast: bool | None,
     metric: Metric,
 ) -> _PerQuery:
+    if s.num_candidates < 1:
+        raise ValueError(
+            f"there is only {s.reference.shape[0]} item to search and a query never retrieves "
+            "itself: retrieval metrics need at least 2 items"
+        )
     if ks[-1] > s.num_candidates:
         raise ValueError(
             f"k={ks[-1]} is larger than the number of reference items a query can retrieve "
@@ -294,8 +304,7 @@ def retrieval_metrics(
         ``unscorable_queries`` (and ``nmi``/``ami``) are returned and a warning is issued:
         the ranking metrics are unavailable, not 0.
     """
-    if average not in ("micro", "macro"):
-        raise ValueError(f"`average` must be 'micro' or 'macro', got {average!r}")
+    check_choice("average", average, ("micro", "macro"))
     ks = check_k(k)
     with single_threaded_bookkeeping():
         s = _setup(
@@ -412,8 +421,7 @@ def verification_metrics(
         ``{"tar@far=1e-03": ..., "fnmr@fmr=1e-03": ..., "threshold@far=1e-03": ...,
         "eer": ...}``.
     """
-    if metric not in ("cosine", "ip"):
-        raise ValueError(f"`metric` must be 'cosine' or 'ip', got {metric!r}")
+    check_choice("metric", metric, ("cosine", "ip"))
     emb = as_tensor(embeddings, "embeddings")
     check_embeddings(emb, "embeddings")
     x = prepare(emb, metric)
@@ -430,7 +438,7 @@ def verification_metrics(
                 f"all-pairs verification of {n} items needs {n * (n - 1) // 2} scores; "
                 f"pass `pairs` or raise max_items (currently {max_items})"
             )
-        lab = _check_labels(as_tensor(labels, "labels"), n, "labels", "embeddings").to(x.device)
+        lab = _check_labels(labels, n, "labels", "embeddings").to(x.device)
         i, j = torch.triu_indices(n, n, offset=1, device=x.device)
         scores = (x @ x.T)[i, j]
         same = lab[i] == lab[j]
@@ -439,8 +447,11 @@ def verification_metrics(
             raise ValueError("`pairs` needs `is_same`, one boolean per pair")
         p = as_tensor(pairs, "pairs").to(x.device)
         same = as_tensor(is_same, "is_same").to(x.device)
-        if p.ndim != 2 or p.shape[1] != 2 or p.is_floating_point():
+        if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+            raise ArgumentTypeError(f"`pairs` must hold integer item indices, got dtype {p.dtype}")
+        if p.ndim != 2 or p.shape[1] != 2:
             raise ValueError(f"`pairs` must be an int tensor [P, 2], got {tuple(p.shape)}")
+        same = _check_is_same(same)
         if same.shape != (p.shape[0],):
             raise ValueError(
                 f"`is_same` must have one entry per pair ({p.shape[0]}), got {tuple(same.shape)}"
@@ -450,7 +461,6 @@ def verification_metrics(
                 f"`pairs` indices must lie in [0, {x.shape[0]}), got range "
                 f"[{int(p.min())}, {int(p.max())}]"
             )
-        same = same.bool()
         scores = (x[p[:, 0]] * x[p[:, 1]]).sum(1)
     genuine, impostor = scores[same].double(), scores[~same].double()
     if genuine.numel() == 0 or impostor.numel() == 0:
@@ -481,6 +491,22 @@ def verification_metrics(
         )
     out["eer"] = _eer(genuine, impostor)
     return out
+
+
+def _check_is_same(same: Tensor) -> Tensor:
+    # A float (a score, a probability) would be cast silently: 0.3 -> True.
+    if same.dtype == torch.bool:
+        return same
+    if same.is_floating_point() or same.is_complex():
+        raise ArgumentTypeError(
+            f"`is_same` must be booleans (or integers 0/1), one per pair, got dtype {same.dtype}"
+        )
+    bad = (same != 0) & (same != 1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"`is_same` must be booleans (or integers 0/1), got value {int(same[bad][0])}"
+        )
+    return same.bool()
 
 
 def _eer(genuine: Tensor, impostor: Tensor) -> float:
