@@ -44,9 +44,12 @@ def _is_int(value: object) -> bool:
 
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     """``value`` as a Python int; rejects bool, float (even 1.0) and str."""
-    expected = "an integer" + "".join(
-        f" {op} {bound}" for op, bound in ((">=", minimum), ("<=", maximum)) if bound is not None
-    )
+    if minimum is not None and maximum is not None:
+        expected = f"an integer in [{minimum}, {maximum}]"
+    elif minimum is not None or maximum is not None:
+        expected = f"an integer >= {minimum}" if minimum is not None else f"an integer <= {maximum}"
+    else:
+        expected = "an integer"
     if not _is_int(value):
         raise ArgumentTypeError(
             f"`{name}` must be {expected}, got {value!r} of type {type(value).__name__}"

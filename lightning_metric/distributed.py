@@ -6,12 +6,24 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["dedupe_by_index", "gather_for_loss", "gather_uneven", "world_size"]
+__all__ = [
+    "dedupe_by_index",
+    "gather_for_loss",
+    "gather_uneven",
+    "rank",
+    "unpad_gathered",
+    "world_size",
+]
 
 
 def world_size() -> int:
     """Number of processes in the default group (1 when not distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 when not distributed)."""
+    return dist.get_rank() if world_size() > 1 else 0
 
 
 def gather_uneven(tensor: Tensor) -> Tensor:
@@ -24,8 +36,80 @@ def gather_uneven(tensor: Tensor) -> Tensor:
     return _gather_padded(tensor, _rank_sizes(tensor))
 
 
+def unpad_gathered(
+    ranks: Tensor, world: int, index: Tensor | None = None, dataset_size: int | None = None
+) -> Tensor:
+    """Rows to keep from one dataset's evaluation rows gathered from ``world`` ranks, in the
+    order one process reading the (unshuffled) sampler would see them.
+
+    ``ranks [G]`` is the rank each row came from, rows of one rank in the order that rank saw
+    them. ``DistributedSampler`` gives rank ``r`` the items at positions ``r, r + W, ...`` of
+    its index list, padded to ``W * ceil(N / W)`` by repeating the first items, so row ``i``
+    of rank ``r`` sits at position ``r + i * W`` and the ``G - N`` rows at positions ``>= N``
+    are padding. Only those may be dropped; a repeated dataset index anywhere else is a real
+    item and kept (ConcatDataset, datasets with their own index field).
+
+    ``dataset_size`` (``len(dataset)``) gives the padding count directly. Without it the
+    padding is inferred from ``index``, which then has to be unique per item: when other
+    rows share an index the padding cannot be told apart, and a ``ValueError`` says so
+    rather than dropping real items. Nothing is dropped in a single process (``world == 1``).
+    """
+    g = ranks.numel()
+    if world == 1 or g == 0:
+        return torch.arange(g, device=ranks.device)
+    by_rank = torch.argsort(ranks, stable=True)
+    sorted_ranks = ranks[by_rank].long()
+    counts = torch.bincount(sorted_ranks, minlength=world)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(g, device=ranks.device) - starts[sorted_ranks]
+    order = by_rank[torch.argsort(sorted_ranks + slot * world)]
+    padded = _padding_count(counts, world, order, index, dataset_size)
+    return order[: g - padded]
+
+
+def _padding_count(
+    counts: Tensor, world: int, order: Tensor, index: Tensor | None, dataset_size: int | None
+) -> int:
+    g = int(counts.sum())
+    equal = bool((counts == counts[0]).all())
+    if dataset_size is not None:
+        padded = max(g - dataset_size, 0)
+        if padded and (padded >= world or not equal):
+            raise ValueError(
+                f"gathered {g} rows from {world} ranks (per rank: {counts.tolist()}) for a "
+                f"dataset of {dataset_size} items: more than DistributedSampler's padding of "
+                f"at most {world - 1} rows; was the loader iterated more than once?"
+            )
+    elif index is None:
+        return 0
+    else:
+        padded = g - int(torch.unique(index).numel())
+        if padded and (padded >= world or not equal):
+            raise ValueError(
+                f"{padded} of the {g} rows gathered from {world} ranks repeat a dataset index, "
+                "more than DistributedSampler padding explains: the dataset's `index` is not "
+                "unique per item (e.g. a ConcatDataset). Pass the dataset size (RecallAtK does "
+                "this itself; RetrievalMetrics.update(..., dataset_size=len(dataset))) so "
+                "padding can be told apart from repeated indexes"
+            )
+    if padded and index is not None:
+        # Padding repeats the first items of the sampler's list, position for position.
+        tail, head = index[order[g - padded :]], index[order[:padded]]
+        if not torch.equal(tail, head):
+            raise ValueError(
+                f"the last {padded} gathered rows do not repeat the first {padded} items as "
+                "DistributedSampler padding does, so they cannot be removed safely; use "
+                "DistributedSampler (shuffle=False) for evaluation loaders"
+            )
+    return padded
+
+
 def dedupe_by_index(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     """Keep one row per dataset index, ordered by index.
+
+    Only for indexes that are unique per item: rows that share an index are merged even
+    when they are different items. The evaluation code uses :func:`unpad_gathered`, which
+    drops only DistributedSampler's padding.
 
     DistributedSampler pads the last batch by repeating samples, so after gathering some
     dataset indices occur twice; keeping the first occurrence of each and sorting by index

@@ -11,8 +11,10 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_metric.distributed import dedupe_by_index, world_size
-from lightning_metric.retrieval.metrics import check_k, retrieval_metrics
+from lightning_metric.checks import check_choice, check_int, check_k
+from lightning_metric.distributed import rank, unpad_gathered, world_size
+from lightning_metric.retrieval.knn import same_rows
+from lightning_metric.retrieval.metrics import retrieval_metrics
 
 __all__ = ["RetrievalMetrics"]
 
@@ -23,13 +25,18 @@ _ROLE_CODES: dict[str, int] = {"query": 1, "reference": 2, "both": 3}
 class RetrievalMetrics(Metric):
     """Accumulates embeddings, labels and dataset indices; computes retrieval metrics.
 
-    States are concatenated across DDP ranks on :meth:`compute`; rows that share a dataset
-    index (DistributedSampler pads the last batch by repeating samples) are kept once, and
-    rows are ordered by index so every rank and any number of ranks give the same values.
+    States are concatenated across DDP ranks on :meth:`compute`. The rows DistributedSampler
+    added to pad the last batches are dropped (only those: items that share a dataset index,
+    as in a ConcatDataset, all count) and the rest are put in single-process order, so every
+    rank and any number of ranks give the same values. The padding is known exactly when
+    ``update`` gets ``dataset_size=len(dataset)``; otherwise it is inferred from ``indexes``,
+    which must then be unique per item (an error says so when they are not). A single process
+    keeps every row it was given.
 
     Items updated with ``role="both"`` (the default) query all the others leave-one-out.
     For a query/gallery protocol, update the query set with ``role="query"`` and the gallery
-    with ``role="reference"`` (indices are deduplicated per role).
+    with ``role="reference"``. A gallery that holds exactly the query rows (the same set
+    passed twice) is evaluated leave-one-out, with a warning: a query never retrieves itself.
 
     Example::
 
@@ -73,10 +80,8 @@ class RetrievalMetrics(Metric):
     ) -> None:
         super().__init__(compute_on_cpu=compute_on_cpu)
         self.k = check_k(k)
-        if metric not in ("cosine", "ip", "l2"):
-            raise ValueError(f"`metric` must be one of ('cosine', 'ip', 'l2'), got {metric!r}")
-        if average not in ("micro", "macro"):
-            raise ValueError(f"`average` must be 'micro' or 'macro', got {average!r}")
+        check_choice("metric", metric, ("cosine", "ip", "l2"))
+        check_choice("average", average, ("micro", "macro"))
         self.metric = metric
         self.map_at_r = map_at_r
         self.mrr = mrr
@@ -85,10 +90,12 @@ class RetrievalMetrics(Metric):
         self.average = average
         self.fast = fast
         self._warned_no_index = False
+        self._dataset_sizes: dict[int, int] = {}
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
         self.add_state("indexes", default=[], dist_reduce_fx="cat")
         self.add_state("roles", default=[], dist_reduce_fx="cat")
+        self.add_state("ranks", default=[], dist_reduce_fx="cat")
 
     def update(
         self,
@@ -96,10 +103,17 @@ class RetrievalMetrics(Metric):
         labels: Tensor,
         indexes: Tensor | None = None,
         role: Role = "both",
+        dataset_size: int | None = None,
     ) -> None:
-        """Add a batch: ``embeddings [B, D]``, ``labels [B]``, dataset ``indexes [B]``."""
-        if role not in _ROLE_CODES:
-            raise ValueError(f"`role` must be one of {tuple(_ROLE_CODES)}, got {role!r}")
+        """Add a batch: ``embeddings [B, D]``, ``labels [B]``, dataset ``indexes [B]``.
+
+        ``dataset_size``: ``len(dataset)`` of the loader the batch comes from; under DDP it
+        tells exactly how many gathered rows are DistributedSampler padding.
+        """
+        check_choice("role", role, tuple(_ROLE_CODES))
+        code = _ROLE_CODES[role]
+        if dataset_size is not None:
+            self._dataset_sizes[code] = check_int("dataset_size", dataset_size, minimum=1)
         if embeddings.ndim != 2:
             raise ValueError(
                 f"`embeddings` must be 2-D [batch, dim], got shape {tuple(embeddings.shape)}"
@@ -123,8 +137,15 @@ class RetrievalMetrics(Metric):
         self.labels.append(labels.detach().to(torch.int64))  # type: ignore[union-attr]
         self.indexes.append(indexes.detach().to(device=embeddings.device, dtype=torch.int64))  # type: ignore[union-attr]
         self.roles.append(  # type: ignore[union-attr]
-            torch.full((n,), _ROLE_CODES[role], dtype=torch.int8, device=embeddings.device)
+            torch.full((n,), code, dtype=torch.int8, device=embeddings.device)
         )
+        self.ranks.append(  # type: ignore[union-attr]
+            torch.full((n,), rank(), dtype=torch.int32, device=embeddings.device)
+        )
+
+    def reset(self) -> None:
+        super().reset()
+        self._dataset_sizes = {}
 
     def compute(self) -> dict[str, Tensor]:
         """Metrics as 0-d float tensors; see :func:`retrieval_metrics` for the keys."""
@@ -134,18 +155,30 @@ class RetrievalMetrics(Metric):
         labels = dim_zero_cat(self.labels).to(emb.device)
         index = dim_zero_cat(self.indexes).to(emb.device)
         roles = dim_zero_cat(self.roles).to(emb.device)
-        if bool((index >= 0).all()):
-            # One key per (role, index): a query set and a gallery set may reuse indices.
-            key = roles.long() * (int(index.max()) + 1) + index
-            _, emb, labels, roles = dedupe_by_index(key, emb, labels, roles)
-        elif world_size() > 1 and not self._warned_no_index:
+        ranks = dim_zero_cat(self.ranks).to(emb.device)
+        has_index = bool((index >= 0).all())
+        world = world_size()
+        if world > 1 and not has_index and not self._dataset_sizes and not self._warned_no_index:
             self._warned_no_index = True
             warnings.warn(
-                "RetrievalMetrics got no dataset indexes under DDP: samples that "
-                "DistributedSampler repeats to pad the last batch are counted twice",
+                "RetrievalMetrics got no dataset indexes or dataset_size under DDP: samples "
+                "that DistributedSampler repeats to pad the last batch are counted twice",
                 UserWarning,
                 stacklevel=2,
             )
+        # Per role (a query set and a gallery set are separate datasets), in role order.
+        keep = []
+        for code in sorted(set(roles.tolist())):
+            rows = (roles == code).nonzero()[:, 0]
+            kept = unpad_gathered(
+                ranks[rows],
+                world,
+                index[rows] if has_index else None,
+                self._dataset_sizes.get(code),
+            )
+            keep.append(rows[kept])
+        order = torch.cat(keep)
+        emb, labels, roles = emb[order], labels[order], roles[order]
         values = self._compute(emb, labels, roles)
         return {name: torch.tensor(v, dtype=torch.float32) for name, v in values.items()}
 
@@ -157,6 +190,18 @@ class RetrievalMetrics(Metric):
             raise ValueError("RetrievalMetrics got reference items but no query items")
         if split and not bool(reference_mask.any()):
             raise ValueError("RetrievalMetrics got query items but no reference items")
+        if split and _same_set(emb, labels, query_mask, reference_mask):
+            # Every query would find its own copy in the gallery first: recall 1.0.
+            warnings.warn(
+                "RetrievalMetrics: the reference items are the query items again (same "
+                "embeddings and labels); evaluating them leave-one-out instead, so that no "
+                "query retrieves itself",
+                UserWarning,
+                stacklevel=3,
+            )
+            emb, labels = emb[query_mask], labels[query_mask]
+            split = False
+            query_mask = reference_mask = torch.ones_like(labels, dtype=torch.bool)
         # Items in both sets cannot retrieve themselves.
         overlap = bool((query_mask & reference_mask).any())
         candidates = int(reference_mask.sum()) - (1 if overlap else 0)
@@ -198,3 +243,11 @@ class RetrievalMetrics(Metric):
                     out[f"{prefix}@{k}"] = result[f"{prefix}@{used}"]
         out.update({n: v for n, v in result.items() if "@" not in n or n == "map@r"})
         return out
+
+
+def _same_set(emb: Tensor, labels: Tensor, query_mask: Tensor, reference_mask: Tensor) -> bool:
+    if bool((query_mask & reference_mask).any()):
+        return False  # explicit overlap ("both" items) is already excluded row by row
+    return same_rows(emb[query_mask], emb[reference_mask]) and torch.equal(
+        labels[query_mask], labels[reference_mask]
+    )

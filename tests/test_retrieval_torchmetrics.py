@@ -17,12 +17,14 @@ def data(n: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, labels
 
 
-def test_padding_duplicates_are_removed_and_order_does_not_matter() -> None:
+def test_single_process_keeps_repeated_indexes_and_order_does_not_matter() -> None:
     x, labels = data()
-    expected = retrieval_metrics(x, labels, (1, 4))
     m = RetrievalMetrics(k=(1, 4))
-    # Shuffled batches plus repeated samples, as DistributedSampler padding produces.
+    # Shuffled batches plus rows that repeat an index: in one process nothing is padding,
+    # so every row counts (DDP padding removal: tests/test_retrieval_reliability.py).
     perm = torch.randperm(60)
+    rows = torch.cat([perm, perm[:3]])
+    expected = retrieval_metrics(x[rows], labels[rows], (1, 4))
     for chunk in perm.split(16):
         m.update(x[chunk], labels[chunk], chunk)
     m.update(x[perm[:3]], labels[perm[:3]], perm[:3])
