@@ -239,7 +239,6 @@ CONFIGS = Path(__file__).parents[1] / "examples" / "configs"
 def test_benchmark_config_print_config_validates(
     name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import re
 
     from lightning_metric.cli import main
 
