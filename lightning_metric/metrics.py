@@ -65,6 +65,7 @@ class RetrievalMetrics(Metric):
     labels: list[Tensor] | Tensor
     indexes: list[Tensor] | Tensor
     roles: list[Tensor] | Tensor
+    ranks: list[Tensor] | Tensor
 
     def __init__(
         self,

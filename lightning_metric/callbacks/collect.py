@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -9,14 +10,15 @@ import torch
 from torch import Tensor
 
 from lightning_metric.batch import step_embeddings
-from lightning_metric.distributed import dedupe_by_index, gather_uneven, world_size
+from lightning_metric.distributed import gather_uneven, rank, unpad_gathered, world_size
 
-__all__ = ["EmbeddingCollector", "loader_dataset"]
+__all__ = ["EmbeddingCollector", "dataset_size", "flat_loaders", "loader_dataset"]
 
 
 class EmbeddingCollector:
     """Accumulates ``(embeddings, labels, index)`` per batch on CPU and returns them gathered
-    from all ranks, deduplicated by dataset index and ordered by it.
+    from all ranks, without DistributedSampler's padding, in single-process order
+    (:func:`lightning_metric.distributed.unpad_gathered`); a single process keeps every row.
 
     Embeddings come from the step's output ``{"embeddings", "labels"[, "index"]}`` (what
     ``MetricLearningModule`` returns), else from ``pl_module(batch["x"])``.
@@ -44,14 +46,22 @@ class EmbeddingCollector:
         else:
             self._index.append(torch.as_tensor(index).detach().long().cpu().reshape(-1))
 
-    def compute(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """``(index, embeddings, labels)`` over all ranks; every rank must call this."""
+    def compute(
+        self, device: torch.device, dataset_size: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(index, embeddings, labels)`` over all ranks; every rank must call this.
+
+        ``dataset_size`` (``len(dataset)``) tells exactly how many gathered rows are padding;
+        without it the padding is inferred from the indexes.
+        """
         if not self._embeddings:
             raise ValueError(f"{self.owner}: no batches were collected")
         emb = torch.cat(self._embeddings)
         labels = torch.cat(self._labels)
         index = torch.cat(self._index) if self._has_index else None
-        if world_size() > 1:
+        ranks = torch.full((len(emb),), rank(), dtype=torch.int64)
+        world = world_size()
+        if world > 1:
             # NCCL gathers device tensors only; gloo accepts CPU ones.
             if index is None:
                 raise ValueError(
@@ -61,14 +71,34 @@ class EmbeddingCollector:
             emb = gather_uneven(emb.to(device)).cpu()
             labels = gather_uneven(labels.to(device)).cpu()
             index = gather_uneven(index.to(device)).cpu()
+            ranks = gather_uneven(ranks.to(device)).cpu()
         if index is None:
             index = torch.arange(len(emb))
-        index, emb, labels = dedupe_by_index(index, emb, labels)
-        return index, emb, labels
+        keep = unpad_gathered(ranks, world, index, dataset_size)
+        return index[keep], emb[keep], labels[keep]
 
 
 def loader_dataset(loaders: Any, dataloader_idx: int = 0) -> Any:
     """The dataset behind Lightning's ``trainer.{val,predict}_dataloaders`` (or None)."""
+    loaders = flat_loaders(loaders)
+    loader = loaders[dataloader_idx] if 0 <= dataloader_idx < len(loaders) else None
+    return getattr(loader, "dataset", None)
+
+
+def flat_loaders(loaders: Any) -> list[Any]:
+    """Lightning's ``trainer.*_dataloaders`` (one loader, a list or a dict) as a list."""
+    if loaders is None:
+        return []
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
     if isinstance(loaders, list | tuple):
-        loaders = loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
-    return getattr(loaders, "dataset", None)
+        return list(loaders)
+    return [loaders]
+
+
+def dataset_size(loaders: Any, dataloader_idx: int = 0) -> int | None:
+    """``len()`` of the dataset behind loader ``dataloader_idx``, None when unknown."""
+    try:
+        return len(loader_dataset(loaders, dataloader_idx))
+    except TypeError:  # no dataset, or an iterable dataset without a length
+        return None

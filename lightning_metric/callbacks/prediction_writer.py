@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_metric.callbacks.collect import EmbeddingCollector, loader_dataset
+from lightning_metric.callbacks.collect import EmbeddingCollector, dataset_size, loader_dataset
 from lightning_metric.search import MANIFEST, EmbeddingIndex
 
 __all__ = ["EmbeddingIndexWriter"]
@@ -87,7 +87,8 @@ class EmbeddingIndexWriter(Callback):
         several = len(self._collectors) > 1
         self.written = []
         for idx, collector in sorted(self._collectors.items()):
-            index, embeddings, labels = collector.compute(pl_module.device)
+            size = dataset_size(trainer.predict_dataloaders, idx)
+            index, embeddings, labels = collector.compute(pl_module.device, size)
             if not trainer.is_global_zero:
                 continue
             target = self.output_dir / f"dataloader_idx_{idx}" if several else self.output_dir

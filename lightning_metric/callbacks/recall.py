@@ -8,8 +8,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_metric.batch import step_embeddings
+from lightning_metric.callbacks.collect import dataset_size, flat_loaders
+from lightning_metric.checks import check_choice, check_int, check_k
 from lightning_metric.metrics import RetrievalMetrics
-from lightning_metric.retrieval.metrics import check_k
 
 __all__ = ["RecallAtK"]
 
@@ -44,7 +45,9 @@ class RecallAtK(Callback):
         query_dataloader_idx, reference_dataloader_idx: for a query/gallery protocol, the
             dataloaders holding the queries and the gallery (both or neither). Without them,
             each dataloader is evaluated leave-one-out on its own; with several dataloaders
-            the names get a ``/dataloader_idx_{i}`` suffix.
+            the names get a ``/dataloader_idx_{i}`` suffix. The two must differ, and must
+            exist (checked when the loop starts). Two loaders that yield the same items are
+            evaluated leave-one-out, with a warning, so no query retrieves its own copy.
         offload_to_cpu: keep collected embeddings in CPU memory.
         on_validation, on_test: which loops to evaluate.
         prog_bar: show ``recall@k`` in the progress bar.
@@ -68,10 +71,14 @@ class RecallAtK(Callback):
     ) -> None:
         super().__init__()
         self.k = check_k(k)
-        if metric not in ("cosine", "ip", "l2"):
-            raise ValueError(f"`metric` must be one of ('cosine', 'ip', 'l2'), got {metric!r}")
-        if average not in ("micro", "macro"):
-            raise ValueError(f"`average` must be 'micro' or 'macro', got {average!r}")
+        check_choice("metric", metric, ("cosine", "ip", "l2"))
+        check_choice("average", average, ("micro", "macro"))
+        for name, idx in (
+            ("query_dataloader_idx", query_dataloader_idx),
+            ("reference_dataloader_idx", reference_dataloader_idx),
+        ):
+            if idx is not None:
+                check_int(name, idx, minimum=0)
         if (query_dataloader_idx is None) != (reference_dataloader_idx is None):
             raise ValueError(
                 "set both query_dataloader_idx and reference_dataloader_idx or neither, got "
@@ -80,7 +87,9 @@ class RecallAtK(Callback):
             )
         if query_dataloader_idx is not None and query_dataloader_idx == reference_dataloader_idx:
             raise ValueError(
-                f"query and reference dataloaders must differ, both are {query_dataloader_idx}"
+                f"query and reference dataloaders must differ, both are {query_dataloader_idx}: "
+                "leave query_dataloader_idx and reference_dataloader_idx unset to evaluate a "
+                "loader leave-one-out (a query never retrieving itself)"
             )
         self.metric = metric
         self.map_at_r = map_at_r
@@ -95,6 +104,7 @@ class RecallAtK(Callback):
         self.on_test = on_test
         self.prog_bar = prog_bar
         self._metrics: dict[int, RetrievalMetrics] = {}
+        self._sizes: dict[int, int | None] = {}
 
     # ------------------------------------------------------------------ collection
 
@@ -130,7 +140,13 @@ class RecallAtK(Callback):
         embeddings, labels, index = step_embeddings(pl_module, outputs, batch, "RecallAtK")
         if key not in self._metrics:
             self._metrics[key] = self._new_metric()
-        self._metrics[key].update(embeddings, labels, index, role=role)  # type: ignore[arg-type]
+        self._metrics[key].update(
+            embeddings,
+            labels,
+            index,
+            role=role,  # type: ignore[arg-type]
+            dataset_size=self._sizes.get(dataloader_idx),
+        )
 
     def _log(self, pl_module: pl.LightningModule, stage: Stage, num_dataloaders: int) -> None:
         metrics, self._metrics = self._metrics, {}
@@ -150,8 +166,23 @@ class RecallAtK(Callback):
 
     # ------------------------------------------------------------------ hooks
 
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _start(self, loaders: Any, stage: Stage) -> None:
         self._metrics = {}
+        flat = flat_loaders(loaders)
+        if self._split and flat:
+            for name in ("query_dataloader_idx", "reference_dataloader_idx"):
+                idx = getattr(self, name)
+                if idx >= len(flat):
+                    raise ValueError(
+                        f"RecallAtK: {name}={idx}, but there are only {len(flat)} {stage} "
+                        f"dataloader(s) (valid indices 0..{len(flat) - 1})"
+                    )
+        # len(dataset) per loader: under DDP it tells exactly which rows are padding.
+        self._sizes = {i: dataset_size(flat, i) for i in range(len(flat))}
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on_validation:
+            self._start(trainer.val_dataloaders, "val")
 
     def on_validation_batch_end(
         self,
@@ -170,7 +201,8 @@ class RecallAtK(Callback):
             self._log(pl_module, "val", _num_loaders(trainer.num_val_batches))
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._metrics = {}
+        if self.on_test:
+            self._start(trainer.test_dataloaders, "test")
 
     def on_test_batch_end(
         self,
