@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+
+try:  # Lightning's guard against calling load_from_checkpoint on an instance
+    from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
+except ImportError:  # pragma: no cover - older / newer Lightning
+    _restricted_classmethod = classmethod  # type: ignore[assignment,misc]
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
 from pytorch_metric_learning.miners import BaseMiner
 from torch import nn
 
 from lightning_metric.batch import Batch, split_batch
-from lightning_metric.distributed import gather_for_loss
+from lightning_metric.checks import ArgumentTypeError, check_choice, check_int, check_labels
+from lightning_metric.distributed import gather_for_loss, world_size
 from lightning_metric.heads import MarginHead
+from lightning_metric.heads.base import check_num_classes
+from lightning_metric.heads.functional import normalize_embeddings
 from lightning_metric.necks import EmbeddingNeck
 
 HeadFactory = Callable[[int, int], MarginHead]
@@ -60,6 +72,13 @@ class MetricLearningModule(LightningModule):
             embeddings of all ranks, so pairs cross GPUs and the loss and model gradients are
             those of one big batch on one device. Required for ``CrossBatchMemory``, whose
             memory must be identical on every rank. No effect with a head or on one device.
+        nonfinite: what a training step whose loss or embeddings hold NaN/Inf does.
+            ``"raise"`` (default) stops with a ``FloatingPointError`` naming the global step,
+            the epoch, the non-finite values and the likely causes. ``"skip"`` drops the
+            step instead: no weight update, buffers (BatchNorm statistics, head statistics)
+            restored to before the step, a warning, and the running count logged as
+            ``train/skipped_nonfinite_steps``. The learning-rate schedule still advances.
+            Under DDP every rank takes the same decision (the flag is reduced across ranks).
     """
 
     def __init__(
@@ -76,8 +95,16 @@ class MetricLearningModule(LightningModule):
         objective_lr: Optional[float] = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         gather_across_ranks: bool = True,
+        nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
+        _check_modules(backbone, neck, head, loss, miner)
+        if num_classes is not None:
+            num_classes = check_num_classes(num_classes)
+        embedding_dim = check_int("embedding_dim", embedding_dim, minimum=1)
+        if objective_lr is not None:
+            objective_lr = _positive_real("objective_lr", objective_lr)
+        nonfinite = check_choice("nonfinite", nonfinite, ("raise", "skip"))
         if (head is None) == (loss is None):
             raise ValueError(
                 "pass exactly one objective: head=<margin head, e.g. ArcFaceHead> for a "
@@ -89,13 +116,10 @@ class MetricLearningModule(LightningModule):
                 f"miner={_name(miner)} selects pairs/triplets for a PML loss, but the objective "
                 f"is the classification head {_name(head)}; drop the miner or use loss=..."
             )
-        if lr_scheduler_interval not in ("epoch", "step"):
-            raise ValueError(
-                f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}"
-            )
+        check_choice("lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
         if loss is not None:
             _check_pml_objective(loss, miner, gather_across_ranks)
-        _save_hyperparameters(self)
+        _save_hyperparameters(self, backbone=backbone, neck=neck, head=head, loss=loss, miner=miner)
         self.backbone = backbone
         if neck is None:
             neck = EmbeddingNeck(getattr(backbone, "num_features", None), embedding_dim)
@@ -109,10 +133,15 @@ class MetricLearningModule(LightningModule):
         self.objective_lr = objective_lr
         self.lr_scheduler_interval = lr_scheduler_interval
         self.gather_across_ranks = gather_across_ranks
+        self.nonfinite = nonfinite
         if loss is not None:
             _check_pml_sizes(loss, self.embedding_dim, num_classes)
         # Set by compute_loss, logged by training_step: did this batch's mining come up empty?
         self._mined_nothing: Optional[bool] = None
+        # nonfinite="skip": steps skipped so far, and whether a batch since the last optimizer
+        # step was kept (its gradients are used) or every one was skipped (no update at all).
+        self.skipped_nonfinite_steps = 0
+        self._kept_since_step = False
 
     # -- embedding -------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +163,15 @@ class MetricLearningModule(LightningModule):
         if self.head is not None:
             return self.head.loss(embeddings, labels)
         assert self.loss_fn is not None
-        # PML's distances and reducers are written for float32.
-        normalised = F.normalize(embeddings.float(), dim=-1)
+        # Class-centre losses index their weights by label: a label past their num_classes
+        # would be an IndexError (a device-side assert on CUDA) deep inside PML.
+        loss_classes = getattr(self.loss_fn, "num_classes", None)
+        labels = check_labels(
+            "labels", labels, loss_classes if isinstance(loss_classes, int) else None
+        )
+        # PML's distances and reducers are written for float32. A zero or NaN row becomes the
+        # zero vector with zero gradient (training_step reports a NaN row; see nonfinite).
+        normalised = normalize_embeddings(embeddings)[0]
         if self.gather_across_ranks:
             normalised, labels = gather_for_loss(normalised, labels)
         miner = self.miner
@@ -158,7 +194,33 @@ class MetricLearningModule(LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, labels, _ = split_batch(batch)
         self._mined_nothing = None
-        loss = self.compute_loss(self.embed(x), labels)
+        skip = self.nonfinite == "skip"
+        # Forward passes update buffers (BatchNorm statistics): a skipped step must not.
+        saved = [b.detach().clone() for b in self.buffers()] if skip else None
+        embeddings = self.embed(x)
+        loss = self.compute_loss(embeddings, labels)
+        bad_loss, bad_embeddings = _nonfinite_flags(loss, embeddings)
+        if bad_loss or bad_embeddings:
+            report = self._nonfinite_report(x, embeddings, loss, batch_idx)
+            if not skip:
+                raise FloatingPointError(
+                    f"{report}. Likely causes: a learning rate too high (lower it, add warm-up "
+                    "or Trainer(gradient_clip_val=...)); float16 overflow (use "
+                    "precision='bf16-mixed' or '32-true'); bad input rows (NaN/Inf in the "
+                    "data, check the dataset). To skip such steps instead, pass "
+                    "MetricLearningModule(nonfinite='skip')."
+                )
+            assert saved is not None
+            with torch.no_grad():
+                for buffer, old in zip(self.buffers(), saved, strict=True):
+                    buffer.copy_(old)
+            self.skipped_nonfinite_steps += 1
+            rank_zero_warn(f"{report}; skipped (nonfinite='skip'): no weight update")
+            self._log_skipped(len(labels))
+            return self._zero_loss()
+        self._kept_since_step = True
+        if skip:
+            self._log_skipped(len(labels))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         if self._mined_nothing is not None:
             # Per epoch: how many batches the miner found no pair/triplet in (loss 0 there).
@@ -171,6 +233,92 @@ class MetricLearningModule(LightningModule):
                 batch_size=len(labels),
             )
         return loss
+
+    def _log_skipped(self, batch_size: int) -> None:
+        self.log(
+            "train/skipped_nonfinite_steps",
+            float(self.skipped_nonfinite_steps),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="max",
+            batch_size=batch_size,
+        )
+
+    def _nonfinite_report(
+        self, x: Any, embeddings: torch.Tensor, loss: torch.Tensor, batch_idx: int
+    ) -> str:
+        """Where the step is and which values are not finite (on this rank)."""
+
+        def bad_rows(t: torch.Tensor) -> int:
+            return int((~torch.isfinite(t.detach().reshape(len(t), -1))).any(dim=1).sum())
+
+        where = (
+            f"non-finite training step at global step {self.global_step} "
+            f"(epoch {self.current_epoch}, batch {batch_idx}"
+        )
+        where += f", rank {self.global_rank})" if world_size() > 1 else ")"
+        found = []
+        if not bool(torch.isfinite(loss.detach()).all()):
+            found.append(f"loss={float(loss.detach().float().sum())}")
+        num_bad = bad_rows(embeddings)
+        if num_bad:
+            found.append(f"{num_bad} of {len(embeddings)} embedding rows hold NaN/Inf")
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 1 and len(x):
+            num_bad = bad_rows(x)
+            if num_bad:
+                found.append(f"{num_bad} of {len(x)} input rows hold NaN/Inf")
+        if not found:
+            found.append("the values of another rank (this rank's loss and embeddings are finite)")
+        return f"{where}: {'; '.join(found)}"
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A loss of exactly 0 whose gradient is zero for every trainable parameter.
+
+        Returning None would skip backward, which Lightning refuses under DDP (and DDP's
+        gradient all-reduce would then wait on the other ranks); this runs an ordinary, cheap
+        backward and ``optimizer_step`` then drops the gradients.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Optional[Callable[[], Any]] = None,
+    ) -> None:
+        """With ``nonfinite="skip"``: when every batch since the last step was skipped, the
+        gradients are dropped (set to None) so the optimizer changes no weight and no state."""
+        if self.nonfinite != "skip" or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        closure = optimizer_closure
+
+        def guarded_closure() -> Any:
+            result = closure()
+            if not self._kept_since_step:
+                optimizer.zero_grad(set_to_none=True)
+                return None  # AMP's GradScaler then skips its step as well
+            return result
+
+        try:
+            return super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
+        finally:
+            self._kept_since_step = False
+
+    def on_fit_start(self) -> None:
+        """Labels of the data must fit the objective's classes: checked before the first step."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_classes = getattr(datamodule, "num_classes", None)
+        objective = self.head if self.head is not None else self.loss_fn
+        classes = getattr(objective, "num_classes", None)
+        if isinstance(data_classes, int) and isinstance(classes, int) and data_classes > classes:
+            raise ValueError(
+                f"the data has num_classes={data_classes} ({type(datamodule).__name__}) but "
+                f"{'head' if self.head is not None else 'loss'}={_name(objective)} has "
+                f"num_classes={classes}: labels up to {data_classes - 1} would be out of range; "
+                f"pass num_classes={data_classes} (the CLI links it from data.num_classes)"
+            )
 
     def _eval_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         x, labels, index = split_batch(batch)
@@ -223,15 +371,67 @@ class MetricLearningModule(LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},
         }
 
+    # -- checkpoints -----------------------------------------------------------------------
+    @_restricted_classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, *args: Any, **kwargs: Any
+    ) -> MetricLearningModule:
+        """Lightning's ``load_from_checkpoint``; for a checkpoint of a module built in Python,
+        pass its modules again: ``load_from_checkpoint(path, backbone=..., head=...)``.
 
-def _save_hyperparameters(module: LightningModule) -> None:
+        A checkpoint written by the ``lightning-metric`` CLI stores its config and needs no
+        arguments. From Python, backbone / neck / head / loss / miner are live objects, not
+        hyper-parameters; build the same ones as for training and their weights are loaded
+        from the checkpoint. Without them this raises a ``TypeError`` that names them.
+        """
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except (TypeError, ValueError) as err:
+            text = str(err)
+            missing_backbone = "required positional argument: 'backbone'" in text
+            missing_objective = "pass exactly one objective" in text and not (
+                "head" in kwargs or "loss" in kwargs
+            )
+            if not (missing_backbone or missing_objective):
+                raise
+            raise TypeError(_load_message(cls, checkpoint_path, kwargs)) from err
+
+
+def _load_message(cls: type, checkpoint_path: Any, kwargs: dict[str, Any]) -> str:
+    used: dict[str, str] = {}
+    try:  # only to name the classes; Lightning has just read the same file
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        used = dict(checkpoint.get("hyper_parameters", {}).get("python_objects", {}))
+    except Exception:  # noqa: BLE001 - the message is still useful without them
+        pass
+    if used:
+        needed = [k for k in used if k not in kwargs]
+        trained = ", ".join(f"{k}={v}" for k, v in used.items())
+        example = ", ".join(f"{k}={v.rsplit('.', 1)[-1]}(...)" for k, v in used.items())
+        detail = f"It was trained with {trained}; missing now: {', '.join(needed) or 'none'}."
+    else:
+        example = "backbone=SmallCNN(...), head=ArcFaceHead"
+        detail = "Pass backbone, the objective (head or loss, miner) and any custom neck."
+    return (
+        f"{cls.__name__}.load_from_checkpoint({str(checkpoint_path)!r}) cannot rebuild the "
+        "model: the checkpoint was saved from a module built in Python, whose backbone / neck "
+        "/ head / loss are live objects that are not stored as hyper-parameters (only their "
+        f"weights are). {detail} Build them as for training and pass them: "
+        f"{cls.__name__}.load_from_checkpoint(path, {example}); the weights then load from "
+        "the checkpoint. (Checkpoints of the lightning-metric CLI store their config and "
+        "load without arguments.)"
+    )
+
+
+def _save_hyperparameters(module: LightningModule, **objects: object) -> None:
     """Save the config under LightningCLI, only plain values otherwise.
 
     Under the CLI the hyper-parameters are the YAML's class paths and init args, so a
     checkpoint rebuilds its own model (`lightning-metric test --ckpt_path`,
     `MetricLearningModule.load_from_checkpoint(path)`). From Python the same arguments are
     live objects: they are saved as weights in the state dict, and pickling them into the
-    hyper-parameters would break `weights_only` loading.
+    hyper-parameters would break `weights_only` loading. Their class names are kept (as
+    ``python_objects``, plain strings) so that loading without them can say what to pass.
     """
     if _under_lightning_cli():
         module.save_hyperparameters(frame=inspect.currentframe().f_back)  # type: ignore[union-attr]
@@ -239,6 +439,102 @@ def _save_hyperparameters(module: LightningModule) -> None:
         module.save_hyperparameters(
             ignore=["backbone", "neck", "head", "loss", "miner", "optimizer", "lr_scheduler"],
             frame=inspect.currentframe().f_back,  # type: ignore[union-attr]
+        )
+        module.hparams["python_objects"] = {
+            k: _qualified_name(v) for k, v in objects.items() if v is not None
+        }
+
+
+def _qualified_name(obj: object) -> str:
+    func = obj.func if isinstance(obj, functools.partial) else obj
+    cls = func if inspect.isclass(func) else type(func)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _positive_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}"
+        )
+    if not float(value) > 0:
+        raise ValueError(f"`{name}` must be > 0, got {value!r}")
+    return float(value)
+
+
+def _nonfinite_flags(loss: torch.Tensor, embeddings: torch.Tensor) -> tuple[bool, bool]:
+    """Whether the loss / the embeddings hold NaN or Inf, on any rank (one host sync).
+
+    Reduced across DDP ranks so that every rank raises, or skips, together: a rank that
+    went on to backward alone would wait forever in the gradient all-reduce.
+    """
+    flags = torch.stack(
+        [~torch.isfinite(loss.detach()).all(), ~torch.isfinite(embeddings.detach()).all()]
+    ).to(torch.int32)
+    if world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_loss, bad_embeddings = flags.tolist()
+    return bool(bad_loss), bool(bad_embeddings)
+
+
+def _resolve_class(obj: object) -> Optional[type]:
+    """The class an argument stands for: itself, its type, or a partial's target."""
+    target = obj.func if isinstance(obj, functools.partial) else obj
+    return target if inspect.isclass(target) else type(target)
+
+
+def _check_modules(
+    backbone: object, neck: object, head: object, loss: object, miner: object
+) -> None:
+    """Type errors at construction for arguments given in the wrong place or form."""
+    if isinstance(backbone, str):
+        raise ArgumentTypeError(
+            f"backbone={backbone!r} is a string; pass a module, e.g. "
+            f"backbone=TimmBackbone(name={backbone!r}) or TorchvisionBackbone(name={backbone!r}) "
+            "from lightning_metric.backbones (in YAML: backbone: {class_path: "
+            f"lightning_metric.backbones.TimmBackbone, init_args: {{name: {backbone}}}}})"
+        )
+    if not isinstance(backbone, nn.Module):
+        raise ArgumentTypeError(
+            f"backbone must be an nn.Module (e.g. lightning_metric.backbones.SmallCNN()), got "
+            f"{backbone!r} of type {type(backbone).__name__}"
+        )
+    if neck is not None and not isinstance(neck, nn.Module):
+        raise ArgumentTypeError(
+            f"neck must be an nn.Module (e.g. EmbeddingNeck(...)) or None, got {neck!r} of "
+            f"type {type(neck).__name__}"
+        )
+    loss_cls = _resolve_class(loss) if loss is not None else None
+    head_cls = _resolve_class(head) if head is not None else None
+    if loss_cls is not None and issubclass(loss_cls, MarginHead):
+        raise ArgumentTypeError(
+            f"loss={_name(loss)} is a margin head, not a pytorch-metric-learning loss; pass it "
+            f"as head={_name(loss)} (with num_classes=...)"
+        )
+    if loss is not None and not isinstance(loss, nn.Module):
+        hint = f"; pass an instance, e.g. loss={_name(loss)}()" if inspect.isclass(loss) else ""
+        raise ArgumentTypeError(
+            "loss must be a pytorch-metric-learning loss instance (e.g. "
+            f"losses.TripletMarginLoss()), got {loss!r} of type {type(loss).__name__}{hint}"
+        )
+    if head_cls is not None and issubclass(head_cls, BaseMetricLossFunction | CrossBatchMemory):
+        raise ArgumentTypeError(
+            f"head={_name(head)} is a pytorch-metric-learning loss, not a margin head; pass it "
+            f"as loss={_name(head)}(...), or use an in-house head such as "
+            "lightning_metric.heads.ArcFaceHead for head="
+        )
+    if head is not None and not (
+        callable(getattr(head, "loss", None)) if isinstance(head, nn.Module) else callable(head)
+    ):
+        raise ArgumentTypeError(
+            "head must be a margin head class or functools.partial (built with embedding_dim "
+            "and num_classes), or a built head with a .loss method (e.g. ArcFaceHead(128, 10)); "
+            f"got {head!r} of type {type(head).__name__}"
+        )
+    if miner is not None and not isinstance(miner, BaseMiner):
+        hint = f"; pass an instance, e.g. miner={_name(miner)}()" if inspect.isclass(miner) else ""
+        raise ArgumentTypeError(
+            "miner must be a pytorch-metric-learning miner instance (e.g. "
+            f"miners.MultiSimilarityMiner()), got {miner!r} of type {type(miner).__name__}{hint}"
         )
 
 

@@ -403,13 +403,13 @@ def test_subcenter_find_outliers() -> None:
 def test_bad_labels_raise() -> None:
     head = ArcFaceHead(D, C)
     x, _ = _inputs()
-    with pytest.raises(ValueError, match=rf"label {C} .*num_classes={C}"):
+    with pytest.raises(ValueError, match=rf"num_classes={C}\), got label {C}"):
         head(x, torch.full((B,), C))
-    with pytest.raises(ValueError, match=rf"label -1 .*num_classes={C}"):
+    with pytest.raises(ValueError, match=rf"num_classes={C}\), got label -1"):
         head.loss(x, torch.full((B,), -1))
     with pytest.raises(ValueError, match="integer"):
         head.loss(x, torch.zeros(B))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=f"must have {B} entries"):
         head.loss(x, torch.zeros(B + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="needs labels"):
         head.loss(x, None)

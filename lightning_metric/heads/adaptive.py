@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_metric.heads import functional as HF
-from lightning_metric.heads.base import MarginHead, _check
+from lightning_metric.heads.base import MarginHead, _check, _real
 
 __all__ = ["AdaFaceHead", "CurricularFaceHead"]
 
@@ -41,6 +41,7 @@ class CurricularFaceHead(MarginHead):
         label_smoothing: float = 0.0,
         chunk_size: int | None = None,
     ) -> None:
+        margin, momentum = _real("margin", margin), _real("momentum", momentum)
         _check(0.0 <= margin < math.pi / 2, "margin", margin, "must be in [0, pi/2) radians")
         _check(0.0 < momentum <= 1.0, "momentum", momentum, "must be in (0, 1]")
         super().__init__(
@@ -89,6 +90,7 @@ class AdaFaceHead(MarginHead):
         label_smoothing: float = 0.0,
         chunk_size: int | None = None,
     ) -> None:
+        margin, h, momentum = _real("margin", margin), _real("h", h), _real("momentum", momentum)
         _check(0.0 <= margin < math.pi / 2, "margin", margin, "must be in [0, pi/2) radians")
         _check(h >= 0.0, "h", h, "must be >= 0")
         _check(0.0 < momentum <= 1.0, "momentum", momentum, "must be in (0, 1]")

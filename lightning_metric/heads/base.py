@@ -8,12 +8,14 @@ non-target cosines (``_negative_logits``) or a running statistic (``_update_stat
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_metric.heads.functional import l2_normalize
+from lightning_metric.checks import ArgumentTypeError, check_int, check_labels
+from lightning_metric.heads.functional import l2_normalize, normalize_embeddings
 from lightning_metric.heads.sampling import class_rows, sample_classes
 from lightning_metric.heads.streaming import streaming_margin_cross_entropy
 
@@ -69,16 +71,18 @@ class MarginHead(nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        _check(embedding_dim >= 1, "embedding_dim", embedding_dim, "must be >= 1")
-        _check(num_classes >= 1, "num_classes", num_classes, "must be >= 1")
+        embedding_dim = check_int("embedding_dim", embedding_dim, minimum=1)
+        num_classes = check_num_classes(num_classes)
+        scale = _real("scale", scale)
+        sample_rate = _real("sample_rate", sample_rate)
+        label_smoothing = _real("label_smoothing", label_smoothing)
         _check(math.isfinite(scale) and scale > 0, "scale", scale, "must be finite and > 0")
         _check(0.0 < sample_rate <= 1.0, "sample_rate", sample_rate, "must be in (0, 1]")
         _check(
             0.0 <= label_smoothing < 1.0, "label_smoothing", label_smoothing, "must be in [0, 1)"
         )
-        _check(
-            chunk_size is None or chunk_size >= 1, "chunk_size", chunk_size, "must be >= 1 or None"
-        )
+        if chunk_size is not None:
+            chunk_size = check_int("chunk_size", chunk_size, minimum=1)
         self.embedding_dim = embedding_dim
         self.num_classes = num_classes
         self.scale = float(scale)
@@ -148,64 +152,114 @@ class MarginHead(nn.Module):
             return self.weight
         return self.weight[class_rows(class_index, self.sub_centers)]
 
-    def _prepare(self, embeddings: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _prepare(self, embeddings: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Unit rows, norms and the finite-row mask (see ``functional.normalize_embeddings``)."""
+        if not isinstance(embeddings, Tensor):
+            raise TypeError(
+                f"embeddings must be a torch.Tensor [batch, embedding_dim={self.embedding_dim}], "
+                f"got {type(embeddings).__name__}"
+            )
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(
                 f"embeddings must have shape [batch, embedding_dim={self.embedding_dim}], "
                 f"got {tuple(embeddings.shape)} (width {embeddings.shape[-1]})"
             )
         if labels is not None:
-            _check_labels(labels, embeddings.shape[0], self.num_classes)
-        return l2_normalize(embeddings)
+            check_labels("labels", labels, self.num_classes, length=embeddings.shape[0])
+        return normalize_embeddings(embeddings)
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Scaled cosine logits ``[B, C]``; a row with a NaN/Inf embedding gets NaN logits
+        (and no gradient), a zero row cosine 0 to every class."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            x, norms = self._prepare(embeddings, labels)
+            x, norms, finite = self._prepare(embeddings, labels)
             cos = self._class_cosine(x, self.weight)
             if labels is None:
-                return self.scale * cos
-            return self._margin_logits(cos, labels.long(), norms)
+                logits = self.scale * cos
+            else:
+                logits = self._margin_logits(cos, labels.long(), norms, finite)
+            return torch.where(finite.unsqueeze(1), logits, float("nan"))
 
-    def _margin_logits(self, cos: Tensor, labels: Tensor, norms: Tensor) -> Tensor:
+    def _margin_logits(
+        self, cos: Tensor, labels: Tensor, norms: Tensor, finite: Tensor | None = None
+    ) -> Tensor:
         cos_t = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
         if self.training:
-            self._update_statistics(cos_t.detach(), norms.detach())
+            self._guarded_update(cos_t.detach(), norms.detach(), finite)
         target = self._target_logit(cos_t, norms.detach())
         logits = self._negative_logits(cos, target.detach())
         return self.scale * logits.scatter(1, labels.unsqueeze(1), target.unsqueeze(1))
 
+    def _guarded_update(self, cos_target: Tensor, norms: Tensor, finite: Tensor | None) -> None:
+        """``_update_statistics``, undone when a row of the batch was not finite.
+
+        The rows were zeroed by ``_prepare``, so the update itself stays finite; restoring the
+        buffers (no host sync) keeps a poisoned batch out of the running statistics.
+        """
+        if type(self)._update_statistics is MarginHead._update_statistics:
+            return
+        if finite is None:
+            self._update_statistics(cos_target, norms)
+            return
+        with torch.no_grad():
+            buffers = [b for b in self.buffers(recurse=False) if b.is_floating_point()]
+            saved = [b.clone() for b in buffers]
+            self._update_statistics(cos_target, norms)
+            ok = finite.all()
+            for b, old in zip(buffers, saved, strict=True):
+                b.copy_(torch.where(ok, b, old))
+
     def loss(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
-        """Mean (label-smoothed) cross-entropy of the margin logits; see the class doc."""
+        """Mean (label-smoothed) cross-entropy of the margin logits; see the class doc.
+
+        Bad rows never put NaN into a gradient: a zero-norm embedding has cosine 0 to every
+        class, contributes its constant term to the mean and gets zero gradient; a row with
+        a NaN/Inf value is treated the same way for the gradient, but makes the returned loss
+        NaN (so the caller sees it; ``MetricLearningModule`` then raises or skips the step)
+        and leaves the running statistics (CurricularFace, AdaFace) unchanged. An empty
+        batch raises ``ValueError``.
+        """
         if labels is None:
             raise ValueError(
                 f"{type(self).__name__}.loss needs labels; call forward(embeddings) without "
                 "labels for inference logits"
             )
-        with torch.autocast(embeddings.device.type, enabled=False):
-            x, norms = self._prepare(embeddings, labels)
-            labels = labels.long()
-            local, class_index, n = labels, None, self.num_classes
-            if self.training and self.sample_rate < 1.0:
-                class_index, local = sample_classes(labels, self.num_classes, self.sample_rate)
-                n = class_index.numel()
-            chunk = self.chunk_size
-            if chunk is None and n * self.sub_centers > AUTO_STREAM_ROWS:
-                block = _AUTO_BLOCK.get(x.device.type, _AUTO_BLOCK["cuda"])
-                if self._reweights_negatives:  # its elementwise graph keeps ~4 blocks alive
-                    block //= 4
-                chunk = max(256, block // (x.shape[0] * self.sub_centers))
-            if chunk is None:
-                cos = self._class_cosine(x, self._rows(class_index))
-                logits = self._margin_logits(cos, local, norms)
-                return F.cross_entropy(logits, local, label_smoothing=self.label_smoothing)
-            if self.training:
-                with torch.no_grad():
-                    rows = self.weight[class_rows(labels, self.sub_centers)]
-                    cos_t = self._target_cosine(x, rows)
-                self._update_statistics(cos_t, norms.detach())
-            return streaming_margin_cross_entropy(
-                self, x, norms.detach(), labels, local, class_index, chunk, self.label_smoothing
+        if isinstance(embeddings, Tensor) and embeddings.ndim >= 1 and embeddings.shape[0] == 0:
+            raise ValueError(
+                f"{type(self).__name__}.loss got an empty batch (embeddings of shape "
+                f"{tuple(embeddings.shape)}): the mean cross-entropy of no rows is undefined; "
+                "drop empty batches before the loss"
             )
+        with torch.autocast(embeddings.device.type, enabled=False):
+            x, norms, finite = self._prepare(embeddings, labels)
+            poison = torch.where(finite.all(), 0.0, float("nan"))
+            return self._loss(x, norms, finite, labels) + poison
+
+    def _loss(self, x: Tensor, norms: Tensor, finite: Tensor, labels: Tensor) -> Tensor:
+        """The loss of prepared (unit, finite-masked) rows: dense or streamed, maybe sampled."""
+        labels = labels.long()
+        local, class_index, n = labels, None, self.num_classes
+        if self.training and self.sample_rate < 1.0:
+            class_index, local = sample_classes(labels, self.num_classes, self.sample_rate)
+            n = class_index.numel()
+        chunk = self.chunk_size
+        if chunk is None and n * self.sub_centers > AUTO_STREAM_ROWS:
+            block = _AUTO_BLOCK.get(x.device.type, _AUTO_BLOCK["cuda"])
+            if self._reweights_negatives:  # its elementwise graph keeps ~4 blocks alive
+                block //= 4
+            chunk = max(256, block // (x.shape[0] * self.sub_centers))
+        if chunk is None:
+            cos = self._class_cosine(x, self._rows(class_index))
+            logits = self._margin_logits(cos, local, norms, finite)
+            return F.cross_entropy(logits, local, label_smoothing=self.label_smoothing)
+        if self.training:
+            with torch.no_grad():
+                rows = self.weight[class_rows(labels, self.sub_centers)]
+                cos_t = self._target_cosine(x, rows)
+            self._guarded_update(cos_t, norms.detach(), finite)
+        return streaming_margin_cross_entropy(
+            self, x, norms.detach(), labels, local, class_index, chunk, self.label_smoothing
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -219,14 +273,28 @@ def _check(ok: bool, name: str, value: object, rule: str) -> None:
         raise ValueError(f"{name}={value!r} {rule}")
 
 
-def _check_labels(labels: Tensor, batch: int, num_classes: int) -> None:
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor (int64), got dtype {labels.dtype}")
-    if labels.shape != (batch,):
-        raise ValueError(f"labels must have shape [{batch}], got {tuple(labels.shape)}")
-    if batch == 0:
-        return
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"label {bad} is outside [0, num_classes={num_classes})")
+def _real(name: str, value: object) -> float:
+    """A real-number hyper-parameter as float; a str, bool or None is a type error here, not
+    a comparison error deep inside a range check."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}"
+        )
+    return float(value)
+
+
+def check_num_classes(num_classes: object, name: str = "num_classes") -> int:
+    """The number of classes of a classification objective: an int >= 2.
+
+    With one class the softmax is 1 whatever the embedding: the loss is exactly 0 and every
+    gradient zero, so training would run and learn nothing.
+    """
+    n = check_int(name, num_classes)
+    _check(
+        n >= 2,
+        name,
+        n,
+        "must be >= 2: with a single class the softmax is always 1, so the loss is exactly 0 "
+        "and no gradient reaches the model (training would silently learn nothing)",
+    )
+    return n

@@ -25,6 +25,7 @@ __all__ = [
     "cosface_margin",
     "curricular_negatives",
     "l2_normalize",
+    "normalize_embeddings",
     "sync_mean",
 ]
 
@@ -39,6 +40,24 @@ def l2_normalize(x: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     x = x.float()
     norms = torch.linalg.vector_norm(x, dim=-1)
     return x / norms.clamp_min(eps).unsqueeze(-1), norms
+
+
+def normalize_embeddings(x: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit rows, norms and finite-row mask ``[B]`` of embeddings ``[B, D]``, all float32.
+
+    A row without a direction (norm <= ``eps``) or with a NaN/Inf value comes back as the
+    zero vector with **zero gradient** (its norm as 0): a plain ``x / max(|x|, eps)`` would
+    send ``1/eps`` (1e12) times the upstream gradient into it, and a NaN row would put NaN
+    into the gradient of every class centre it is compared with. Callers decide what a
+    non-finite row means (the heads make the loss NaN, see ``MarginHead.loss``).
+    """
+    x = x.float()
+    finite = torch.isfinite(x).all(dim=-1)
+    x = torch.where(finite.unsqueeze(-1), x, 0.0)
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    has_direction = (norms > eps).unsqueeze(-1)
+    unit = x / norms.clamp_min(eps).unsqueeze(-1) * has_direction
+    return unit, norms, finite
 
 
 def cosface_margin(cos: Tensor, margin: float) -> Tensor:

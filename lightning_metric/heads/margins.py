@@ -8,8 +8,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_metric.checks import check_int
 from lightning_metric.heads import functional as HF
-from lightning_metric.heads.base import MarginHead, _check
+from lightning_metric.heads.base import MarginHead, _check, _real
 from lightning_metric.heads.sampling import class_rows
 
 __all__ = [
@@ -28,6 +29,7 @@ _OUTLIER_SLICE = 65536
 def _check_angle(name: str, value: float) -> None:
     # Past pi/2 the fallback's jump at theta_t goes *up*: the target logit stops being
     # monotonic in the angle, which is the one property a margin must keep.
+    value = _real(name, value)
     _check(0.0 <= value < _HALF_PI, name, value, "must be in [0, pi/2) radians")
 
 
@@ -67,6 +69,7 @@ class CosFaceHead(MarginHead):
         label_smoothing: float = 0.0,
         chunk_size: int | None = None,
     ) -> None:
+        margin = _real("margin", margin)
         _check(0.0 <= margin <= 1.0, "margin", margin, "must be in [0, 1] (cosine units)")
         super().__init__(
             embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
@@ -128,6 +131,7 @@ class CombinedMarginHead(MarginHead):
         label_smoothing: float = 0.0,
         chunk_size: int | None = None,
     ) -> None:
+        m1, m2, m3 = _real("m1", m1), _real("m2", m2), _real("m3", m3)
         _check(m1 > 0, "m1", m1, "must be > 0")
         _check(m2 >= 0, "m2", m2, "must be >= 0")
         _check(0 <= m3 <= 1, "m3", m3, "must be in [0, 1] (cosine units)")
@@ -176,7 +180,7 @@ class SubCenterArcFaceHead(MarginHead):
         chunk_size: int | None = None,
     ) -> None:
         _check_angle("margin", margin)
-        _check(sub_centers >= 1, "sub_centers", sub_centers, "must be >= 1")
+        sub_centers = check_int("sub_centers", sub_centers, minimum=1)
         self.sub_centers = sub_centers  # read by MarginHead.__init__ to size the weight
         super().__init__(
             embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
@@ -196,7 +200,7 @@ class SubCenterArcFaceHead(MarginHead):
         (classes absent from ``labels`` get sub-centre 0). Works on any number of samples
         (e.g. the whole training set's embeddings), vectorised, in float32.
         """
-        x, _ = self._prepare(embeddings, labels)
+        x, _, _ = self._prepare(embeddings, labels)
         labels = labels.long()
         k = self.sub_centers
         # [N, K] cosines to the own class's sub-centres, in slices so a whole dataset fits.

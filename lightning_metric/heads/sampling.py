@@ -12,11 +12,12 @@ def sample_classes(labels: Tensor, num_classes: int, sample_rate: float) -> tupl
     """Pick the classes one training step sees.
 
     Every class present in ``labels`` is kept; the rest of the
-    ``max(ceil(sample_rate * num_classes), #positives)`` slots are filled uniformly at random
-    from the other classes. Returns ``(class_index, local_labels)``: the sorted class ids
+    ``max(ceil(sample_rate * num_classes), #positives, 2)`` slots are filled uniformly at random
+    from the other classes (at least two classes, so a batch of one class still has a
+    negative: a one-class softmax has loss 0 and no gradient). Returns ``(class_index, local_labels)``: the sorted class ids
     (int64, ``[n]``) and ``labels`` remapped into ``[0, n)``.
     """
-    num_sample = max(math.ceil(sample_rate * num_classes), 1)
+    num_sample = max(math.ceil(sample_rate * num_classes), 2)
     # Random keys in [0, 1) for every class, positives forced to the top: one top-k draws
     # "all positives + uniform negatives" without a Python loop or a set difference.
     keys = torch.rand(num_classes, device=labels.device)

@@ -1,0 +1,233 @@
+"""Non-finite training steps (raise / skip), bad rows in a head's loss, one-class objectives."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_metric import MetricLearningModule
+from lightning_metric.backbones import SmallCNN
+from lightning_metric.heads import (
+    AdaFaceHead,
+    ArcFaceHead,
+    CombinedMarginHead,
+    CosFaceHead,
+    CurricularFaceHead,
+    MarginHead,
+    NormSoftmaxHead,
+    SubCenterArcFaceHead,
+)
+
+ALL_HEADS: list[Callable[..., MarginHead]] = [
+    NormSoftmaxHead,
+    CosFaceHead,
+    ArcFaceHead,
+    CombinedMarginHead,
+    SubCenterArcFaceHead,
+    CurricularFaceHead,
+    AdaFaceHead,
+]
+D, C, B = 8, 5, 6
+
+
+class _Batches(Dataset):
+    """A fixed list of batches, served in order (DataLoader(batch_size=None))."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches[i]
+
+
+def _batches(n: int = 4, poison_at: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        x = torch.randn(8, 1, 8, 8, generator=g)
+        y = torch.arange(8) % 4
+        if i == poison_at:
+            x[[1, 5]] = float("nan")
+        out.append((x, y))
+    return out
+
+
+def _module(**kwargs: object) -> MetricLearningModule:
+    torch.manual_seed(0)
+    defaults: dict[str, object] = dict(
+        backbone=SmallCNN(in_channels=1, width=4),
+        head=partial(ArcFaceHead, scale=16.0),
+        num_classes=4,
+        embedding_dim=8,
+    )
+    defaults.update(kwargs)
+    return MetricLearningModule(**defaults)  # type: ignore[arg-type]
+
+
+def _fit(model: MetricLearningModule, batches: list) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(_Batches(batches), batch_size=None))
+    return trainer
+
+
+# ------------------------------------------------------------------ non-finite steps
+def test_nonfinite_step_raises_naming_step_epoch_values_and_causes() -> None:
+    model = _module()
+    with pytest.raises(FloatingPointError) as info:
+        _fit(model, _batches(poison_at=2))
+    text = str(info.value)
+    for fragment in (
+        "global step 2",
+        "epoch 0",
+        "batch 2",
+        "loss=nan",
+        "8 of 8 embedding rows",  # BatchNorm in training mode spreads NaN to the batch
+        "2 of 8 input rows",
+        "learning rate",
+        "float16",
+        "nonfinite='skip'",
+    ):
+        assert fragment in text, (fragment, text)
+
+
+def test_huge_learning_rate_raises_instead_of_finishing_quietly() -> None:
+    model = _module(optimizer=partial(torch.optim.SGD, lr=1e30))
+    with pytest.raises(FloatingPointError, match=r"global step [1-9]"):
+        _fit(model, _batches(n=6))
+
+
+def test_skip_leaves_weights_and_buffers_as_a_run_without_the_bad_batch() -> None:
+    clean = _batches(n=4)
+    poisoned = clean[:2] + [_batches(n=3, poison_at=2)[2]] + clean[2:]
+    assert not torch.isfinite(poisoned[2][0]).all()
+
+    reference = _module(nonfinite="skip")
+    skipping = copy.deepcopy(reference)
+    _fit(reference, clean)
+    with pytest.warns(UserWarning, match="global step 2.*skipped"):
+        trainer = _fit(skipping, poisoned)
+
+    assert skipping.skipped_nonfinite_steps == 1
+    assert float(trainer.callback_metrics["train/skipped_nonfinite_steps"]) == 1.0
+    assert trainer.global_step == 5  # the step happened, it only changed nothing
+    ref_state, skip_state = reference.state_dict(), skipping.state_dict()
+    assert ref_state.keys() == skip_state.keys()
+    for name, value in ref_state.items():  # weights *and* BatchNorm running statistics
+        assert torch.equal(value, skip_state[name]), name
+    assert all(torch.isfinite(v).all() for v in skip_state.values() if v.is_floating_point())
+    # Training moved the weights at all (so equality above is not that of two idle models).
+    assert not torch.equal(ref_state["head.weight"], _module().state_dict()["head.weight"])
+
+
+def test_skip_counter_is_logged_as_zero_on_a_clean_run() -> None:
+    trainer = _fit(_module(nonfinite="skip"), _batches(n=2))
+    assert float(trainer.callback_metrics["train/skipped_nonfinite_steps"]) == 0.0
+
+
+def test_nonfinite_option_is_checked() -> None:
+    with pytest.raises(
+        ValueError, match=r"`nonfinite` must be one of \('raise', 'skip'\), got 'drop'"
+    ):
+        _module(nonfinite="drop")
+
+
+# ------------------------------------------------------------------ one class
+@pytest.mark.parametrize("cls", ALL_HEADS, ids=lambda c: c.__name__)
+def test_single_class_head_is_rejected(cls: Callable[..., MarginHead]) -> None:
+    with pytest.raises(ValueError, match=r"num_classes=1 must be >= 2.*loss is exactly 0"):
+        cls(D, 1)
+
+
+def test_single_class_module_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"num_classes=1 must be >= 2"):
+        _module(num_classes=1)
+
+
+def test_one_label_batch_with_sampling_still_has_a_negative() -> None:
+    head = ArcFaceHead(D, 2, sample_rate=0.1).train()  # ceil(0.1 * 2) = 1 class before
+    x = torch.randn(B, D, requires_grad=True)
+    loss = head.loss(x, torch.zeros(B, dtype=torch.long))
+    loss.backward()
+    assert loss > 0 and x.grad is not None and x.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ bad rows in a head
+def _loss_and_grads(
+    head: MarginHead, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    head.zero_grad()
+    x = x.clone().requires_grad_()
+    loss = head.loss(x, y)
+    loss.backward()
+    assert x.grad is not None and head.weight.grad is not None
+    return loss.detach(), x.grad, head.weight.grad.clone()
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("cls", ALL_HEADS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bad", ["zero", "nan", "inf"])
+def test_bad_row_gets_zero_gradient_and_leaves_other_gradients_alone(
+    cls: Callable[..., MarginHead], chunk: int | None, bad: str
+) -> None:
+    head = cls(D, C, chunk_size=chunk).eval()  # eval: running statistics stay fixed
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, D, generator=g) * 3
+    y = torch.randint(0, C, (B,), generator=g)
+    loss_ref, gx_ref, gw_ref = _loss_and_grads(head, x[1:], y[1:])
+    x_bad = x.clone()
+    x_bad[0] = {"zero": 0.0, "nan": float("nan"), "inf": float("inf")}[bad]
+    loss, gx, gw = _loss_and_grads(head, x_bad, y)
+
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert torch.equal(gx[0], torch.zeros(D))
+    # Mean over B rows instead of B - 1: the other rows' gradients scale by (B - 1) / B.
+    scale = (B - 1) / B
+    torch.testing.assert_close(gx[1:], gx_ref * scale, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref * scale, rtol=1e-5, atol=1e-6)
+    if bad == "zero":
+        assert torch.isfinite(loss)
+    else:  # the value says so; only the gradient is kept clean
+        assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("cls", [CurricularFaceHead, AdaFaceHead], ids=lambda c: c.__name__)
+def test_nonfinite_row_leaves_running_statistics_unchanged(cls: Callable[..., MarginHead]) -> None:
+    head = cls(D, C).train()
+    x, y = torch.randn(B, D) * 3, torch.randint(0, C, (B,))
+    before = {k: v.clone() for k, v in head.state_dict().items() if k != "weight"}
+    x[2, 3] = float("nan")
+    head.loss(x, y)
+    for k, v in before.items():
+        assert torch.equal(head.state_dict()[k], v), k
+    x[2, 3] = 0.0
+    head.loss(x, y)  # a clean batch does update them
+    assert any(not torch.equal(head.state_dict()[k], v) for k, v in before.items())
+
+
+def test_forward_gives_nan_logits_for_a_nan_row_only() -> None:
+    head = ArcFaceHead(D, C)
+    x = torch.randn(B, D)
+    x[4] = float("nan")
+    logits = head(x)
+    assert torch.isnan(logits[4]).all() and torch.isfinite(logits[torch.arange(B) != 4]).all()
+
+
+def test_empty_batch_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"empty batch.*\(0, 8\)"):
+        CosFaceHead(D, C).loss(torch.zeros(0, D), torch.zeros(0, dtype=torch.long))
