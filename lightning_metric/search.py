@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_metric.checks import check_choice, check_int
 from lightning_metric.retrieval.knn import Metric, prepare, search_complete
 
 __all__ = ["FORMAT", "VERSION", "EmbeddingIndex", "IndexFormatError", "SearchResult"]
@@ -43,6 +46,9 @@ EMBEDDINGS_FILE = "embeddings.npy"
 IDS_FILE = "ids.npy"
 LABELS_FILE = "labels.npy"
 PATHS_FILE = "paths.txt"
+_INDEX_FILES = {MANIFEST, INDEX_FILE, EMBEDDINGS_FILE, IDS_FILE, LABELS_FILE, PATHS_FILE}
+# Name part of the folder the previous index is moved to while a save swaps the new one in.
+_PREVIOUS = ".previous-"
 _METRICS = ("cosine", "ip", "l2")
 # Rows added to FAISS per call: bounds the temporary float32 copy and gives progress steps.
 _ADD_CHUNK = 65536
@@ -90,8 +96,7 @@ class EmbeddingIndex:
         model: Optional[nn.Module] = None,
         show_progress: bool = False,
     ) -> None:
-        if metric not in _METRICS:
-            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+        check_choice("metric", metric, _METRICS)
         self.metric: Metric = metric
         emb = _as_embeddings(embeddings, "embeddings", metric)
         self.dim = emb.shape[1]
@@ -127,10 +132,23 @@ class EmbeddingIndex:
 
         root = Path(directory)
         if not root.is_dir():
-            raise FileNotFoundError(f"index directory {str(root)!r} does not exist")
+            left = sorted(root.parent.glob(f".{root.name}{_PREVIOUS}*/{MANIFEST}"))
+            hint = (
+                f"; an interrupted save left the previous index in {str(left[-1].parent)!r}: "
+                "rename it to restore it"
+                if left
+                else ""
+            )
+            raise FileNotFoundError(f"index directory {str(root)!r} does not exist{hint}")
         manifest = _read_manifest(root / MANIFEST)
         n, dim, metric = manifest["count"], manifest["embedding_dim"], manifest["metric"]
         embeddings = _load_npy(root / EMBEDDINGS_FILE, np.float32, (n, dim))
+        bad = ~np.isfinite(embeddings).all(axis=1)
+        if bad.any():
+            raise IndexFormatError(
+                f"{str(root / EMBEDDINGS_FILE)!r} has {int(bad.sum())} of {n} rows with NaN or "
+                f"Inf (first rows: {np.flatnonzero(bad)[:5].tolist()})"
+            )
         ids = _load_npy(root / IDS_FILE, np.int64, (n,))
         labels = _load_npy(root / LABELS_FILE, np.int64, (n,))
         index_path = root / INDEX_FILE
@@ -149,7 +167,10 @@ class EmbeddingIndex:
                 f"(FAISS metric type {index.metric_type}), but {MANIFEST} says {n} vectors of "
                 f"dimension {dim} with metric {metric!r} (FAISS metric type {expected_type})"
             )
+        _check_same_vectors(index, embeddings, metric, index_path)
         paths = None
+        if PATHS_FILE in manifest.get("files", {}).values() and not (root / PATHS_FILE).is_file():
+            raise IndexFormatError(f"missing {str(root / PATHS_FILE)!r} (listed in {MANIFEST})")
         if (root / PATHS_FILE).is_file():
             paths = (root / PATHS_FILE).read_text(encoding="utf-8").splitlines()
             if len(paths) != n:
@@ -196,8 +217,7 @@ class EmbeddingIndex:
         to force embedding (e.g. 2-D tabular inputs of width ``D``) or ``inputs=False`` to
         forbid it.
         """
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        k = check_int("k", k, minimum=1)
         if k > len(self):
             raise ValueError(f"k={k} is larger than the number of indexed items ({len(self)})")
         q = _prepared(self._query_embeddings(queries, inputs), self.metric)
@@ -295,30 +315,40 @@ class EmbeddingIndex:
         return new_ids
 
     def save(self, directory: Union[str, os.PathLike[str], None] = None) -> Path:
-        """Write the directory (default: where it was loaded from). The manifest is written
-        last, so an interrupted save never leaves a directory that loads inconsistently."""
-        import faiss
+        """Write the directory (default: where it was loaded from).
 
+        The files are written to a temporary folder beside ``directory`` and swapped in by
+        renames once complete, so an interrupted save leaves the previous index loadable
+        (and no half-written one). Other files already in ``directory`` are kept.
+        """
         if directory is None:
             if self.directory is None:
                 raise ValueError("this index was not loaded from a directory; pass save(directory)")
             directory = self.directory
         root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
-        # A stale manifest would describe the old files while the new ones are being written.
-        (root / MANIFEST).unlink(missing_ok=True)
-        _atomic_write(root / EMBEDDINGS_FILE, lambda f: np.save(f, self.embeddings))
-        _atomic_write(root / IDS_FILE, lambda f: np.save(f, self.ids))
-        _atomic_write(root / LABELS_FILE, lambda f: np.save(f, self.labels))
-        # faiss.write_index wants a path, so write beside the target and rename.
-        tmp = root / f".{INDEX_FILE}.tmp"
-        faiss.write_index(self._index, str(tmp))
-        os.replace(tmp, root / INDEX_FILE)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"{str(root)!r} exists and is not a directory")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.saving-"))
+        try:
+            self._write_files(staging)
+            _swap_in(staging, root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.directory = root
+        return root
+
+    def _write_files(self, root: Path) -> None:
+        import faiss
+
+        np.save(root / EMBEDDINGS_FILE, self.embeddings)
+        np.save(root / IDS_FILE, self.ids)
+        np.save(root / LABELS_FILE, self.labels)
+        faiss.write_index(self._index, str(root / INDEX_FILE))
         if self.paths is not None:
             text = "".join(f"{p}\n" for p in self.paths)
-            _atomic_write(root / PATHS_FILE, lambda f: f.write(text.encode("utf-8")))
-        else:
-            (root / PATHS_FILE).unlink(missing_ok=True)
+            (root / PATHS_FILE).write_text(text, encoding="utf-8")
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -336,9 +366,7 @@ class EmbeddingIndex:
             "info": _jsonable(self.info),
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-        _atomic_write(root / MANIFEST, lambda f: f.write(text.encode("utf-8")))
-        self.directory = root
-        return root
+        (root / MANIFEST).write_text(text, encoding="utf-8")
 
     def _check_unique_ids(self, ids: np.ndarray) -> None:
         uniq, counts = np.unique(ids, return_counts=True)
@@ -431,8 +459,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             f"version {VERSION}"
         )
     for key, kind in (("count", int), ("embedding_dim", int), ("metric", str)):
-        if not isinstance(manifest.get(key), kind):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
             raise IndexFormatError(f"{str(path)!r}: {key!r} missing or not {kind.__name__}")
+    for key, least in (("count", 0), ("embedding_dim", 1)):
+        if manifest[key] < least:
+            raise IndexFormatError(f"{str(path)!r}: {key!r} is {manifest[key]}, must be >= {least}")
+    if not isinstance(manifest.get("files", {}), dict):
+        raise IndexFormatError(f"{str(path)!r}: 'files' must be a mapping")
     if manifest["metric"] not in _METRICS:
         raise IndexFormatError(
             f"{str(path)!r}: metric {manifest['metric']!r} is not one of {_METRICS}"
@@ -455,15 +488,43 @@ def _load_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
     return arr
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def _check_same_vectors(index: Any, embeddings: np.ndarray, metric: str, path: Path) -> None:
+    """A few rows of the FAISS file must be the stored embeddings (catches files from
+    different saves mixed together)."""
+    n = embeddings.shape[0]
+    if n == 0:
+        return
+    rows = sorted({0, n // 2, n - 1})
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
+        stored = np.stack([index.reconstruct(i) for i in rows])
+    except RuntimeError:  # index types that cannot reconstruct vectors: nothing to compare
+        return
+    expected = _prepared(np.ascontiguousarray(embeddings[rows]), metric)
+    if not np.allclose(stored, expected, rtol=1e-5, atol=1e-6):
+        raise IndexFormatError(
+            f"{str(path)!r} holds other vectors than {EMBEDDINGS_FILE} (compared rows {rows}): "
+            "the files come from different saves"
+        )
+
+
+def _swap_in(staging: Path, root: Path) -> None:
+    """Replace ``root`` by the complete ``staging`` folder; other files in ``root`` move over."""
+    if not root.exists():
+        os.rename(staging, root)
+        return
+    # Two renames: between them ``root`` is missing and the old index sits complete in
+    # ``previous`` (load points there if a crash leaves it so).
+    previous = root.parent / f".{root.name}{_PREVIOUS}{uuid.uuid4().hex[:8]}"
+    os.rename(root, previous)
+    try:
+        os.rename(staging, root)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        os.rename(previous, root)
         raise
+    for entry in previous.iterdir():
+        if entry.name not in _INDEX_FILES:
+            os.rename(entry, root / entry.name)
+    shutil.rmtree(previous)
 
 
 def _jsonable(value: Any) -> Any:

@@ -133,7 +133,8 @@ def test_l2_and_ties_follow_knn() -> None:
     base = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     emb = torch.cat([base, base])  # every row has an exact duplicate: ties everywhere
     index = EmbeddingIndex(emb, ids=np.arange(100, 112), metric="l2")
-    expected = knn(emb, emb, k=4, metric="l2")
+    # exclude=-1 everywhere: the plain search (knn(emb, emb) alone would drop self-matches).
+    expected = knn(emb, emb, k=4, metric="l2", exclude=torch.full((12,), -1))
     ids, scores = index.search(emb, k=4)
     np.testing.assert_array_equal(ids, 100 + expected.indices.numpy())
     np.testing.assert_allclose(scores, expected.values.numpy(), atol=1e-5)
