@@ -165,10 +165,7 @@ class MetricLearningModule(LightningModule):
         assert self.loss_fn is not None
         # Class-centre losses index their weights by label: a label past their num_classes
         # would be an IndexError (a device-side assert on CUDA) deep inside PML.
-        loss_classes = getattr(self.loss_fn, "num_classes", None)
-        labels = check_labels(
-            "labels", labels, loss_classes if isinstance(loss_classes, int) else None
-        )
+        labels = check_labels("labels", labels, _pml_sizes(self.loss_fn)[1])
         # PML's distances and reducers are written for float32. A zero or NaN row becomes the
         # zero vector with zero gradient (training_step reports a NaN row; see nonfinite).
         normalised = normalize_embeddings(embeddings)[0]
@@ -311,7 +308,10 @@ class MetricLearningModule(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         data_classes = getattr(datamodule, "num_classes", None)
         objective = self.head if self.head is not None else self.loss_fn
-        classes = getattr(objective, "num_classes", None)
+        if self.head is not None:
+            classes = getattr(self.head, "num_classes", None)
+        else:
+            classes = _pml_sizes(self.loss_fn)[1] if self.loss_fn is not None else None
         if isinstance(data_classes, int) and isinstance(classes, int) and data_classes > classes:
             raise ValueError(
                 f"the data has num_classes={data_classes} ({type(datamodule).__name__}) but "
@@ -610,14 +610,34 @@ def _check_same_distance_kind(loss: nn.Module, miner: Optional[nn.Module]) -> No
         )
 
 
+def _pml_sizes(loss: nn.Module) -> tuple[Optional[int], Optional[int]]:
+    """``(embedding width, number of classes)`` a PML loss was built for, None where it has
+    no such size. Read from its class centres (``W``, ``proxies``, ``fc``): PML does not keep
+    ``embedding_size`` as an attribute (and some losses record ``num_classes=0``)."""
+    inner = loss.loss if isinstance(loss, CrossBatchMemory) else loss
+    size = getattr(loss, "embedding_size", None) if isinstance(loss, CrossBatchMemory) else None
+    classes = None
+    proxies = getattr(inner, "proxies", None)
+    weight = getattr(inner, "W", None)
+    if weight is None:
+        weight = getattr(inner, "fc", None)  # SoftTripleLoss
+    if isinstance(proxies, torch.Tensor) and proxies.ndim == 2:
+        classes, size = int(proxies.shape[0]), int(proxies.shape[1])
+    elif isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        size = int(weight.shape[0])
+        recorded = getattr(inner, "num_classes", None)
+        has_count = isinstance(recorded, int) and recorded > 0
+        classes = recorded if has_count else int(weight.shape[1])
+    return size, classes
+
+
 def _check_pml_sizes(loss: nn.Module, embedding_dim: int, num_classes: Optional[int]) -> None:
-    size = getattr(loss, "embedding_size", None)
+    size, loss_classes = _pml_sizes(loss)
     if size is not None and size != embedding_dim:
         raise ValueError(
             f"loss={_name(loss)} has embedding_size={size} but the model's embeddings have "
             f"embedding_dim={embedding_dim}; make them equal (the CLI fills it in when omitted)"
         )
-    loss_classes = getattr(loss, "num_classes", None)
     if loss_classes is not None and num_classes is not None and loss_classes != num_classes:
         raise ValueError(
             f"loss={_name(loss)} has num_classes={loss_classes} but num_classes={num_classes} "

@@ -231,3 +231,221 @@ def test_forward_gives_nan_logits_for_a_nan_row_only() -> None:
 def test_empty_batch_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"empty batch.*\(0, 8\)"):
         CosFaceHead(D, C).loss(torch.zeros(0, D), torch.zeros(0, dtype=torch.long))
+
+
+# ------------------------------------------------------------------ table of bad inputs
+# (Moves to tests/test_bad_inputs.py, training-side section, once that file exists.)
+def _tiny(**kwargs: object) -> MetricLearningModule:
+    args: dict[str, object] = dict(backbone=SmallCNN(in_channels=1, width=4), embedding_dim=8)
+    args.update(kwargs)
+    return MetricLearningModule(**args)  # type: ignore[arg-type]
+
+
+def _python_checkpoint(tmp: str) -> str:
+    model = _tiny(head=ArcFaceHead, num_classes=3)
+    path = f"{tmp}/python.ckpt"
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "pytorch-lightning_version": L.__version__,
+            "hyper_parameters": dict(model.hparams),
+        },
+        path,
+    )
+    return path
+
+
+def _load_without_modules() -> object:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return MetricLearningModule.load_from_checkpoint(_python_checkpoint(tmp))
+
+
+def _load_without_head() -> object:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return MetricLearningModule.load_from_checkpoint(
+            _python_checkpoint(tmp), backbone=SmallCNN(in_channels=1, width=4)
+        )
+
+
+def _pml_labels_beyond_num_classes() -> object:
+    from pytorch_metric_learning import losses
+
+    model = _tiny(loss=losses.ArcFaceLoss(num_classes=3, embedding_size=8), num_classes=3)
+    return model.training_step((torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 7])), 0)
+
+
+def _pml() -> object:
+    from pytorch_metric_learning import losses, miners
+
+    return losses, miners
+
+
+TRAINING_CASES = [
+    pytest.param(
+        lambda: ArcFaceHead(8, 1), ValueError, "num_classes=1 must be >= 2", id="head-1-class"
+    ),
+    pytest.param(
+        lambda: _tiny(head=ArcFaceHead, num_classes=1),
+        ValueError,
+        "num_classes=1 must be >= 2",
+        id="module-1-class",
+    ),
+    pytest.param(
+        lambda: _tiny(head=ArcFaceHead, num_classes="10"),
+        TypeError,
+        "`num_classes` must be an integer, got '10'",
+        id="num-classes-str",
+    ),
+    pytest.param(
+        lambda: _tiny(head=ArcFaceHead, num_classes=10.5),
+        TypeError,
+        "`num_classes` must be an integer, got 10.5",
+        id="num-classes-float",
+    ),
+    pytest.param(
+        lambda: CosFaceHead(8, "10"),
+        TypeError,
+        "`num_classes` must be an integer, got '10'",
+        id="head-num-classes-str",
+    ),
+    pytest.param(
+        lambda: ArcFaceHead(8, 10, scale="64"),
+        TypeError,
+        "`scale` must be a real number, got '64'",
+        id="head-scale-str",
+    ),
+    pytest.param(
+        lambda: _tiny(head=ArcFaceHead, num_classes=3, embedding_dim=0),
+        ValueError,
+        "`embedding_dim` must be an integer >= 1, got 0",
+        id="embedding-dim-0",
+    ),
+    pytest.param(
+        lambda: _tiny(loss=ArcFaceHead(8, 3)),
+        TypeError,
+        "loss=ArcFaceHead is a margin head",
+        id="loss-is-head",
+    ),
+    pytest.param(
+        lambda: _tiny(loss=partial(CosFaceHead, margin=0.2)),
+        TypeError,
+        "pass it as head=CosFaceHead",
+        id="loss-is-head-partial",
+    ),
+    pytest.param(
+        lambda: _tiny(head=_pml()[0].ArcFaceLoss(3, 8), num_classes=3),
+        TypeError,
+        "head=ArcFaceLoss is a pytorch-metric-learning loss",
+        id="head-is-pml-loss",
+    ),
+    pytest.param(
+        lambda: _tiny(head=_pml()[0].ProxyAnchorLoss, num_classes=3),
+        TypeError,
+        "pass it as loss=ProxyAnchorLoss(...)",
+        id="head-is-pml-class",
+    ),
+    pytest.param(
+        lambda: _tiny(head="ArcFaceHead", num_classes=3),
+        TypeError,
+        "head must be a margin head class",
+        id="head-str",
+    ),
+    pytest.param(
+        lambda: _tiny(backbone="resnet50", head=ArcFaceHead, num_classes=3),
+        TypeError,
+        "TimmBackbone(name='resnet50')",
+        id="backbone-str",
+    ),
+    pytest.param(
+        lambda: _tiny(backbone=None, head=ArcFaceHead, num_classes=3),
+        TypeError,
+        "backbone must be an nn.Module",
+        id="backbone-none",
+    ),
+    pytest.param(
+        lambda: _tiny(neck=128, head=ArcFaceHead, num_classes=3),
+        TypeError,
+        "neck must be an nn.Module",
+        id="neck-int",
+    ),
+    pytest.param(
+        lambda: _tiny(loss=_pml()[0].TripletMarginLoss),
+        TypeError,
+        "pass an instance, e.g. loss=TripletMarginLoss()",
+        id="loss-class",
+    ),
+    pytest.param(
+        lambda: _tiny(loss=_pml()[0].TripletMarginLoss(), miner=_pml()[1].BatchHardMiner),
+        TypeError,
+        "miner=BatchHardMiner()",
+        id="miner-class",
+    ),
+    pytest.param(
+        lambda: _tiny(loss=_pml()[0].ArcFaceLoss(num_classes=3, embedding_size=64)),
+        ValueError,
+        "embedding_size=64 but the model's embeddings have embedding_dim=8",
+        id="pml-embedding-size",
+    ),
+    pytest.param(
+        lambda: _tiny(loss=_pml()[0].ArcFaceLoss(num_classes=3, embedding_size=8), num_classes=5),
+        ValueError,
+        "has num_classes=3 but num_classes=5",
+        id="pml-num-classes",
+    ),
+    pytest.param(
+        _pml_labels_beyond_num_classes,
+        ValueError,
+        "(num_classes=3), got label 7",
+        id="pml-label-beyond-classes",
+    ),
+    pytest.param(
+        lambda: _tiny(head=ArcFaceHead, num_classes=3, nonfinite="drop"),
+        ValueError,
+        "`nonfinite` must be one of ('raise', 'skip'), got 'drop'",
+        id="nonfinite-choice",
+    ),
+    pytest.param(
+        lambda: _tiny(head=ArcFaceHead, num_classes=3, objective_lr=-1.0),
+        ValueError,
+        "`objective_lr` must be > 0, got -1.0",
+        id="objective-lr",
+    ),
+    pytest.param(
+        lambda: ArcFaceHead(8, 3).loss(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)),
+        ValueError,
+        "empty batch",
+        id="head-empty-batch",
+    ),
+    pytest.param(
+        lambda: ArcFaceHead(8, 3).loss(torch.randn(2, 8), torch.tensor([0, 3])),
+        ValueError,
+        "(num_classes=3), got label 3",
+        id="head-label-range",
+    ),
+    pytest.param(
+        lambda: ArcFaceHead(8, 3).loss(torch.randn(2, 8), torch.tensor([0.0, 1.0])),
+        TypeError,
+        "must hold integer class ids",
+        id="head-float-labels",
+    ),
+    pytest.param(
+        _load_without_modules,
+        TypeError,
+        "load_from_checkpoint(path, backbone=SmallCNN(...), head=ArcFaceHead(...))",
+        id="load-without-modules",
+    ),
+    pytest.param(_load_without_head, TypeError, "missing now: head", id="load-without-head"),
+]
+
+
+@pytest.mark.parametrize(("make", "error", "fragment"), TRAINING_CASES)
+def test_training_bad_input_is_a_clear_error(
+    make: Callable[[], object], error: type[Exception], fragment: str
+) -> None:
+    with pytest.raises(error) as info:
+        make()
+    assert fragment in str(info.value)
