@@ -224,14 +224,14 @@ def test_random_affine_identity_when_disabled() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, "`batch_size` must be an integer >= 1, got 0"),
         ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
-        ({"train_fraction": 1.5}, "train_fraction must be a fraction in \\(0, 1\\), got 1.5"),
-        ({"val_fraction": 0.0}, "val_fraction must be a fraction in \\(0, 1\\), got 0.0"),
+        ({"train_fraction": 1.5}, "`train_fraction` must be a fraction in \\(0, 1\\), got 1.5"),
+        ({"val_fraction": 0.0}, "`val_fraction` must be a fraction in \\(0, 1\\), got 0.0"),
         ({"train_fraction": 0.7, "val_fraction": 0.3}, "0.7 \\+ 0.3"),
         ({"image_size": 4}, "image_size must be an integer >= 8 pixels, got 4"),
         ({"min_fonts": 17}, "min_fonts must be an integer in \\[1, 16\\].*got 17"),
-        ({"max_classes": 0}, "max_classes must be an integer >= 1, got 0"),
+        ({"max_classes": 0}, "`max_classes` must be an integer >= 1, got 0"),
         ({"predict_split": "dev"}, "predict_split must be one of .* got 'dev'"),
     ],
 )
@@ -306,8 +306,8 @@ def test_digits_workers_are_deterministic() -> None:
         ({"train_classes": [1, 1]}, "must not repeat a digit, got \\[1, 1\\]"),
         ({"train_classes": [0, 1], "eval_classes": [1, 2]}, "overlap in \\[1\\]"),
         ({"train_classes": list(range(10))}, "none are left to evaluate on"),
-        ({"val_fraction": 1.0}, "val_fraction must be a fraction in \\(0, 1\\), got 1.0"),
-        ({"batch_size": -3}, "batch_size must be an integer >= 1, got -3"),
+        ({"val_fraction": 1.0}, "`val_fraction` must be a fraction in \\(0, 1\\), got 1.0"),
+        ({"batch_size": -3}, "`batch_size` must be an integer >= 1, got -3"),
     ],
 )
 def test_digits_bad_input(kwargs: dict[str, object], match: str) -> None:

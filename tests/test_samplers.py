@@ -102,8 +102,8 @@ def test_class_smaller_than_m_is_padded_with_a_warning() -> None:
     ("kwargs", "match"),
     [
         ({"m": 3, "batch_size": 16}, "batch_size 16 is not divisible by m 3"),
-        ({"m": 0, "batch_size": 16}, "m must be an integer >= 1, got 0"),
-        ({"m": 4, "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"m": 0, "batch_size": 16}, "`m` must be an integer >= 1, got 0"),
+        ({"m": 4, "batch_size": 0}, "`batch_size` must be an integer >= 1, got 0"),
         ({"m": 1, "batch_size": 41}, "needs 41 distinct classes per batch.*only 40 classes"),
         ({"m": 4, "batch_size": 16, "num_replicas": 2, "rank": 2}, "rank must be .* \\[0, 2\\)"),
         ({"m": 4, "batch_size": 16, "drop_last": False}, "drop_last must be True"),

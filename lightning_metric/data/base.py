@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_metric.checks import check_positive_int
 from lightning_metric.data.augment import BatchCollate, RandomAffineNoise
 from lightning_metric.data.samplers import MPerClassSampler
 
@@ -66,16 +67,6 @@ class ArrayDataset(Dataset[dict[str, torch.Tensor]]):
     @property
     def num_classes(self) -> int:
         return int(self.labels.max().item()) + 1 if len(self) else 0
-
-
-def check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def check_fraction(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be a fraction in (0, 1), got {value!r}")
 
 
 def remap_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:

@@ -7,12 +7,12 @@ from typing import Optional
 
 import numpy as np
 
+from lightning_metric.checks import check_fraction
 from lightning_metric.data.augment import RandomAffineNoise
 from lightning_metric.data.base import (
     ArrayDataModule,
     ArrayDataset,
     Split,
-    check_fraction,
     remap_labels,
 )
 

@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
-from lightning_metric.data.base import ArrayDataModule, Split, check_fraction
+from lightning_metric.checks import check_fraction
+from lightning_metric.data.base import ArrayDataModule, Split
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -320,6 +321,12 @@ class ImageFolderDataModule(ImageFileDataModule):
             transforms=transforms,
             verify_images=verify_images,
         )
+        if val_classes is not None and len(val_classes) == 0:
+            # An empty list would silently fall back to val_fraction or hold out nothing.
+            raise ValueError(
+                "val_classes=[] names no class: list at least one class folder to hold out, "
+                "or leave val_classes unset to hold out val_fraction of the classes"
+            )
         self.save_hyperparameters()
         self.root = require_dir(root, "ImageFolderDataModule")
         exts = tuple(e.lower() for e in extensions)

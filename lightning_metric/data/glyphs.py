@@ -8,12 +8,11 @@ from typing import Optional
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_metric.checks import check_fraction, check_positive_int
 from lightning_metric.data.base import (
     ArrayDataModule,
     ArrayDataset,
     Split,
-    check_fraction,
-    check_positive_int,
     remap_labels,
 )
 from lightning_metric.data.glyph_render import (

@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from lightning_metric.checks import check_int as _check_int
+
 
 class _EpochCounter(Sampler[int]):
     """Stand-in for ``MPerClassSampler.sampler``: Lightning calls ``set_epoch`` on
@@ -28,11 +30,6 @@ class _EpochCounter(Sampler[int]):
 
     def __len__(self) -> int:
         return 0
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 class MPerClassSampler(BatchSampler):
