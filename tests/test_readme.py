@@ -87,4 +87,4 @@ def test_cli_commands_run_from_a_fresh_directory(tmp_path):
         if prefix:
             assert f"{prefix}/recall@1" in result.stdout
         if command[1] == "predict":
-            assert (tmp_path / "outputs" / "digits_index" / "index.faiss").is_file()
+            assert (tmp_path / "outputs" / "digits_arcface" / "index" / "index.faiss").is_file()
