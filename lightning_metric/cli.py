@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import import_object
-from lightning import LightningDataModule, Trainer
+from lightning import Callback, LightningDataModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -31,8 +31,9 @@ DESCRIPTION = (
 )
 INDEX_DIR = "index"
 """Where `predict` writes the index when the config has no EmbeddingIndexWriter of its own."""
-# Measured with the main job on a 2-core AVX2-only CPU: 3.1 s per bf16-mixed step vs 0.25 s fp32.
-_EMULATED_BF16_SLOWDOWN = "about 10x"
+# bf16 / fp32 time per training step of the main job's model with the CPU capped to AVX2
+# (`python benchmarks/precision.py`): 7-12x on 2 cores.
+_EMULATED_BF16_SLOWDOWN = "several times (7-12x)"
 
 
 class LightningMetricCLI(LightningCLI):
@@ -62,9 +63,10 @@ class LightningMetricCLI(LightningCLI):
     def before_predict(self) -> None:
         """`predict` always leaves a searchable index: ``<default_root_dir>/index`` unless the
         config has an EmbeddingIndexWriter of its own."""
-        if not any(isinstance(c, EmbeddingIndexWriter) for c in self.trainer.callbacks):
+        callbacks = _callbacks(self.trainer)
+        if not any(isinstance(c, EmbeddingIndexWriter) for c in callbacks):
             output = Path(self.trainer.default_root_dir) / INDEX_DIR
-            self.trainer.callbacks.append(EmbeddingIndexWriter(str(output), overwrite=True))
+            callbacks.append(EmbeddingIndexWriter(str(output), overwrite=True))
 
     def after_fit(self) -> None:
         """One summary at the end of `fit`: the final metrics and where everything went."""
@@ -93,7 +95,7 @@ class LightningMetricCLI(LightningCLI):
         if best:
             lines.append(f"  best checkpoint: {best}")
         lines += [f"  logs ({kind}): {where}" for kind, where in _log_locations(self.trainer)]
-        pictures = sorted({d for c in self.trainer.callbacks for d in _picture_destinations(c)})
+        pictures = sorted({d for c in _callbacks(self.trainer) for d in _picture_destinations(c)})
         if pictures:
             lines.append(f"  pictures: {', '.join(pictures)}")
         rank_zero_info("\n".join(lines))
@@ -154,13 +156,18 @@ def _log_locations(trainer: Trainer) -> list[tuple[str, str]]:
         if isinstance(logger, WandbLogger):
             run = logger.experiment
             where = str(Path(run.dir).parent) if getattr(run, "dir", None) else logger.save_dir
-            if run.settings.mode == "offline":
+            if where and run.settings.mode == "offline":
                 where += f" (offline; upload with `wandb sync {where}`)"
         else:
             where = getattr(logger, "log_dir", None) or logger.save_dir
         if where:
             out.append((name, str(where)))
     return out
+
+
+def _callbacks(trainer: Trainer) -> list[Callback]:
+    """The trainer's callback list (an attribute Lightning sets, untyped on the class)."""
+    return trainer.callbacks  # type: ignore[attr-defined,no-any-return]
 
 
 def _picture_destinations(callback: Any) -> list[str]:
