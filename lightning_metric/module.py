@@ -239,6 +239,7 @@ class MetricLearningModule(LightningModule):
             on_epoch=True,
             reduce_fx="max",
             batch_size=batch_size,
+            sync_dist=True,  # equal on every rank (the skip is decided together); no warning
         )
 
     def _nonfinite_report(

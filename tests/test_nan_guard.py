@@ -449,3 +449,61 @@ def test_training_bad_input_is_a_clear_error(
     with pytest.raises(error) as info:
         make()
     assert fragment in str(info.value)
+
+
+# ------------------------------------------------------------------ DDP: ranks agree
+class _RankBatches(_Batches):
+    """Step ``i`` of rank ``r`` is ``batches[2 * i + r]`` (no sampler in between)."""
+
+    def __len__(self) -> int:
+        return len(self.batches) // 2
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches[2 * i + torch.distributed.get_rank()]
+
+
+def _ddp_fit(model: MetricLearningModule, batches: list, folder: str) -> L.Trainer:
+    try:  # the no-port, no-hang rendezvous of the other DDP tests, where present
+        from ddp_harness import FileRendezvousDDP
+
+        strategy: object = FileRendezvousDDP(folder)
+    except ImportError:
+        strategy = "ddp_spawn"
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,  # type: ignore[arg-type]
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=folder,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model, DataLoader(_RankBatches(batches), batch_size=None))
+    return trainer
+
+
+@pytest.mark.ddp
+def test_ddp_skip_is_taken_by_every_rank_and_equals_a_run_without_that_step(tmp_path) -> None:
+    clean = _batches(n=6)
+    poisoned = list(clean)
+    # Rank 1's step 1 only: rank 0 (whose weights and logs come back) must skip it too.
+    poisoned[3] = _batches(n=4, poison_at=3)[3]
+    reference = _module(nonfinite="skip")
+    skipping = copy.deepcopy(reference)
+    _ddp_fit(reference, clean[:2] + clean[4:], str(tmp_path))
+    trainer = _ddp_fit(skipping, poisoned, str(tmp_path))
+    assert float(trainer.callback_metrics["train/skipped_nonfinite_steps"]) == 1.0
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, skipping.state_dict()[name]), name
+
+
+@pytest.mark.ddp
+def test_ddp_nonfinite_step_raises_on_every_rank(tmp_path) -> None:
+    poisoned = _batches(n=4)
+    poisoned[3] = _batches(n=4, poison_at=3)[3]  # only rank 1 sees NaN, at its step 1
+    with pytest.raises(Exception, match="global step 1") as info:
+        _ddp_fit(_module(), poisoned, str(tmp_path))
+    assert "FloatingPointError" in repr(info.value) or isinstance(info.value, FloatingPointError)
