@@ -12,7 +12,7 @@ The directory holds only FAISS and NumPy files plus JSON, all read without pickl
 
 Example::
 
-    index = EmbeddingIndex.load("outputs/digits_index")
+    index = EmbeddingIndex.load("outputs/digits_arcface/index")
     ids, scores = index.search(query_embeddings, k=5)
     index.add(new_embeddings, ids=new_ids)
     index.save()
