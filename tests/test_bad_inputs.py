@@ -7,6 +7,7 @@ both a ``TypeError`` and a ``ValueError``; rows assert the most specific type pr
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,16 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from pytorch_metric_learning import losses, miners
 from test_recall_callback import DictDataset, Tiny, clustered
 from torch.utils.data import DataLoader
 
+from lightning_metric import MetricLearningModule
+from lightning_metric.backbones import SmallCNN
 from lightning_metric.callbacks import RecallAtK
 from lightning_metric.checks import ArgumentTypeError
 from lightning_metric.data import ImageFolderDataModule
+from lightning_metric.heads import ArcFaceHead, CosFaceHead
 from lightning_metric.metrics import RetrievalMetrics
 from lightning_metric.retrieval import knn, retrieval_metrics, verification_metrics
 from lightning_metric.search import EmbeddingIndex, IndexFormatError
@@ -336,3 +341,213 @@ def test_retrieval_table_is_large_and_its_ids_unique() -> None:
 
 
 # --- training-side cases (module, heads, PML) ---
+
+
+def tiny(**kwargs: Any) -> MetricLearningModule:
+    args: dict[str, Any] = dict(backbone=SmallCNN(in_channels=1, width=4), embedding_dim=8)
+    args.update(kwargs)
+    return MetricLearningModule(**args)
+
+
+def load_python_checkpoint(tmp_path: Path, **kwargs: Any) -> MetricLearningModule:
+    """A checkpoint of a module built in Python (no config), loaded with ``kwargs``."""
+    model = tiny(head=ArcFaceHead, num_classes=3)
+    path = tmp_path / "python.ckpt"
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "pytorch-lightning_version": pl.__version__,
+        "hyper_parameters": dict(model.hparams),
+    }
+    torch.save(checkpoint, path)
+    return MetricLearningModule.load_from_checkpoint(path, **kwargs)
+
+
+def pml_label_beyond_its_classes() -> Any:
+    model = tiny(loss=losses.ArcFaceLoss(num_classes=3, embedding_size=8), num_classes=3)
+    return model.training_step((torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 7])), 0)
+
+
+# (name, call, exception type, literal message fragment)
+TRAINING_CASES: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
+    # one class: the loss would be exactly 0 with zero gradients
+    ("head one class", lambda: ArcFaceHead(8, 1), ValueError, "num_classes=1 must be >= 2"),
+    (
+        "module one class",
+        lambda: tiny(head=ArcFaceHead, num_classes=1),
+        ValueError,
+        "num_classes=1 must be >= 2",
+    ),
+    # types and ranges of numbers
+    (
+        "num_classes str",
+        lambda: tiny(head=ArcFaceHead, num_classes="10"),
+        ArgumentTypeError,
+        "`num_classes` must be an integer, got '10'",
+    ),
+    (
+        "num_classes 10.5",
+        lambda: tiny(head=ArcFaceHead, num_classes=10.5),
+        ArgumentTypeError,
+        "`num_classes` must be an integer, got 10.5",
+    ),
+    (
+        "head num_classes str",
+        lambda: CosFaceHead(8, "10"),
+        ArgumentTypeError,
+        "`num_classes` must be an integer, got '10'",
+    ),
+    (
+        "head scale str",
+        lambda: ArcFaceHead(8, 10, scale="64"),
+        ArgumentTypeError,
+        "`scale` must be a real number, got '64'",
+    ),
+    (
+        "embedding_dim 0",
+        lambda: tiny(head=ArcFaceHead, num_classes=3, embedding_dim=0),
+        ValueError,
+        "`embedding_dim` must be an integer >= 1, got 0",
+    ),
+    (
+        "objective_lr negative",
+        lambda: tiny(head=ArcFaceHead, num_classes=3, objective_lr=-1.0),
+        ValueError,
+        "`objective_lr` must be > 0, got -1.0",
+    ),
+    (
+        "nonfinite choice",
+        lambda: tiny(head=ArcFaceHead, num_classes=3, nonfinite="drop"),
+        ValueError,
+        "`nonfinite` must be one of ('raise', 'skip'), got 'drop'",
+    ),
+    # arguments in the wrong place or form
+    (
+        "loss= a margin head",
+        lambda: tiny(loss=ArcFaceHead(8, 3)),
+        ArgumentTypeError,
+        "loss=ArcFaceHead is a margin head",
+    ),
+    (
+        "loss= a head partial",
+        lambda: tiny(loss=partial(CosFaceHead, margin=0.2)),
+        ArgumentTypeError,
+        "pass it as head=CosFaceHead",
+    ),
+    (
+        "head= a PML loss",
+        lambda: tiny(head=losses.ArcFaceLoss(3, 8), num_classes=3),
+        ArgumentTypeError,
+        "head=ArcFaceLoss is a pytorch-metric-learning loss",
+    ),
+    (
+        "head= a PML loss class",
+        lambda: tiny(head=losses.ProxyAnchorLoss, num_classes=3),
+        ArgumentTypeError,
+        "pass it as loss=ProxyAnchorLoss(...)",
+    ),
+    (
+        "head= a string",
+        lambda: tiny(head="ArcFaceHead", num_classes=3),
+        ArgumentTypeError,
+        "head must be a margin head class",
+    ),
+    (
+        "backbone= a model name",
+        lambda: tiny(backbone="resnet50", head=ArcFaceHead, num_classes=3),
+        ArgumentTypeError,
+        "backbone=TimmBackbone(name='resnet50')",
+    ),
+    (
+        "backbone None",
+        lambda: tiny(backbone=None, head=ArcFaceHead, num_classes=3),
+        ArgumentTypeError,
+        "backbone must be an nn.Module",
+    ),
+    (
+        "neck an int",
+        lambda: tiny(neck=128, head=ArcFaceHead, num_classes=3),
+        ArgumentTypeError,
+        "neck must be an nn.Module",
+    ),
+    (
+        "loss a class",
+        lambda: tiny(loss=losses.TripletMarginLoss),
+        ArgumentTypeError,
+        "pass an instance, e.g. loss=TripletMarginLoss()",
+    ),
+    (
+        "miner a class",
+        lambda: tiny(loss=losses.TripletMarginLoss(), miner=miners.BatchHardMiner),
+        ArgumentTypeError,
+        "miner=BatchHardMiner()",
+    ),
+    # PML class centres vs the model and the data
+    (
+        "PML embedding_size",
+        lambda: tiny(loss=losses.ArcFaceLoss(num_classes=3, embedding_size=64)),
+        ValueError,
+        "embedding_size=64 but the model's embeddings have embedding_dim=8",
+    ),
+    (
+        "PML num_classes",
+        lambda: tiny(loss=losses.ArcFaceLoss(num_classes=3, embedding_size=8), num_classes=5),
+        ValueError,
+        "has num_classes=3 but num_classes=5",
+    ),
+    (
+        "PML label past its classes",
+        pml_label_beyond_its_classes,
+        ValueError,
+        "(num_classes=3), got label 7",
+    ),
+    # a head's loss
+    (
+        "head empty batch",
+        lambda: ArcFaceHead(8, 3).loss(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)),
+        ValueError,
+        "empty batch",
+    ),
+    (
+        "head label past num_classes",
+        lambda: ArcFaceHead(8, 3).loss(torch.randn(2, 8), torch.tensor([0, 3])),
+        ValueError,
+        "(num_classes=3), got label 3",
+    ),
+    (
+        "head float labels",
+        lambda: ArcFaceHead(8, 3).loss(torch.randn(2, 8), torch.tensor([0.0, 1.0])),
+        ArgumentTypeError,
+        "must hold integer class ids",
+    ),
+    # checkpoints of a module built in Python
+    (
+        "load without modules",
+        lambda tmp_path: load_python_checkpoint(tmp_path),
+        TypeError,
+        "load_from_checkpoint(path, backbone=SmallCNN(...), head=ArcFaceHead(...))",
+    ),
+    (
+        "load without head",
+        lambda tmp_path: load_python_checkpoint(tmp_path, backbone=SmallCNN(1, 4)),
+        TypeError,
+        "missing now: head",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "fragment"),
+    [pytest.param(call, error, frag, id=name) for name, call, error, frag in TRAINING_CASES],
+)
+def test_training_bad_input(
+    call: Callable[..., Any], error: type[Exception], fragment: str, tmp_path: Path
+) -> None:
+    with pytest.raises(error) as info:
+        call(tmp_path) if call.__code__.co_argcount else call()
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_training_table_is_large_and_its_ids_unique() -> None:
+    names = [row[0] for row in TRAINING_CASES]
+    assert len(names) >= 15
+    assert len(set(names)) == len(names)
