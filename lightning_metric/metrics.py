@@ -11,7 +11,13 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_metric.checks import check_choice, check_int, check_k
+from lightning_metric.checks import (
+    ArgumentTypeError,
+    check_choice,
+    check_int,
+    check_k,
+    check_labels,
+)
 from lightning_metric.distributed import rank, unpad_gathered, world_size
 from lightning_metric.retrieval.knn import same_rows
 from lightning_metric.retrieval.metrics import retrieval_metrics
@@ -124,11 +130,16 @@ class RetrievalMetrics(Metric):
             raise ValueError(
                 f"`labels` must have shape [{n}] to match embeddings, got {tuple(labels.shape)}"
             )
+        labels = check_labels("labels", labels)  # a float label would be truncated silently
         if indexes is None:
             indexes = torch.full((n,), -1, dtype=torch.int64, device=embeddings.device)
         elif indexes.shape != (n,):
             raise ValueError(
                 f"`indexes` must have shape [{n}] to match embeddings, got {tuple(indexes.shape)}"
+            )
+        elif indexes.is_floating_point() or indexes.dtype == torch.bool:
+            raise ArgumentTypeError(
+                f"`indexes` must hold integer dataset indices, got dtype {indexes.dtype}"
             )
         elif bool((indexes < 0).any()):
             raise ValueError(

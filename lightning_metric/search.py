@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_metric.checks import check_choice, check_int
+from lightning_metric.checks import check_choice, check_finite_rows, check_int
 from lightning_metric.retrieval.knn import Metric, prepare, search_complete
 
 __all__ = ["FORMAT", "VERSION", "EmbeddingIndex", "IndexFormatError", "SearchResult"]
@@ -419,11 +419,7 @@ def _as_embeddings(x: Any, name: str, metric: str, dim: Optional[int] = None) ->
             f"{name} have dimension {x.shape[1]}, but the index holds {dim}-d embeddings"
         )
     x = np.ascontiguousarray(x, dtype=np.float32)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"{name} has {int(bad.sum())} rows with NaN or Inf (first: {np.flatnonzero(bad)[:5]})"
-        )
+    check_finite_rows(name, torch.from_numpy(x))
     return x
 
 

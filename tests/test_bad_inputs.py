@@ -240,7 +240,7 @@ RETRIEVAL_CASES: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
         "NaN rows index",
         lambda: EmbeddingIndex(NAN3),
         ValueError,
-        r"embeddings has 3 rows with NaN or Inf",
+        r"`embeddings` has 3 of 10 rows containing NaN or Inf",
     ),
     # choices
     (
@@ -285,6 +285,18 @@ RETRIEVAL_CASES: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
         lambda: RetrievalMetrics().update(X, Y, dataset_size=0),
         ValueError,
         r"`dataset_size` must be an integer >= 1, got 0",
+    ),
+    (
+        "metric update float labels",
+        lambda: RetrievalMetrics().update(X, Y + 0.5),
+        ArgumentTypeError,
+        r"`labels` must hold integer class ids, got dtype torch\.float32",
+    ),
+    (
+        "metric update float indexes",
+        lambda: RetrievalMetrics().update(X, Y, torch.arange(10.0)),
+        ArgumentTypeError,
+        r"`indexes` must hold integer dataset indices, got dtype torch\.float32",
     ),
     # data
     (

@@ -148,11 +148,11 @@ def test_pca_projection_keeps_the_main_axes() -> None:
     ("factory", "match"),
     [
         (lambda: EmbeddingProjection(method="mds"), "method must be 'pca', 'tsne' or 'umap'"),
-        (lambda: EmbeddingProjection(every_n_epochs=0), "every_n_epochs must be an integer >= 1"),
-        (lambda: EmbeddingProjection(max_points=0), "max_points must be an integer >= 1"),
-        (lambda: RetrievalGallery(k=0), "k must be an integer >= 1"),
+        (lambda: EmbeddingProjection(every_n_epochs=0), "`every_n_epochs` must be an integer >= 1"),
+        (lambda: EmbeddingProjection(max_points=0), "`max_points` must be an integer >= 1"),
+        (lambda: RetrievalGallery(k=0), "`k` must be an integer >= 1"),
         (lambda: RetrievalGallery(num_random=0, num_worst=0), "no query to draw"),
-        (lambda: RetrievalGallery(metric="dot"), "metric must be one of"),
+        (lambda: RetrievalGallery(metric="dot"), "`metric` must be one of"),
     ],
 )
 def test_bad_arguments(factory: object, match: str) -> None:

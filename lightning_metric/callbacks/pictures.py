@@ -25,7 +25,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from matplotlib.figure import Figure
 
-from lightning_metric.callbacks.collect import EmbeddingCollector, loader_dataset
+from lightning_metric.callbacks.collect import EmbeddingCollector, dataset_size, loader_dataset
+from lightning_metric.checks import check_choice, check_int
 
 __all__ = ["EmbeddingProjection", "RetrievalGallery", "figure_to_array", "log_figure"]
 
@@ -105,18 +106,8 @@ class _ValidationPicture(Callback):
 
     def __init__(self, every_n_epochs: int, dataloader_idx: int, save_dir: Optional[str]) -> None:
         super().__init__()
-        if (
-            isinstance(every_n_epochs, bool)
-            or not isinstance(every_n_epochs, int)
-            or every_n_epochs < 1
-        ):
-            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
-        if (
-            isinstance(dataloader_idx, bool)
-            or not isinstance(dataloader_idx, int)
-            or dataloader_idx < 0
-        ):
-            raise ValueError(f"dataloader_idx must be an integer >= 0, got {dataloader_idx!r}")
+        check_int("every_n_epochs", every_n_epochs, minimum=1)
+        check_int("dataloader_idx", dataloader_idx, minimum=0)
         self.every_n_epochs = every_n_epochs
         self.dataloader_idx = dataloader_idx
         self.save_dir = save_dir
@@ -144,7 +135,8 @@ class _ValidationPicture(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._due(trainer) or not len(self._collector):
             return
-        index, embeddings, labels = self._collector.compute(pl_module.device)
+        size = dataset_size(trainer.val_dataloaders, self.dataloader_idx)
+        index, embeddings, labels = self._collector.compute(pl_module.device, size)
         self._collector.reset()
         if not trainer.is_global_zero:
             return
@@ -238,9 +230,8 @@ class EmbeddingProjection(_ValidationPicture):
                 raise ImportError(
                     "EmbeddingProjection(method='umap') needs umap-learn: pip install umap-learn"
                 ) from err
-        for name, value in (("max_classes", max_classes), ("max_points", max_points)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int("max_classes", max_classes, minimum=1)
+        check_int("max_points", max_points, minimum=1)
         self.method: Method = method
         self.max_classes = max_classes
         self.max_points = max_points
@@ -351,15 +342,12 @@ class RetrievalGallery(_ValidationPicture):
         save_dir: Optional[str] = None,
     ) -> None:
         super().__init__(every_n_epochs, dataloader_idx, save_dir)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        for name, value in (("num_random", num_random), ("num_worst", num_worst)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        check_int("k", k, minimum=1)
+        check_int("num_random", num_random, minimum=0)
+        check_int("num_worst", num_worst, minimum=0)
         if num_random + num_worst == 0:
             raise ValueError("num_random + num_worst must be >= 1: there would be no query to draw")
-        if metric not in ("cosine", "ip", "l2"):
-            raise ValueError(f"metric must be one of ('cosine', 'ip', 'l2'), got {metric!r}")
+        check_choice("metric", metric, ("cosine", "ip", "l2"))
         self.k = k
         self.num_random = num_random
         self.num_worst = num_worst

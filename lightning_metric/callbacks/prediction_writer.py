@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_metric.callbacks.collect import EmbeddingCollector, dataset_size, loader_dataset
+from lightning_metric.checks import check_choice
 from lightning_metric.search import MANIFEST, EmbeddingIndex
 
 __all__ = ["EmbeddingIndexWriter"]
@@ -50,8 +51,7 @@ class EmbeddingIndexWriter(Callback):
         super().__init__()
         if not isinstance(output_dir, str | Path) or not str(output_dir):
             raise ValueError(f"output_dir must be a directory path, got {output_dir!r}")
-        if metric not in ("cosine", "ip", "l2"):
-            raise ValueError(f"metric must be one of ('cosine', 'ip', 'l2'), got {metric!r}")
+        check_choice("metric", metric, ("cosine", "ip", "l2"))
         self.output_dir = Path(output_dir)
         self.metric: Literal["cosine", "ip", "l2"] = metric
         self.overwrite = overwrite
