@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_metric.checks import ArgumentTypeError, check_choice, check_k, check_labels
+from lightning_metric.checks import (
+    ArgumentTypeError,
+    check_choice,
+    check_int,
+    check_k,
+    check_labels,
+)
 from lightning_metric.retrieval.knn import (
     Metric,
     as_tensor,
@@ -186,6 +192,8 @@ def _score(
     fast: bool | None,
     metric: Metric,
 ) -> _PerQuery:
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, minimum=1)
     if s.num_candidates < 1:
         raise ValueError(
             f"there is only {s.reference.shape[0]} item to search and a query never retrieves "
