@@ -233,6 +233,36 @@ def test_empty_batch_is_a_clear_error() -> None:
         CosFaceHead(D, C).loss(torch.zeros(0, D), torch.zeros(0, dtype=torch.long))
 
 
+# ------------------------------------------------------------------ fit start, checkpoints
+class _Data(L.LightningDataModule):
+    num_classes = 6
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Batches(_batches(n=1)), batch_size=None)
+
+
+def test_data_with_more_classes_than_the_head_fails_before_the_first_step() -> None:
+    model = _module()  # num_classes=4
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"data has num_classes=6.*num_classes=4.*up to 5"):
+        trainer.fit(model, _Data())
+    assert trainer.global_step == 0
+
+
+def test_python_checkpoint_loads_with_its_modules_and_says_which_without(tmp_path) -> None:
+    model = _module()
+    trainer = _fit(model, _batches(n=1))
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(TypeError, match=r"SmallCNN.*ArcFaceHead.*missing now: backbone, head"):
+        MetricLearningModule.load_from_checkpoint(path)
+    loaded = MetricLearningModule.load_from_checkpoint(
+        path, backbone=SmallCNN(in_channels=1, width=4), head=partial(ArcFaceHead, scale=16.0)
+    )
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[name]), name
+
+
 # ------------------------------------------------------------------ DDP: ranks agree
 class _RankBatches(_Batches):
     """Step ``i`` of rank ``r`` is ``batches[2 * i + r]`` (no sampler in between)."""
