@@ -7,8 +7,6 @@ loss value must equal one process training on the concatenated batch.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -16,8 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_harness import FileRendezvousDDP, run_ranks
 from pytorch_metric_learning import distances, losses, miners, reducers, regularizers
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -118,35 +115,19 @@ def run_steps(module: MetricLearningModule, steps: list[slice], call: nn.Module)
     return out
 
 
-def worker(rank: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        results = {}
-        for name, (_, steps) in CASES.items():
-            module = build(name)
-            ddp = DistributedDataParallel(LossOf(module))
-            results[name] = run_steps(module, [step[rank] for step in steps], ddp)
-        torch.save(results, Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(rank: int, folder: str) -> None:
+    results = {}
+    for name, (_, steps) in CASES.items():
+        module = build(name)
+        ddp = DistributedDataParallel(LossOf(module))
+        results[name] = run_steps(module, [step[rank] for step in steps], ddp)
+    torch.save(results, Path(folder) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     folder = tmp_path_factory.mktemp("ddp_pml")
-    # spawn, not fork: a child forked from a parent whose OpenMP / gloo threads are running
-    # can deadlock (seen once in a full-suite run); spawn costs a few seconds of imports.
-    mp.start_processes(
-        worker, args=(free_port(), str(folder)), nprocs=WORLD, join=True, start_method="spawn"
-    )
+    run_ranks(worker, WORLD, folder, args=(str(folder),))
     return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -198,7 +179,7 @@ def test_lightning_ddp_step_equals_one_big_batch(tmp_path):
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy="ddp_spawn",
+        strategy=FileRendezvousDDP(tmp_path),
         max_steps=1,
         logger=False,
         enable_checkpointing=False,

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_harness import run_ranks
 
 from lightning_metric.heads import AdaFaceHead, CurricularFaceHead
 
@@ -31,31 +28,16 @@ def _heads() -> tuple[CurricularFaceHead, AdaFaceHead]:
     return CurricularFaceHead(D, C), AdaFaceHead(D, C, chunk_size=4)
 
 
-def _worker(rank: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        curricular, ada = _heads()
-        x, y = _batch(rank)
-        curricular.loss(x, y)
-        ada.loss(x, y)  # the streaming path updates the statistics too
-        torch.save({**curricular.state_dict(), **ada.state_dict()}, Path(folder) / f"{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, folder: str) -> None:
+    curricular, ada = _heads()
+    x, y = _batch(rank)
+    curricular.loss(x, y)
+    ada.loss(x, y)  # the streaming path updates the statistics too
+    torch.save({**curricular.state_dict(), **ada.state_dict()}, Path(folder) / f"{rank}.pt")
 
 
 def test_statistics_are_rank_averaged(tmp_path: Path) -> None:
-    # spawn, not fork: forking a parent with live OpenMP / gloo threads can deadlock.
-    mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn"
-    )
+    run_ranks(_worker, WORLD, tmp_path, args=(str(tmp_path),))
     states = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
     curricular, _ = _heads()
     cos_means, norm_means, norm_stds = [], [], []

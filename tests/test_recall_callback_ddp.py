@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from ddp_harness import FileRendezvousDDP
 from lightning.pytorch.callbacks import Callback
 from test_recall_callback import DictDataset, Tiny, clustered
 from torch.utils.data import DataLoader
@@ -40,7 +41,7 @@ def run(devices: int, folder: Path, loaders: list[DataLoader]) -> dict[str, floa
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy=FileRendezvousDDP(folder) if devices > 1 else "auto",
         callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,

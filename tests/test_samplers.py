@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from ddp_harness import FileRendezvousDDP
 from torch.utils.data import DistributedSampler, TensorDataset
 
 from lightning_metric.data import DigitsDataModule, MPerClassSampler
@@ -176,7 +177,7 @@ def test_lightning_ddp_keeps_m_per_class_batches(tmp_path: Path) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy=FileRendezvousDDP(tmp_path),
         max_epochs=2,
         logger=False,
         enable_checkpointing=False,
