@@ -27,7 +27,9 @@ __all__ = [
     "check_int",
     "check_k",
     "check_labels",
+    "check_num_classes",
     "check_positive_int",
+    "check_real",
 ]
 
 T = TypeVar("T")
@@ -162,3 +164,32 @@ def check_finite_rows(name: str, x: Tensor) -> None:
             f"`{name}` has {num_bad} of {x.shape[0]} rows containing NaN or Inf "
             f"(first rows: {first}); check the model output before evaluating"
         )
+
+
+# --- training side (module, heads) ---
+
+
+def check_real(name: str, value: Any) -> float:
+    """``value`` as a float; rejects bool, str and None (a type error, not a failed comparison
+    deep inside a range check)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}"
+        )
+    return float(value)
+
+
+def check_num_classes(value: Any, name: str = "num_classes") -> int:
+    """The class count of a classification objective: an integer >= 2.
+
+    With one class the softmax is 1 whatever the embedding: the loss is exactly 0 and every
+    gradient zero, so training would run and learn nothing.
+    """
+    n = check_int(name, value)
+    if n < 2:
+        raise ValueError(
+            f"`{name}` must be an integer >= 2, got {n}: with a single class the softmax is "
+            "always 1, so the loss is exactly 0 and no gradient reaches the model (training "
+            "would silently learn nothing)"
+        )
+    return n

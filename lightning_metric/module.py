@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import numbers
 from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
@@ -25,10 +24,16 @@ from pytorch_metric_learning.miners import BaseMiner
 from torch import nn
 
 from lightning_metric.batch import Batch, split_batch
-from lightning_metric.checks import ArgumentTypeError, check_choice, check_int, check_labels
+from lightning_metric.checks import (
+    ArgumentTypeError,
+    check_choice,
+    check_int,
+    check_labels,
+    check_num_classes,
+    check_real,
+)
 from lightning_metric.distributed import gather_for_loss, world_size
 from lightning_metric.heads import MarginHead
-from lightning_metric.heads.base import check_num_classes
 from lightning_metric.heads.functional import normalize_embeddings
 from lightning_metric.necks import EmbeddingNeck
 
@@ -453,13 +458,10 @@ def _qualified_name(obj: object) -> str:
 
 
 def _positive_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ArgumentTypeError(
-            f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}"
-        )
-    if not float(value) > 0:
+    real = check_real(name, value)
+    if not real > 0:
         raise ValueError(f"`{name}` must be > 0, got {value!r}")
-    return float(value)
+    return real
 
 
 def _nonfinite_flags(loss: torch.Tensor, embeddings: torch.Tensor) -> tuple[bool, bool]:

@@ -382,12 +382,17 @@ def pml_label_beyond_its_classes() -> Any:
 # (name, call, exception type, literal message fragment)
 TRAINING_CASES: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
     # one class: the loss would be exactly 0 with zero gradients
-    ("head one class", lambda: ArcFaceHead(8, 1), ValueError, "num_classes=1 must be >= 2"),
+    (
+        "head one class",
+        lambda: ArcFaceHead(8, 1),
+        ValueError,
+        "`num_classes` must be an integer >= 2, got 1",
+    ),
     (
         "module one class",
         lambda: tiny(head=ArcFaceHead, num_classes=1),
         ValueError,
-        "num_classes=1 must be >= 2",
+        "`num_classes` must be an integer >= 2, got 1",
     ),
     # types and ranges of numbers
     (

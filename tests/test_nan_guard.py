@@ -150,12 +150,14 @@ def test_nonfinite_option_is_checked() -> None:
 # ------------------------------------------------------------------ one class
 @pytest.mark.parametrize("cls", ALL_HEADS, ids=lambda c: c.__name__)
 def test_single_class_head_is_rejected(cls: Callable[..., MarginHead]) -> None:
-    with pytest.raises(ValueError, match=r"num_classes=1 must be >= 2.*loss is exactly 0"):
+    with pytest.raises(
+        ValueError, match=r"`num_classes` must be an integer >= 2, got 1: .*loss is exactly 0"
+    ):
         cls(D, 1)
 
 
 def test_single_class_module_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"num_classes=1 must be >= 2"):
+    with pytest.raises(ValueError, match=r"`num_classes` must be an integer >= 2, got 1"):
         _module(num_classes=1)
 
 

@@ -8,13 +8,12 @@ non-target cosines (``_negative_logits``) or a running statistic (``_update_stat
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_metric.checks import ArgumentTypeError, check_int, check_labels
+from lightning_metric.checks import check_int, check_labels, check_num_classes, check_real
 from lightning_metric.heads.functional import l2_normalize, normalize_embeddings
 from lightning_metric.heads.sampling import class_rows, sample_classes
 from lightning_metric.heads.streaming import streaming_margin_cross_entropy
@@ -273,28 +272,4 @@ def _check(ok: bool, name: str, value: object, rule: str) -> None:
         raise ValueError(f"{name}={value!r} {rule}")
 
 
-def _real(name: str, value: object) -> float:
-    """A real-number hyper-parameter as float; a str, bool or None is a type error here, not
-    a comparison error deep inside a range check."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ArgumentTypeError(
-            f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}"
-        )
-    return float(value)
-
-
-def check_num_classes(num_classes: object, name: str = "num_classes") -> int:
-    """The number of classes of a classification objective: an int >= 2.
-
-    With one class the softmax is 1 whatever the embedding: the loss is exactly 0 and every
-    gradient zero, so training would run and learn nothing.
-    """
-    n = check_int(name, num_classes)
-    _check(
-        n >= 2,
-        name,
-        n,
-        "must be >= 2: with a single class the softmax is always 1, so the loss is exactly 0 "
-        "and no gradient reaches the model (training would silently learn nothing)",
-    )
-    return n
+_real = check_real  # the heads' float hyper-parameters
