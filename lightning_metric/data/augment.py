@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import get_worker_info
 
+from lightning_metric.data.samplers import derive_seed
+
 
 class RandomAffineNoise:
     """Per-sample random rotation, scale, shear and shift, then additive Gaussian noise.
@@ -96,15 +98,31 @@ class RandomAffineNoise:
 class BatchCollate:
     """Collates ``{"x", "label", "index"}`` samples and optionally augments the whole batch.
 
-    Reproducibility: in the main process the generator is seeded with ``seed`` and keeps
-    running across epochs (each epoch differs, the sequence is fixed by the seed). In a worker it
-    is seeded with that worker's seed, which torch derives from the DataLoader's ``generator``,
-    so it is also fixed by the seed the DataModule gives that generator.
+    Where the augmentation's randomness comes from:
+
+    - ``per_batch_seed=True`` (what the DataModules' training loaders use): each batch's
+      generator is seeded from ``seed`` and the batch's ordered dataset indices. The sampler
+      makes those indices a fixed function of (seed, epoch, rank, position in the epoch), so
+      the augmentation of every batch is too: it is the same whichever DataLoader worker
+      builds the batch, however many workers there are, and after resuming from a checkpoint
+      (no generator state has to be saved, which for workers would be impossible: their
+      generators live in the worker processes and run ahead of the model by the prefetch).
+      Calling it twice on the same batch gives the same augmentation.
+    - ``per_batch_seed=False``: in the main process the generator is seeded with ``seed`` and
+      keeps running across calls. In a worker it is seeded with that worker's seed, which
+      torch derives from the DataLoader's ``generator``. Fixed by the seed for a run from
+      scratch, but a resumed run restarts the stream (not exact on resume).
     """
 
-    def __init__(self, augment: Optional[RandomAffineNoise] = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        augment: Optional[RandomAffineNoise] = None,
+        seed: int = 0,
+        per_batch_seed: bool = False,
+    ) -> None:
         self.augment = augment
         self.seed = seed
+        self.per_batch_seed = per_batch_seed
         self._generator: Optional[torch.Generator] = None
         self._generator_seed: Optional[int] = None
 
@@ -119,5 +137,10 @@ class BatchCollate:
     def __call__(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         batch = {key: torch.stack([s[key] for s in samples]) for key in ("x", "label", "index")}
         if self.augment is not None:
-            batch["x"] = self.augment(batch["x"], self.generator())
+            if self.per_batch_seed:
+                seed = derive_seed("augment", self.seed, batch["index"])
+                generator = torch.Generator().manual_seed(seed)
+            else:
+                generator = self.generator()
+            batch["x"] = self.augment(batch["x"], generator)
         return batch

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, Optional, Union
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_metric.checks import check_positive_int
 from lightning_metric.data.augment import BatchCollate, RandomAffineNoise
-from lightning_metric.data.samplers import MPerClassSampler
+from lightning_metric.data.samplers import EpochShuffleSampler, MPerClassSampler
 
 Split = Literal["train", "val", "test"]
 
@@ -67,6 +68,134 @@ class ArrayDataset(Dataset[dict[str, torch.Tensor]]):
     @property
     def num_classes(self) -> int:
         return int(self.labels.max().item()) + 1 if len(self) else 0
+
+
+def _samplers(loader: DataLoader) -> list[object]:
+    """The loader's batch sampler, its index sampler and ``batch_sampler.sampler`` (no repeats)."""
+    found: dict[int, object] = {}
+    batch_sampler = loader.batch_sampler
+    for obj in (batch_sampler, loader.sampler, getattr(batch_sampler, "sampler", None)):
+        if obj is not None:
+            found.setdefault(id(obj), obj)
+    return list(found.values())
+
+
+def _loader_epoch(loader: DataLoader) -> Optional[int]:
+    for obj in _samplers(loader):
+        epoch = getattr(obj, "epoch", None)
+        if isinstance(epoch, int) and not isinstance(epoch, bool):
+            return epoch
+    return None
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that Lightning can resume mid-epoch, exactly.
+
+    Its samplers derive each epoch's batches from (seed, epoch, rank) alone (see
+    :class:`ArrayDataModule`), so the loader's state is two integers: the epoch and how many
+    batches of it were handed out. Lightning stores ``state_dict()`` in every checkpoint (the
+    loader is ``Stateful``) and, when resuming mid-epoch, calls ``load_state_dict`` before
+    iterating; the next pass of that same epoch then skips the batches already trained on, at
+    the index level (nothing is loaded or augmented for them).
+
+    ``epoch`` is handed to the samplers' ``set_epoch`` on construction. Lightning calls
+    ``set_epoch`` itself at every epoch start, but only after creating the epoch's iterator, and
+    with ``num_workers > 0`` the iterator starts drawing indices at creation: without ``epoch``
+    the first epoch of a resumed run would be drawn as epoch 0. Lightning re-creates the loader
+    under DDP with the same arguments, so the epoch also reaches its ``DistributedSampler``.
+    """
+
+    def __init__(self, dataset: Dataset[Any], *args: Any, epoch: int = 0, **kwargs: Any) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        self.epoch = epoch
+        self._index_wrapper = _ResumingIndexSampler(self)
+        self._yielded = 0
+        self._resume: Optional[tuple[Optional[int], int]] = None
+        for obj in _samplers(self):
+            set_epoch = getattr(obj, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+
+    @property
+    def _index_sampler(self) -> Any:
+        # torch reads this to draw the indices of each batch; wrapping it here (instead of the
+        # batch sampler, which cannot be replaced after construction) lets a resumed epoch start
+        # at the right batch. Persistent workers re-iterate the same object every epoch.
+        wrapper = self.__dict__.get("_index_wrapper")
+        if wrapper is None:  # during DataLoader.__init__
+            return super()._index_sampler
+        return wrapper
+
+    def _take_resume(self) -> int:
+        """Batches to skip at the start of the pass that is beginning (once, then 0)."""
+        resume, self._resume = self._resume, None
+        if resume is None:
+            return 0
+        epoch, batches = resume
+        current = _loader_epoch(self)
+        if epoch is not None and current is not None and epoch != current:
+            return 0  # the checkpoint ended its epoch: this pass starts a new one
+        return min(batches, len(self))
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self._yielded = 0
+        return _CountingIterator(self, super().__iter__())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": _loader_epoch(self), "batches": self._yielded}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        epoch, batches = state_dict.get("epoch"), state_dict.get("batches", 0)
+        if (epoch is not None and not isinstance(epoch, int)) or not isinstance(batches, int):
+            raise ValueError(f"not a ResumableDataLoader state: {state_dict!r}")
+        self._resume = (epoch, batches)
+
+
+class _ResumingIndexSampler:
+    """What the loader's iterators draw batches of indices from: the loader's batch sampler,
+    less the batches a resumed epoch has already trained on."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        # The loader holds this object and its (persistent) iterator does too: a weak reference
+        # back keeps them out of a reference cycle, so the workers stop when the loader goes.
+        self.loader = weakref.ref(loader)
+        self.base: Any = (
+            loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = self.loader()
+        skip = 0
+        if loader is not None:
+            skip = loader._take_resume()
+            loader._yielded = skip
+        del loader
+        indices = iter(self.base)
+        for _ in range(skip):
+            next(indices, None)
+        yield from indices
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+class _CountingIterator:
+    """Counts the batches the loader has handed out this pass (what ``state_dict`` records)."""
+
+    def __init__(self, loader: ResumableDataLoader, iterator: Iterator[Any]) -> None:
+        self.loader = loader
+        self.iterator = iterator
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.iterator)
+        self.loader._yielded += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def remap_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -162,32 +291,57 @@ class ArrayDataModule(pl.LightningDataModule):
                 f"({len(train)} samples): training drops the last partial batch, so no batch "
                 "would be left; lower batch_size"
             )
+        # Exact resume (fit(N) == fit(k) + resume(N - k)), also with num_workers > 0: every random
+        # stream of this loader is a fixed function of (seed, epoch, rank, position), as in
+        # Lightning's DistributedSampler, instead of a generator that runs across epochs.
+        # - order: EpochShuffleSampler / MPerClassSampler / DistributedSampler (under DDP) draw
+        #   each epoch from (seed, epoch), and Lightning calls set_epoch at every epoch start;
+        # - augmentation: seeded per batch from (seed, rank, the batch's indices), which the
+        #   order fixes; so it does not matter which worker builds a batch, or how far ahead.
+        # Saving generator states in the checkpoint instead (a DataModule state_dict) cannot be
+        # exact with workers: their generators live in the worker processes and have run ahead
+        # of the model by the prefetched batches. What is left to save is two integers (epoch,
+        # batches handed out), kept by ResumableDataLoader for mid-epoch checkpoints.
         # Mixing the rank in keeps the augmentation streams of DDP ranks independent.
         seed = self.seed + 1_000_003 * self._rank()
         augment = self.make_augment() if self.augment else None
-        collate = BatchCollate(augment, seed=seed)
+        collate = BatchCollate(augment, seed=seed, per_batch_seed=True)
+        # Only seeds the workers' global RNGs (unused here); it keeps the loader from drawing
+        # from torch's global generator.
         generator = torch.Generator().manual_seed(seed)
+        epoch = self._fit_epoch()
         if self.m_per_class is not None:
             # Same seed on every rank: all ranks must derive the same epoch plan to split it.
             sampler = MPerClassSampler(train.labels, self.m_per_class, self.batch_size, self.seed)
-            return DataLoader(
+            return ResumableDataLoader(
                 train,
                 batch_sampler=sampler,
                 collate_fn=collate,
                 generator=generator,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
+                epoch=epoch,
             )
-        return DataLoader(
+        return ResumableDataLoader(
             train,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=EpochShuffleSampler(train, seed=self.seed),
             drop_last=True,
             collate_fn=collate,
             generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            epoch=epoch,
         )
+
+    def _fit_epoch(self) -> int:
+        """The epoch the trainer's fit loop is about to run (restored on resume), else 0."""
+        trainer = getattr(self, "trainer", None)
+        progress = getattr(
+            getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None), "current", None
+        )
+        processed = getattr(progress, "processed", 0)
+        return processed if isinstance(processed, int) else 0
 
     def _eval_loader(self, split: Split) -> DataLoader:
         return DataLoader(

@@ -2,17 +2,74 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, Sampler
+from torch.utils.data import BatchSampler, RandomSampler, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from lightning_metric.checks import check_int as _check_int
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed that is a fixed function of ``parts`` (ints, or arrays/tensors of ints).
+
+    Used to derive every random stream of the training loader from (seed, epoch, rank,
+    position) instead of from a generator that runs across epochs, so that a resumed run
+    replays exactly the stream an uninterrupted run would have seen (see ``ArrayDataModule``).
+    Unlike ``seed + epoch`` (what ``DistributedSampler`` uses), distinct tuples do not collide.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().numpy()
+        if isinstance(part, np.ndarray):
+            digest.update(np.ascontiguousarray(part, dtype="<i8").tobytes())
+        else:
+            digest.update(repr(part).encode())
+        digest.update(b"|")
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+class EpochShuffleSampler(RandomSampler):
+    """A random permutation of the dataset that is a fixed function of ``(seed, epoch)``.
+
+    A drop-in for ``RandomSampler`` (``shuffle=True``): ``RandomSampler`` with a ``generator``
+    draws each epoch's order from a generator that keeps running across epochs, so a run
+    resumed from a checkpoint (fresh generator) replays epoch 0's order. Here, as in
+    ``DistributedSampler``, the order depends only on the seed and the epoch given to
+    ``set_epoch``, which Lightning calls at every epoch start. Iterating again without a
+    ``set_epoch`` in between moves on to the next epoch, so a plain PyTorch loop that reuses
+    the loader still reshuffles. Being a ``RandomSampler``, it is replaced by Lightning's
+    ``DistributedSampler(shuffle=True)`` under DDP, as before.
+    """
+
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+        super().__init__(data_source)  # type: ignore[arg-type]
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self.epoch = 0
+        self._iterated = False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._iterated = False
+
+    def __iter__(self) -> Iterator[int]:
+        if self._iterated:  # a second pass without set_epoch: next epoch
+            self.epoch += 1
+        self._iterated = True
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.data_source)  # type: ignore[arg-type]
 
 
 class _EpochCounter(Sampler[int]):
