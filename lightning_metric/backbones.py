@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lightning_metric.checks import ArgumentTypeError, check_int
+
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
@@ -34,11 +36,8 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, width: int = 32) -> None:
         super().__init__()
-        if in_channels < 1 or width < 1:
-            raise ValueError(
-                f"in_channels and width must be >= 1, got in_channels={in_channels}, width={width}"
-            )
-        w = width
+        in_channels = check_int("in_channels", in_channels, minimum=1)
+        w = width = check_int("width", width, minimum=1)
         self.features = nn.Sequential(
             _conv_block(in_channels, w),
             _conv_block(w, w),
@@ -75,6 +74,7 @@ class TorchvisionBackbone(nn.Module):
 
     def __init__(self, name: str, weights: Optional[str] = None) -> None:
         super().__init__()
+        _check_name("TorchvisionBackbone", name)
         try:
             import torchvision
         except ImportError as err:  # pragma: no cover - depends on the environment
@@ -90,6 +90,14 @@ class TorchvisionBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def _check_name(owner: str, name: object) -> None:
+    if not isinstance(name, str):
+        raise ArgumentTypeError(
+            f"{owner}(name=...) takes a model name string such as 'resnet50', got {name!r} of "
+            f"type {type(name).__name__}"
+        )
 
 
 def _strip_classifier(model: nn.Module, name: str) -> int:
@@ -122,6 +130,8 @@ class TimmBackbone(nn.Module):
 
     def __init__(self, name: str, pretrained: bool = False, in_chans: int = 3) -> None:
         super().__init__()
+        _check_name("TimmBackbone", name)
+        in_chans = check_int("in_chans", in_chans, minimum=1)
         try:
             import timm
         except ImportError as err:  # pragma: no cover - depends on the environment

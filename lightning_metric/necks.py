@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lightning_metric.checks import check_int, check_real
+
 
 class EmbeddingNeck(nn.Module):
     """Global pooling -> Linear -> BatchNorm1d.
@@ -27,12 +29,12 @@ class EmbeddingNeck(nn.Module):
         self, in_features: Optional[int] = None, embedding_dim: int = 128, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        if embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
-        if in_features is not None and in_features < 1:
-            raise ValueError(f"in_features must be >= 1 or None, got {in_features}")
+        embedding_dim = check_int("embedding_dim", embedding_dim, minimum=1)
+        if in_features is not None:
+            in_features = check_int("in_features", in_features, minimum=1)
+        dropout = check_real("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ValueError(f"`dropout` must be in [0, 1), got {dropout}")
         self.embedding_dim = embedding_dim
         self.dropout = nn.Dropout(dropout)
         # No bias: the BatchNorm that follows has its own shift.
