@@ -3,6 +3,7 @@ index directory that survives an interrupted save. References are NumPy brute fo
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -164,6 +165,48 @@ def test_metric_under_simulated_ddp_equals_one_process(
     assert got == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="not unique per item"):
         simulate_ddp_metric(monkeypatch, world, x, labels, repeated, dataset_size=None)
+
+
+class DumpMetrics(pl.Callback):
+    """Each rank writes what it logged, to compare ranks and runs."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        (Path(self.folder) / f"rank{trainer.global_rank}.json").write_text(json.dumps(values))
+
+
+@pytest.mark.ddp
+def test_ddp_on_concat_dataset_equals_one_process(tmp_path: Path) -> None:
+    from ddp_harness import FileRendezvousDDP
+
+    data, x, labels = concat_data()  # 71 items: DistributedSampler pads 1 row on 2 ranks
+    loader = DataLoader(data, batch_size=8)
+    runs = []
+    for devices in (1, 2):
+        folder = tmp_path / f"devices{devices}"
+        folder.mkdir()
+        pl.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            strategy=FileRendezvousDDP(folder) if devices > 1 else "auto",
+            callbacks=[RecallAtK(k=KS), DumpMetrics(str(folder))],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        ).validate(Tiny(), loader, verbose=False)
+        ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
+        assert len(ranks) == devices and all(r == ranks[0] for r in ranks)
+        runs.append(ranks[0])
+    single, ddp = runs
+    assert ddp == single
+    for k in KS:
+        assert single[f"val/recall@{k}"] == pytest.approx(
+            brute_recall(x.numpy(), labels.numpy(), k)
+        )
 
 
 # ---------------------------------------------------------------- self-matches
