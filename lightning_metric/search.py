@@ -326,6 +326,8 @@ class EmbeddingIndex:
                 raise ValueError("this index was not loaded from a directory; pass save(directory)")
             directory = self.directory
         root = Path(directory)
+        if root.is_symlink():
+            root = root.resolve()  # swap the folder it points to, keep the link
         if root.exists() and not root.is_dir():
             raise NotADirectoryError(f"{str(root)!r} exists and is not a directory")
         root.parent.mkdir(parents=True, exist_ok=True)
