@@ -197,8 +197,10 @@ class MetricLearningModule(LightningModule):
         x, labels, _ = split_batch(batch)
         self._mined_nothing = None
         skip = self.nonfinite == "skip"
-        # Forward passes update buffers (BatchNorm statistics): a skipped step must not.
+        # Forward passes update state (BatchNorm statistics, a memory queue): a skipped step
+        # must not.
         saved = [b.detach().clone() for b in self.buffers()] if skip else None
+        queue = _queue_state(self.loss_fn) if skip else None
         embeddings = self.embed(x)
         loss = self.compute_loss(embeddings, labels)
         bad_loss, bad_embeddings = _nonfinite_flags(loss, embeddings)
@@ -216,6 +218,8 @@ class MetricLearningModule(LightningModule):
             with torch.no_grad():
                 for buffer, old in zip(self.buffers(), saved, strict=True):
                     buffer.copy_(old)
+            if queue:
+                vars(self.loss_fn).update(queue)
             self.skipped_nonfinite_steps += 1
             rank_zero_warn(f"{report}; skipped (nonfinite='skip'): no weight update")
             self._log_skipped(len(labels))
@@ -462,6 +466,13 @@ def _positive_real(name: str, value: object) -> float:
     if not real > 0:
         raise ValueError(f"`{name}` must be > 0, got {value!r}")
     return real
+
+
+def _queue_state(loss: Optional[nn.Module]) -> dict[str, Any]:
+    """CrossBatchMemory's queue position (plain attributes; its memory is buffers)."""
+    if not isinstance(loss, CrossBatchMemory):
+        return {}
+    return {k: getattr(loss, k) for k in ("queue_idx", "has_been_filled") if hasattr(loss, k)}
 
 
 def _nonfinite_flags(loss: torch.Tensor, embeddings: torch.Tensor) -> tuple[bool, bool]:

@@ -135,6 +135,22 @@ def test_skip_leaves_weights_and_buffers_as_a_run_without_the_bad_batch() -> Non
     assert not torch.equal(ref_state["head.weight"], _module().state_dict()["head.weight"])
 
 
+def test_skip_restores_a_cross_batch_memory() -> None:
+    from pytorch_metric_learning import losses
+
+    clean = _batches(n=3)
+    poisoned = clean[:1] + [_batches(n=2, poison_at=1)[1]] + clean[1:]
+    memory = losses.CrossBatchMemory(losses.ContrastiveLoss(), 8, memory_size=64)
+    reference = _module(head=None, num_classes=None, loss=memory, nonfinite="skip")
+    skipping = copy.deepcopy(reference)
+    _fit(reference, clean)
+    with pytest.warns(UserWarning, match="global step 1"):
+        _fit(skipping, poisoned)
+    assert skipping.loss_fn.queue_idx == reference.loss_fn.queue_idx == 24
+    for name, value in reference.state_dict().items():  # includes the memory buffers
+        assert torch.equal(value, skipping.state_dict()[name]), name
+
+
 def test_skip_counter_is_logged_as_zero_on_a_clean_run() -> None:
     trainer = _fit(_module(nonfinite="skip"), _batches(n=2))
     assert float(trainer.callback_metrics["train/skipped_nonfinite_steps"]) == 0.0
