@@ -73,9 +73,10 @@ def _module(**kwargs: object) -> MetricLearningModule:
     return MetricLearningModule(**defaults)  # type: ignore[arg-type]
 
 
-def _fit(model: MetricLearningModule, batches: list) -> L.Trainer:
+def _fit(model: MetricLearningModule, batches: list, accumulate: int = 1) -> L.Trainer:
     trainer = L.Trainer(
         max_epochs=1,
+        accumulate_grad_batches=accumulate,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -133,6 +134,22 @@ def test_skip_leaves_weights_and_buffers_as_a_run_without_the_bad_batch() -> Non
     assert all(torch.isfinite(v).all() for v in skip_state.values() if v.is_floating_point())
     # Training moved the weights at all (so equality above is not that of two idle models).
     assert not torch.equal(ref_state["head.weight"], _module().state_dict()["head.weight"])
+
+
+def test_skip_under_gradient_accumulation_keeps_the_window_s_good_batches() -> None:
+    clean, bad = _batches(n=1), _batches(n=2, poison_at=1)[1]
+    initial = _module(nonfinite="skip")
+    state = {k: v.clone() for k, v in initial.state_dict().items()}
+    all_bad = copy.deepcopy(initial)
+    _fit(all_bad, [bad, bad], accumulate=2)  # nothing kept in the window: no step at all
+    assert all_bad.skipped_nonfinite_steps == 2
+    for name, value in all_bad.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    one_good = copy.deepcopy(initial)
+    _fit(one_good, [clean[0], bad], accumulate=2)  # the good batch's gradient is applied
+    assert one_good.skipped_nonfinite_steps == 1
+    weight = one_good.state_dict()["head.weight"]
+    assert torch.isfinite(weight).all() and not torch.equal(weight, state["head.weight"])
 
 
 def test_skip_restores_a_cross_batch_memory() -> None:
