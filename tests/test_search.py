@@ -49,6 +49,9 @@ def _fit_and_predict(root: Path) -> dict[str, Path]:
             *QUIET,
             f"--trainer.default_root_dir={root}",
             "--trainer.limit_predict_batches=3",
+            # fp32 like the model the search tests embed queries with (the run-time default
+            # would be bf16 on a CPU with native bf16, whose rounding reorders near-ties).
+            "--trainer.precision=32-true",
             "--trainer.callbacks+=lightning_metric.callbacks.EmbeddingIndexWriter",
             f"--trainer.callbacks.output_dir={out}",
             f"--ckpt_path={ckpt}",
