@@ -354,3 +354,21 @@ def test_ddp_nonfinite_step_raises_on_every_rank(tmp_path) -> None:
     with pytest.raises(Exception, match="global step 1") as info:
         _ddp_fit(_module(), poisoned, str(tmp_path))
     assert "FloatingPointError" in repr(info.value) or isinstance(info.value, FloatingPointError)
+
+
+# ------------------------------------------------------------------ PML class-centre sizes
+@pytest.mark.parametrize(
+    "name",
+    ["ArcFaceLoss", "NormalizedSoftmaxLoss", "SoftTripleLoss", "ProxyNCALoss", "ProxyAnchorLoss"],
+)
+def test_pml_class_centre_sizes_come_from_the_loss_parameters(name: str) -> None:
+    # PML keeps no embedding_size attribute (and records 0 for some losses): the old
+    # attribute check rejected NormalizedSoftmax / SoftTriple / ProxyNCA whatever the sizes.
+    from pytorch_metric_learning import losses
+
+    cls = getattr(losses, name)
+    _module(head=None, loss=cls(num_classes=4, embedding_size=8), num_classes=4)
+    with pytest.raises(ValueError, match="embedding_size=16 but .* embedding_dim=8"):
+        _module(head=None, loss=cls(num_classes=4, embedding_size=16), num_classes=4)
+    with pytest.raises(ValueError, match="has num_classes=4 but num_classes=6"):
+        _module(head=None, loss=cls(num_classes=4, embedding_size=8), num_classes=6)
