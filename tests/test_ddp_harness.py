@@ -45,12 +45,21 @@ def _assert_all_gone(folder: Path, world: int = 2) -> None:
     assert multiprocessing.active_children() == []
 
 
+def _wait_for(path: Path) -> None:
+    # init_process_group can return on one rank while its peer is still connecting: leaving
+    # then would fail the peer inside init, not in the collective under test.
+    while not path.exists():
+        time.sleep(0.05)
+
+
 def _killed_mid_collective(rank: int, folder: str) -> None:
     _note(folder, "started", rank)
     if rank == 1:
-        time.sleep(1)  # let rank 0 enter the all_reduce
+        _wait_for(Path(folder, "waiting0.json"))
+        time.sleep(0.5)  # let rank 0 get into the all_reduce
         _note(folder, "dying", rank)
         os.kill(os.getpid(), signal.SIGKILL)
+    _note(folder, "waiting", rank)
     dist.all_reduce(torch.ones(3))
 
 
@@ -67,6 +76,7 @@ def test_rank_killed_mid_collective_fails_at_once(tmp_path: Path) -> None:
 def _skips_the_barrier(rank: int, folder: str, linger: float) -> None:
     _note(folder, "started", rank)
     if rank == 1:
+        _wait_for(Path(folder, "waiting0.json"))
         time.sleep(linger)
         return  # normally, without ever entering the barrier
     _note(folder, "waiting", rank)
