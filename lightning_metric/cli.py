@@ -228,6 +228,8 @@ def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI
     # login prompt. A user who has logged in (or set WANDB_MODE) keeps their choice.
     if "WANDB_MODE" not in os.environ and not _wandb_has_credentials():
         os.environ["WANDB_MODE"] = "offline"
+    # wandb's own run history and summary would repeat the closing summary printed here.
+    os.environ.setdefault("WANDB_QUIET", "true")
     # Configs write `${trainer.default_root_dir}`; under a subcommand that key is really
     # `fit.trainer.default_root_dir`, which this setting resolves.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)

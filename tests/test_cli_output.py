@@ -20,7 +20,7 @@ DIGITS = str(ROOT / "examples" / "configs" / "digits_arcface.yaml")
 EXE = str(Path(sys.executable).parent / "lightning-metric")
 SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
 # Lines a user must not have to read: wandb's deprecation/git noise, Lightning's product tips.
-NOISE = ("anonymous setting", "git root", "Tip:", "LeafSpec", "model summary")
+NOISE = ("anonymous setting", "git root", "Tip:", "LeafSpec", "model summary", "Run history")
 
 
 def lightning_metric(*args: str, cwd: Path) -> str:
