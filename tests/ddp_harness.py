@@ -99,10 +99,12 @@ def run_ranks(
         for proc in procs:
             proc.start()
         while True:
-            failed = [_describe(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode]
+            # One snapshot: reading exitcode twice, a rank failing in between looks finished.
+            codes = [proc.exitcode for proc in procs]
+            failed = [_describe(rank, code) for rank, code in enumerate(codes) if code]
             if failed:
                 raise RuntimeError("; ".join(failed) + "; any rank still running was killed")
-            running = [r for r, p in enumerate(procs) if p.exitcode is None]
+            running = [rank for rank, code in enumerate(codes) if code is None]
             if not running:
                 return
             left = deadline - time.monotonic()
