@@ -12,6 +12,7 @@ Training-side checks are appended at the end of this module.
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "ArgumentTypeError",
     "check_choice",
+    "check_factory_string",
     "check_finite_rows",
     "check_fraction",
     "check_int",
@@ -30,6 +32,7 @@ __all__ = [
     "check_num_classes",
     "check_positive_int",
     "check_real",
+    "check_training_size",
 ]
 
 T = TypeVar("T")
@@ -193,3 +196,50 @@ def check_num_classes(value: Any, name: str = "num_classes") -> int:
             "would silently learn nothing)"
         )
     return n
+
+
+# --- FAISS index factory (EmbeddingIndex) ---
+
+_TRANSFORM = re.compile(r"(PCA|OPQ|RR|ITQ|L2norm)")
+
+
+def check_factory_string(factory: Any, dim: int) -> str:
+    """A FAISS ``index_factory`` string; its PQ sub-vector count ``M`` must divide ``dim``
+    (unless a transform such as ``OPQ``/``PCA`` changes the dimension first)."""
+    if not isinstance(factory, str) or not factory.strip():
+        raise ArgumentTypeError(
+            f"`factory` must be a FAISS index-factory string such as 'Flat', 'HNSW32', "
+            f"'IVF1024,Flat' or 'IVF1024,PQ16', got {factory!r}"
+        )
+    factory = factory.strip()
+    parts = [p.strip() for p in factory.split(",")]
+    if any(_TRANSFORM.match(p) for p in parts):
+        return factory
+    for part in parts:
+        m = re.fullmatch(r"(?:IVF\d+(?:_HNSW\d+)?)?PQ(\d+)(?:x\d+)?(?:fs|fsr|np)?", part)
+        if m and int(m.group(1)) > 0 and dim % int(m.group(1)):
+            divisors = [d for d in range(2, dim + 1) if dim % d == 0 and d <= 64][-4:]
+            raise ValueError(
+                f"`factory` {factory!r}: PQ{m.group(1)} splits each vector into "
+                f"{m.group(1)} sub-vectors, but the embedding dimension {dim} is not divisible "
+                f"by {m.group(1)}; use PQ M with M dividing {dim}, e.g. "
+                + " / ".join(f"PQ{d}" for d in divisors)
+            )
+    return factory
+
+
+def check_training_size(factory: str, num_vectors: int, needed: int) -> None:
+    """An index that must be trained (IVF lists, PQ codebooks) gets enough vectors."""
+    if num_vectors < needed:
+        ivf = re.search(r"IVF(\d+)", factory)
+        hint = (
+            f"use fewer IVF lists (e.g. IVF{max(1, num_vectors // 39)}, FAISS wants ~39 "
+            "vectors per list) or "
+            if ivf and int(ivf.group(1)) == needed
+            else ""
+        )
+        raise ValueError(
+            f"`factory` {factory!r} must be trained on at least {needed} vectors (one per IVF "
+            f"list, 256 per 8-bit PQ codebook), but {num_vectors} embeddings were given; "
+            f"{hint}index more embeddings, or use 'Flat' / 'HNSW32', which need no training"
+        )

@@ -19,8 +19,9 @@ from lightning_metric.checks import (
     check_labels,
 )
 from lightning_metric.distributed import rank, unpad_gathered, world_size
-from lightning_metric.retrieval.knn import same_rows
+from lightning_metric.retrieval.knn import prepare, same_rows
 from lightning_metric.retrieval.metrics import retrieval_metrics
+from lightning_metric.retrieval.rerank import Reranker, ranking_metrics
 
 __all__ = ["RetrievalMetrics"]
 
@@ -61,6 +62,10 @@ class RetrievalMetrics(Metric):
             :func:`lightning_metric.retrieval.retrieval_metrics`.
         compute_on_cpu: move accumulated states to CPU after every update (saves accelerator
             memory; the search then runs through FAISS on CPU).
+        rerank: a :class:`~lightning_metric.retrieval.rerank.Reranker` (``KReciprocal()``,
+            ``QueryExpansion()``): the same metrics are also computed on its re-ranked
+            distances, returned as ``rerank/recall@1``, ``rerank/map@r``, ... beside the plain
+            ones (needs the full query x reference distance matrix in memory).
     """
 
     is_differentiable = False
@@ -84,6 +89,7 @@ class RetrievalMetrics(Metric):
         average: Literal["micro", "macro"] = "micro",
         compute_on_cpu: bool = False,
         fast: bool | None = None,
+        rerank: Reranker | None = None,
     ) -> None:
         super().__init__(compute_on_cpu=compute_on_cpu)
         self.k = check_k(k)
@@ -96,6 +102,12 @@ class RetrievalMetrics(Metric):
         self.clustering = clustering
         self.average = average
         self.fast = fast
+        if rerank is not None and not callable(rerank):
+            raise ArgumentTypeError(
+                f"`rerank` must be a re-ranker such as "
+                f"lightning_metric.retrieval.rerank.KReciprocal(), got {rerank!r}"
+            )
+        self.rerank = rerank
         self._warned_no_index = False
         self._dataset_sizes: dict[int, int] = {}
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
@@ -254,6 +266,42 @@ class RetrievalMetrics(Metric):
                 if f"{prefix}@{used}" in result:
                     out[f"{prefix}@{k}"] = result[f"{prefix}@{used}"]
         out.update({n: v for n, v in result.items() if "@" not in n or n == "map@r"})
+        if self.rerank is not None:
+            out.update(self._reranked(emb, labels, query_mask, reference_mask, split, ks))
+        return out
+
+    def _reranked(
+        self,
+        emb: Tensor,
+        labels: Tensor,
+        query_mask: Tensor,
+        reference_mask: Tensor,
+        split: bool,
+        ks: dict[int, int],
+    ) -> dict[str, float]:
+        """The same metrics on the distances the re-ranker returns, as ``rerank/<name>``."""
+        assert self.rerank is not None
+        x = prepare(emb.float(), self.metric)  # type: ignore[arg-type]
+        if split:
+            position = torch.cumsum(reference_mask.long(), 0) - 1
+            exclude = torch.where(reference_mask, position, -1)[query_mask]
+            dist = self.rerank(x[query_mask], x[reference_mask], self.metric)
+            qlab, rlab = labels[query_mask], labels[reference_mask]
+        else:
+            exclude = torch.arange(x.shape[0], device=x.device)
+            dist = self.rerank(x, None, self.metric)
+            qlab = rlab = labels
+        result = ranking_metrics(
+            dist, qlab, rlab, tuple(sorted(set(ks.values()))), exclude=exclude.cpu()
+        )
+        out = {
+            f"rerank/recall@{k}": result[f"recall@{used}"]
+            for k, used in ks.items()
+            if f"recall@{used}" in result
+        }
+        for name in ("map@r", "r_precision", "mrr"):
+            if name in result and (self.map_at_r or name == "mrr") and (self.mrr or name != "mrr"):
+                out[f"rerank/{name}"] = result[name]
         return out
 
 

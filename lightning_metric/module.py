@@ -381,6 +381,15 @@ class MetricLearningModule(LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},
         }
 
+    # -- export ----------------------------------------------------------------------------
+    def export(self, path: Any, example_input: torch.Tensor, **kwargs: Any) -> Any:
+        """Write ``forward`` (input -> unit-norm embedding) as ONNX (``.onnx``) or TorchScript
+        (``.pt``) with a dynamic batch axis and a JSON input description beside it; see
+        :func:`lightning_metric.export.export`."""
+        from lightning_metric.export import export
+
+        return export(self, path, example_input, **kwargs)
+
     # -- checkpoints -----------------------------------------------------------------------
     @_restricted_classmethod
     def load_from_checkpoint(  # type: ignore[override]

@@ -2,8 +2,11 @@
 
 The directory holds only FAISS and NumPy files plus JSON, all read without pickle:
 
-    manifest.json    format, version, embedding size, metric, count, model / data description
-    index.faiss      FAISS flat index (inner product for cosine/ip, L2 for l2)
+    manifest.json    format, version, embedding size, metric, count, FAISS factory string and
+                     search parameters (nprobe, efSearch), model / data description
+    index.faiss      FAISS index built by ``faiss.index_factory(factory)`` ("Flat" = exact;
+                     "HNSW32", "IVF1024,Flat", "IVF1024,PQ16", ... approximate), inner
+                     product for cosine/ip, L2 for l2
     embeddings.npy   float32 [N, D], as the model produced them
                      (index.faiss holds them L2-normalised for the cosine metric)
     ids.npy          int64 [N], the item ids search returns (dataset index by default)
@@ -14,14 +17,17 @@ Example::
 
     index = EmbeddingIndex.load("outputs/digits_arcface/index")
     ids, scores = index.search(query_embeddings, k=5)
+    approx = EmbeddingIndex(embeddings, factory="IVF1024,Flat", nprobe=16)  # trained on them
     index.add(new_embeddings, ids=new_ids)
     index.save()
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -33,7 +39,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_metric.checks import check_choice, check_finite_rows, check_int
+from lightning_metric.checks import (
+    check_choice,
+    check_factory_string,
+    check_finite_rows,
+    check_int,
+    check_training_size,
+)
 from lightning_metric.retrieval.knn import Metric, prepare, search_complete
 
 __all__ = ["FORMAT", "VERSION", "EmbeddingIndex", "IndexFormatError", "SearchResult"]
@@ -50,6 +62,9 @@ _INDEX_FILES = {MANIFEST, INDEX_FILE, EMBEDDINGS_FILE, IDS_FILE, LABELS_FILE, PA
 # Name part of the folder the previous index is moved to while a save swaps the new one in.
 _PREVIOUS = ".previous-"
 _METRICS = ("cosine", "ip", "l2")
+DEFAULT_FACTORY = "Flat"
+# Manifest key of each search parameter and the FAISS ParameterSpace name it sets.
+_SEARCH_PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch"}
 # Rows added to FAISS per call: bounds the temporary float32 copy and gives progress steps.
 _ADD_CHUNK = 65536
 
@@ -69,7 +84,8 @@ class SearchResult(NamedTuple):
 
 
 class EmbeddingIndex:
-    """Exact search over stored embeddings with a FAISS flat index; items can be added.
+    """Search over stored embeddings with a FAISS index (exact ``"Flat"`` by default, or
+    any approximate index-factory string); items can be added.
 
     Build one from arrays with :meth:`from_embeddings`, or load what ``lightning-metric
     predict`` wrote with :meth:`load`. :meth:`search` takes embeddings ``[Q, D]``, or raw
@@ -83,6 +99,15 @@ class EmbeddingIndex:
         paths: optional source file per item.
         info: extra JSON-serialisable description stored in the manifest (model, data).
         model: optional module mapping inputs to ``[B, D]`` embeddings, for searching inputs.
+        factory: a FAISS ``index_factory`` string: ``"Flat"`` (exact, the default),
+            ``"HNSW32"``, ``"IVF1024,Flat"``, ``"IVF1024,PQ16"``, ... Indexes that need
+            training (IVF, PQ) are trained on ``embeddings`` (at least as many vectors as
+            IVF lists, and 2**nbits = 256 for PQ). Approximate indexes may miss true
+            neighbours; :meth:`search` returns id ``-1`` where fewer than ``k`` were found.
+        nprobe: IVF lists visited per query (FAISS default 1); stored in the manifest.
+        ef_search: HNSW search depth ``efSearch`` (FAISS default 16); stored in the manifest.
+        train_size: train on a random sample (seed 0) of this many embeddings instead of all
+            of them (FAISS itself samples at most 256 per IVF list / PQ centroid).
     """
 
     def __init__(
@@ -95,11 +120,16 @@ class EmbeddingIndex:
         info: Optional[Mapping[str, Any]] = None,
         model: Optional[nn.Module] = None,
         show_progress: bool = False,
+        factory: str = DEFAULT_FACTORY,
+        nprobe: Optional[int] = None,
+        ef_search: Optional[int] = None,
+        train_size: Optional[int] = None,
     ) -> None:
         check_choice("metric", metric, _METRICS)
         self.metric: Metric = metric
         emb = _as_embeddings(embeddings, "embeddings", metric)
         self.dim = emb.shape[1]
+        self.factory = check_factory_string(factory, self.dim)
         self.embeddings = np.empty((0, self.dim), dtype=np.float32)
         self.ids = np.empty(0, dtype=np.int64)
         self.labels = np.empty(0, dtype=np.int64)
@@ -107,7 +137,13 @@ class EmbeddingIndex:
         self.info: dict[str, Any] = dict(info or {})
         self.model = model
         self.directory: Optional[Path] = None
-        self._index = _new_faiss_index(self.dim, metric)
+        self._index = _new_faiss_index(self.dim, metric, self.factory)
+        self.search_params: dict[str, int] = {}
+        self.set_search_params(nprobe=nprobe, ef_search=ef_search)
+        if not self._index.is_trained:
+            if train_size is not None:
+                train_size = check_int("train_size", train_size, minimum=1)
+            _train(self._index, _prepared(emb, metric), self.factory, show_progress, train_size)
         self.add(emb, ids=ids, labels=labels, paths=paths, show_progress=show_progress)
 
     # ------------------------------------------------------------------ construction
@@ -160,6 +196,17 @@ class EmbeddingIndex:
             raise IndexFormatError(
                 f"cannot read FAISS index {str(index_path)!r} (corrupt or not a FAISS file): {err}"
             ) from err
+        factory = manifest.get("factory", DEFAULT_FACTORY)  # older indexes: flat
+        params = manifest.get("search_params", {})
+        if (
+            not isinstance(factory, str)
+            or not isinstance(params, dict)
+            or not set(params) <= set(_SEARCH_PARAMS)
+        ):
+            raise IndexFormatError(
+                f"{str(root / MANIFEST)!r}: 'factory' must be a string and 'search_params' a "
+                f"mapping with keys among {sorted(_SEARCH_PARAMS)}, got {factory!r} and {params!r}"
+            )
         expected_type = _faiss_metric(metric)
         if index.d != dim or index.ntotal != n or index.metric_type != expected_type:
             raise IndexFormatError(
@@ -167,7 +214,8 @@ class EmbeddingIndex:
                 f"(FAISS metric type {index.metric_type}), but {MANIFEST} says {n} vectors of "
                 f"dimension {dim} with metric {metric!r} (FAISS metric type {expected_type})"
             )
-        _check_same_vectors(index, embeddings, metric, index_path)
+        if _lossless(factory):
+            _check_same_vectors(index, embeddings, metric, index_path)
         paths = None
         if PATHS_FILE in manifest.get("files", {}).values() and not (root / PATHS_FILE).is_file():
             raise IndexFormatError(f"missing {str(root / PATHS_FILE)!r} (listed in {MANIFEST})")
@@ -189,6 +237,9 @@ class EmbeddingIndex:
         self.model = None
         self.directory = root
         self._index = index
+        self.factory = factory
+        self.search_params = {}
+        self.set_search_params(**params)
         self._check_unique_ids(ids)
         if model is not None:
             self.attach_model(model)
@@ -209,22 +260,59 @@ class EmbeddingIndex:
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
-    def search(self, queries: Any, k: int = 10, *, inputs: Optional[bool] = None) -> SearchResult:
+    def search(
+        self,
+        queries: Any,
+        k: int = 10,
+        *,
+        inputs: Optional[bool] = None,
+        nprobe: Optional[int] = None,
+        ef_search: Optional[int] = None,
+    ) -> SearchResult:
         """The ``k`` nearest stored items of each query.
 
         ``queries`` are embeddings ``[Q, D]``, or inputs for the attached model. With a model
         attached, anything not shaped ``[Q, D]`` is treated as inputs; pass ``inputs=True``
         to force embedding (e.g. 2-D tabular inputs of width ``D``) or ``inputs=False`` to
         forbid it.
+
+        ``nprobe`` (IVF) and ``ef_search`` (HNSW) override the stored search parameters for
+        this call. An approximate index returns id ``-1`` (score ``-inf``, ``+inf`` for
+        ``l2``) where it found fewer than ``k`` items (raise ``nprobe``).
         """
         k = check_int("k", k, minimum=1)
         if k > len(self):
             raise ValueError(f"k={k} is larger than the number of indexed items ({len(self)})")
         q = _prepared(self._query_embeddings(queries, inputs), self.metric)
-        scores, rows = search_complete(
-            self._index.search, q, len(self), int(k), descending=self.metric != "l2"
-        )
-        return SearchResult(self.ids[rows.numpy()], scores.numpy())
+        if self.factory == DEFAULT_FACTORY and nprobe is None and ef_search is None:
+            scores, rows = search_complete(
+                self._index.search, q, len(self), int(k), descending=self.metric != "l2"
+            )
+            return SearchResult(self.ids[rows.numpy()], scores.numpy())
+        stored = dict(self.search_params)
+        try:
+            self.set_search_params(nprobe=nprobe, ef_search=ef_search)
+            raw_scores, raw_rows = self._index.search(q, int(k))
+        finally:
+            self.search_params = {}
+            _reset_search_params(self._index, set(stored) | _given(nprobe, ef_search))
+            self.set_search_params(**stored)
+        missing = raw_rows < 0
+        ids = np.where(missing, -1, self.ids[np.where(missing, 0, raw_rows)])
+        worst = np.inf if self.metric == "l2" else -np.inf
+        return SearchResult(ids, np.where(missing, worst, raw_scores).astype(np.float32))
+
+    def set_search_params(
+        self, nprobe: Optional[int] = None, ef_search: Optional[int] = None
+    ) -> None:
+        """Set the search parameters kept with the index (and written to its manifest):
+        ``nprobe`` for IVF indexes, ``ef_search`` (FAISS ``efSearch``) for HNSW."""
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is None:
+                continue
+            value = check_int(name, value, minimum=1)
+            _set_faiss_param(self._index, name, value, self.factory)
+            self.search_params[name] = value
 
     def _query_embeddings(self, queries: Any, inputs: Optional[bool]) -> np.ndarray:
         looks_like_embeddings = (
@@ -358,6 +446,8 @@ class EmbeddingIndex:
             "metric": self.metric,
             "count": len(self),
             "faiss_index": type(self._index).__name__,
+            "factory": self.factory,
+            "search_params": dict(self.search_params),
             "files": {
                 "index": INDEX_FILE,
                 "embeddings": EMBEDDINGS_FILE,
@@ -377,16 +467,117 @@ class EmbeddingIndex:
             raise ValueError(f"ids must be unique; these occur more than once: {dupes}")
 
     def __repr__(self) -> str:
-        return f"EmbeddingIndex(count={len(self)}, dim={self.dim}, metric={self.metric!r})"
+        extra = "" if self.factory == DEFAULT_FACTORY else f", factory={self.factory!r}"
+        return f"EmbeddingIndex(count={len(self)}, dim={self.dim}, metric={self.metric!r}{extra})"
 
 
 # ---------------------------------------------------------------------- helpers
 
 
-def _new_faiss_index(dim: int, metric: str) -> Any:
+def _new_faiss_index(dim: int, metric: str, factory: str = DEFAULT_FACTORY) -> Any:
     import faiss
 
-    return faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
+    if factory == DEFAULT_FACTORY:
+        return faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
+    try:
+        return faiss.index_factory(dim, factory, _faiss_metric(metric))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1].split(": ")[-1]
+        raise ValueError(
+            f"`factory` {factory!r} is not a FAISS index-factory string FAISS can build for "
+            f"{dim}-d vectors ({reason}); use e.g. 'Flat', 'HNSW32', 'IVF1024,Flat' or "
+            "'IVF1024,PQ16'"
+        ) from err
+
+
+def _training_size(index: Any) -> int:
+    """Fewest training vectors ``index`` accepts: IVF lists, PQ / SQ codebook sizes."""
+    import faiss
+
+    need = 1
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None:
+        need = max(need, int(ivf.nlist))
+    for part in (index, ivf):
+        pq = getattr(faiss.downcast_index(part), "pq", None) if part is not None else None
+        if pq is not None:
+            need = max(need, int(pq.ksub))
+    return need
+
+
+def _skip_polysemous_training(index: Any) -> None:
+    """The factory turns on polysemous training for PQ (minutes: annealing over the codebook
+    order). It only serves Hamming-threshold filtering (``polysemous_ht``), which search
+    leaves off, so the neighbours are the same without it."""
+    import faiss
+
+    parts = [index]
+    with contextlib.suppress(RuntimeError):
+        parts.append(faiss.extract_index_ivf(index))
+    for part in parts:
+        part = faiss.downcast_index(part)
+        if hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+
+
+def _train(
+    index: Any, emb: np.ndarray, factory: str, show_progress: bool, size: Optional[int] = None
+) -> None:
+    if size is not None and size < emb.shape[0]:
+        rows = np.random.default_rng(0).choice(emb.shape[0], size, replace=False)
+        emb = emb[np.sort(rows)]
+    check_training_size(factory, emb.shape[0], _training_size(index))
+    _skip_polysemous_training(index)
+    if show_progress and emb.shape[0] > _ADD_CHUNK:
+        from rich.console import Console
+
+        with Console(stderr=True).status(f"training FAISS index {factory!r} on {len(emb)} vectors"):
+            index.train(emb)
+    else:
+        index.train(emb)
+
+
+# FAISS's own values, put back after a search that overrode them.
+_FAISS_DEFAULTS = {"nprobe": 1, "ef_search": 16}
+
+
+def _set_faiss_param(index: Any, name: str, value: int, factory: str) -> None:
+    import faiss
+
+    try:
+        faiss.ParameterSpace().set_index_parameter(index, _SEARCH_PARAMS[name], value)
+    except RuntimeError as err:
+        kind = "IVF indexes (e.g. 'IVF1024,Flat')" if name == "nprobe" else "HNSW indexes"
+        raise ValueError(
+            f"`{name}`={value} applies to {kind}; this index is {factory!r}, which has no "
+            f"{name}: leave it unset"
+        ) from err
+
+
+def _reset_search_params(index: Any, names: set[str]) -> None:
+    import faiss
+
+    for name in names:
+        # A parameter this index does not have (a refused override) is left alone.
+        with contextlib.suppress(RuntimeError):
+            faiss.ParameterSpace().set_index_parameter(
+                index, _SEARCH_PARAMS[name], _FAISS_DEFAULTS[name]
+            )
+
+
+def _given(nprobe: Optional[int], ef_search: Optional[int]) -> set[str]:
+    return {n for n, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
+
+
+_LOSSLESS_PART = re.compile(r"(IVF\d+(_HNSW\d+)?|HNSW\d+|Flat|IDMap2?)")
+
+
+def _lossless(factory: str) -> bool:
+    """Whether the index stores the vectors unchanged (so they can be compared on load)."""
+    return all(_LOSSLESS_PART.fullmatch(p.strip()) for p in factory.split(","))
 
 
 def _faiss_metric(metric: str) -> int:

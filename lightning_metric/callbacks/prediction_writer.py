@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_metric.callbacks.collect import EmbeddingCollector, dataset_size, loader_dataset
-from lightning_metric.checks import check_choice
+from lightning_metric.checks import check_choice, check_factory_string, check_int
 from lightning_metric.search import MANIFEST, EmbeddingIndex
 
 __all__ = ["EmbeddingIndexWriter"]
@@ -40,6 +40,10 @@ class EmbeddingIndexWriter(Callback):
         metric: how the index compares embeddings: ``"cosine"``, ``"ip"`` or ``"l2"``.
         overwrite: replace an existing index in ``output_dir``; otherwise predict stops with
             an error before computing anything.
+        factory: FAISS index-factory string (``"Flat"`` exact; ``"HNSW32"``,
+            ``"IVF1024,Flat"``, ``"IVF1024,PQ16"``, ... approximate, trained on the predicted
+            embeddings); see :class:`~lightning_metric.search.EmbeddingIndex`.
+        nprobe, ef_search: search parameters stored with an IVF / HNSW index.
     """
 
     def __init__(
@@ -47,6 +51,9 @@ class EmbeddingIndexWriter(Callback):
         output_dir: str,
         metric: Literal["cosine", "ip", "l2"] = "cosine",
         overwrite: bool = False,
+        factory: str = "Flat",
+        nprobe: Optional[int] = None,
+        ef_search: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not isinstance(output_dir, str | Path) or not str(output_dir):
@@ -55,6 +62,9 @@ class EmbeddingIndexWriter(Callback):
         self.output_dir = Path(output_dir)
         self.metric: Literal["cosine", "ip", "l2"] = metric
         self.overwrite = overwrite
+        self.factory = check_factory_string(factory, 1 << 20)  # PQ checked once D is known
+        self.nprobe = None if nprobe is None else check_int("nprobe", nprobe, minimum=1)
+        self.ef_search = None if ef_search is None else check_int("ef_search", ef_search, minimum=1)
         self._collectors: dict[int, EmbeddingCollector] = {}
         self.written: list[Path] = []
 
@@ -103,12 +113,15 @@ class EmbeddingIndexWriter(Callback):
                 paths=paths,
                 info=_describe(trainer, pl_module, idx),
                 show_progress=True,
+                factory=self.factory,
+                nprobe=self.nprobe,
+                ef_search=self.ef_search,
             )
             built.save(target)
             self.written.append(target)
             rank_zero_info(
                 f"EmbeddingIndexWriter: wrote {len(built)} embeddings of dimension {built.dim} "
-                f"({self.metric}) to {target} in {time.perf_counter() - self._start:.1f} s"
+                f"({self.metric}, {self.factory}) to {target} in {time.perf_counter() - self._start:.1f} s"
             )
         self._collectors = {}
 

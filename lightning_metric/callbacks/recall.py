@@ -11,6 +11,7 @@ from lightning_metric.batch import step_embeddings
 from lightning_metric.callbacks.collect import dataset_size, flat_loaders
 from lightning_metric.checks import check_choice, check_int, check_k
 from lightning_metric.metrics import RetrievalMetrics
+from lightning_metric.retrieval.rerank import Reranker
 
 __all__ = ["RecallAtK"]
 
@@ -51,6 +52,14 @@ class RecallAtK(Callback):
         offload_to_cpu: keep collected embeddings in CPU memory.
         on_validation, on_test: which loops to evaluate.
         prog_bar: show ``recall@k`` in the progress bar.
+        rerank: also log the metrics after re-ranking, as ``val/rerank/recall@1`` ...: a
+            :class:`~lightning_metric.retrieval.rerank.Reranker` such as
+            ``KReciprocal(k1=20, k2=6, lambda_value=0.3)`` or ``QueryExpansion(k=2,
+            alpha=3.0)``. In YAML::
+
+                rerank:
+                  class_path: lightning_metric.retrieval.rerank.KReciprocal
+                  init_args: {k1: 20, k2: 6, lambda_value: 0.3}
     """
 
     def __init__(
@@ -68,6 +77,7 @@ class RecallAtK(Callback):
         on_validation: bool = True,
         on_test: bool = True,
         prog_bar: bool = True,
+        rerank: Reranker | None = None,
     ) -> None:
         super().__init__()
         self.k = check_k(k)
@@ -103,6 +113,7 @@ class RecallAtK(Callback):
         self.on_validation = on_validation
         self.on_test = on_test
         self.prog_bar = prog_bar
+        self.rerank = rerank
         self._metrics: dict[int, RetrievalMetrics] = {}
         self._sizes: dict[int, int | None] = {}
 
@@ -118,6 +129,7 @@ class RecallAtK(Callback):
             clustering=self.clustering,
             average=self.average,
             compute_on_cpu=self.offload_to_cpu,
+            rerank=self.rerank,
         )
 
     @property

@@ -1,0 +1,262 @@
+"""Export a trained embedding model: input -> unit-norm embedding, as ONNX or TorchScript.
+
+``export(module, "model.onnx", example_input)`` (or ``"model.pt"`` for TorchScript) writes
+the model with a dynamic batch axis and, beside it, ``model.onnx.json``: the input shape
+``[C, H, W]``, dtype and preprocessing (pixel scale, mean/std, colour mode) the model
+expects, ``embedding_dim`` and the metric to compare embeddings with. The exported file is
+run once on ``example_input`` and must reproduce the module's embeddings.
+
+Command line: ``lightning-metric export --config CFG --ckpt_path CKPT --output model.onnx``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FORMATS", "ExportError", "describe_input", "export", "sidecar_path"]
+
+FORMATS = {".onnx": "onnx", ".pt": "torchscript"}
+SIDECAR_FORMAT = "lightning-metric-export"
+
+
+class ExportError(RuntimeError):
+    """The model cannot be written in the requested format."""
+
+
+class _Embedder(nn.Module):
+    """``module(x)`` in float32: the unit-norm embeddings of a MetricLearningModule."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x).float()
+
+
+def sidecar_path(path: Union[str, os.PathLike[str]]) -> Path:
+    """``model.onnx`` -> ``model.onnx.json``: where the input description is written."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def describe_input(datamodule: Any, example_input: Tensor) -> dict[str, Any]:
+    """Input shape, dtype and preprocessing of ``datamodule`` (what ``search`` applies to
+    image files): pixels scaled by ``scale`` (``1/255`` default), then ``(x - mean) / std``
+    where the data module normalises, resized to ``[H, W]`` in PIL mode ``L`` (1 channel)
+    or ``RGB``."""
+    shape = [int(s) for s in example_input.shape[1:]]
+    info: dict[str, Any] = {"shape": shape, "dtype": str(example_input.dtype).split(".")[-1]}
+    pre: dict[str, Any] = {}
+    if len(shape) == 3:
+        pre["mode"] = {1: "L", 3: "RGB"}.get(shape[0])
+        pre["size"] = shape[1:]
+    scale = None
+    for split in ("predict", "test", "val", "train"):
+        dataset = getattr(datamodule, "datasets", {}).get(split) if datamodule else None
+        if dataset is not None and getattr(dataset, "scale", None) is not None:
+            scale = float(dataset.scale)
+            break
+    pre["scale"] = scale if scale is not None else 1.0 / 255.0
+    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    if mean is not None and std is not None:
+        pre["mean"] = [float(v) for v in mean]
+        pre["std"] = [float(v) for v in std]
+    if datamodule is not None:
+        cls = type(datamodule)
+        pre["data"] = f"{cls.__module__}.{cls.__qualname__}"
+    info["preprocessing"] = pre
+    return info
+
+
+@contextmanager
+def _scripting(module: nn.Module) -> Iterator[None]:
+    """A LightningModule's ``trainer`` property raises when the tracer inspects it unless
+    Lightning's own scripting flag is set (as ``LightningModule.to_torchscript`` does)."""
+    flag = hasattr(module, "_jit_is_scripting")
+    if flag:
+        setattr(module, "_jit_is_scripting", True)  # noqa: B010
+    try:
+        yield
+    finally:
+        if flag:
+            setattr(module, "_jit_is_scripting", False)  # noqa: B010
+
+
+@contextmanager
+def _module_stack(module: nn.Module) -> Iterator[list[str]]:
+    """Names of the submodules being run (the deepest last), to name the one that fails."""
+    stack: list[str] = []
+    handles = []
+    for name, sub in module.named_modules():
+        label = f"{name or 'model'} ({type(sub).__name__})"
+
+        def pre(_m: nn.Module, _a: Any, label: str = label) -> None:
+            stack.append(label)
+
+        def post(_m: nn.Module, _a: Any, _o: Any) -> None:
+            if stack:
+                stack.pop()
+
+        handles.append(sub.register_forward_pre_hook(pre))
+        handles.append(sub.register_forward_hook(post))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def export(
+    module: nn.Module,
+    path: Union[str, os.PathLike[str]],
+    example_input: Tensor,
+    *,
+    input_info: Optional[Mapping[str, Any]] = None,
+    metric: str = "cosine",
+    opset: int = 17,
+    check: bool = True,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Write ``module`` (input -> unit-norm embedding) to ``path``: ONNX for ``.onnx``,
+    TorchScript (traced) for ``.pt``; the batch axis is dynamic. Returns ``path``.
+
+    Args:
+        module: the embedding model, e.g. a :class:`MetricLearningModule` (``forward``
+            returns the embeddings). Exported in eval mode on CPU, float32.
+        example_input: a batch of inputs ``[B, C, H, W]`` (a sample batch's ``x``).
+        input_info: description written to the sidecar JSON (default: from the example's
+            shape, see :func:`describe_input`).
+        metric: how the embeddings are compared (``cosine``, ``ip``, ``l2``), recorded.
+        opset: ONNX opset.
+        check: run the exported file on a batch of another size derived from
+            ``example_input`` and compare with ``module`` (cosine >= 0.9999 per row); ONNX
+            needs ``onnxruntime`` for this.
+        extra: more JSON-serialisable fields for the sidecar (checkpoint, model class).
+    """
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"cannot tell the export format from {str(path)!r}: use a {' or '.join(FORMATS)} "
+            "suffix (ONNX or TorchScript)"
+        )
+    if not isinstance(example_input, Tensor) or example_input.ndim < 2:
+        raise ValueError(
+            "example_input must be a batch tensor [B, ...] (e.g. a sample batch's 'x'), got "
+            f"{type(example_input).__name__} of shape {tuple(getattr(example_input, 'shape', ()))}"
+        )
+    example = example_input.detach().float().cpu()
+    was_training = module.training
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    module.eval().cpu()
+    wrapper = _Embedder(module).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.no_grad():
+            reference = wrapper(example)
+            # Another batch size and other values than the traced example: catches a batch
+            # axis or an input that the trace froze into constants.
+            probe = torch.cat([example.flip(0), example[:1] * 0.5])
+            probe_reference = wrapper(probe)
+            with _module_stack(module) as stack, _scripting(module), warnings.catch_warnings():
+                # Shape checks traced as constants; the parity check below catches real harm.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                try:
+                    if fmt == "onnx":
+                        _to_onnx(wrapper, example, path, opset)
+                    else:
+                        torch.jit.save(torch.jit.trace(wrapper, example), str(path))
+                except Exception as err:
+                    raise _export_error(module, fmt, stack, err) from err
+        if check:
+            _check_parity(path, fmt, probe, probe_reference)
+    finally:
+        module.to(device).train(was_training)
+    info = dict(input_info) if input_info is not None else describe_input(None, example)
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "file": path.name,
+        "export_format": fmt,
+        "input": {"name": "input", "batch_axis": 0, "dynamic_batch": True, **info},
+        "output": {"name": "embedding", "normalized": True},
+        "embedding_dim": int(reference.shape[1]),
+        "metric": metric,
+        **(dict(extra) if extra else {}),
+    }
+    text = json.dumps(sidecar, indent=2, sort_keys=True, default=repr) + "\n"
+    sidecar_path(path).write_text(text, encoding="utf-8")
+    return path
+
+
+def _to_onnx(wrapper: nn.Module, example: Tensor, path: Path, opset: int) -> None:
+    kwargs: dict[str, Any] = {
+        "input_names": ["input"],
+        "output_names": ["embedding"],
+        "dynamic_axes": {"input": {0: "batch"}, "embedding": {0: "batch"}},
+        "opset_version": opset,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notes
+        try:
+            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, **kwargs)
+        except TypeError:  # torch without the `dynamo` switch
+            torch.onnx.export(wrapper, (example,), str(path), **kwargs)
+
+
+def _export_error(module: nn.Module, fmt: str, stack: list[str], err: Exception) -> ExportError:
+    where = stack[-1] if stack else f"model ({type(module).__name__})"
+    other = ".pt (TorchScript)" if fmt == "onnx" else ".onnx (ONNX)"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ExportError(
+        f"cannot export {type(module).__name__} to {'ONNX' if fmt == 'onnx' else 'TorchScript'}: "
+        f"the module {where} failed ({type(err).__name__}: {first}). Try the other format "
+        f"({other}), or make that module traceable (no data-dependent Python control flow "
+        "or non-tensor outputs)"
+    )
+
+
+def _run_exported(path: Path, fmt: str, x: Tensor) -> np.ndarray:
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(["embedding"], {"input": x.numpy()})[0])
+    loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return loaded(x).numpy()  # type: ignore[no-any-return]
+
+
+def _check_parity(path: Path, fmt: str, example: Tensor, reference: Tensor) -> None:
+    if fmt == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return  # nothing to run the file with; `pip install lightning-metric[export]`
+    try:
+        got = _run_exported(path, fmt, example)
+    except Exception as err:
+        raise ExportError(
+            f"{str(path)!r} was written but cannot be run on a batch of {example.shape[0]} "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}); "
+            "the trace probably froze the input into constants (a .numpy() / .item() / Python "
+            "value in forward). Try the other format, or make forward traceable"
+        ) from err
+    ref = reference.numpy()
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
+    if got.shape != ref.shape or float(cos.min()) < 0.9999:
+        raise ExportError(
+            f"{str(path)!r} does not reproduce the model: output {got.shape} vs {ref.shape}, "
+            f"lowest cosine {float(cos.min()):.6f} (needs >= 0.9999); the model may depend on "
+            "the batch (e.g. BatchNorm in training mode) or on Python control flow"
+        )

@@ -1,0 +1,317 @@
+"""Re-ranking: k-reciprocal encoding, alpha query expansion, database-side augmentation.
+
+Pure functions of embeddings or distance matrices, plus small callable objects
+(:class:`KReciprocal`, :class:`QueryExpansion`) that ``RecallAtK(rerank=...)`` applies to
+report re-ranked metrics beside the plain ones (buildable from YAML with
+``class_path``/``init_args``).
+
+k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with
+k-reciprocal Encoding", CVPR 2017), on the set P = probes + gallery with distances d:
+
+- ``d`` is divided by its largest value in each row (the authors' code), so the kernel
+  below does not depend on the distance scale; the initial ranking is unchanged.
+- ``N(p, k)``: the ``k + 1`` nearest items of ``p`` in P, ``p`` itself first (the authors'
+  code). ``R(p, k) = {g in N(p, k) : p in N(g, k)}`` (eq. 4).
+- ``R*(p, k) = R(p, k) ∪ R(q, round(k/2))`` for every ``q in R(p, k)`` with
+  ``|R(p, k) ∩ R(q, round(k/2))| >= 2/3 |R(q, round(k/2))|`` (eq. 6).
+- ``V[p, g] = exp(-d(p, g))`` for ``g in R*(p, k1)``, else 0 (eq. 7), each row scaled to
+  sum 1 (the authors' code).
+- local query expansion: ``V[p] <- mean of V[g] over g in N(p, k2)``, the ``k2`` nearest
+  including ``p`` (eq. 11; skipped for ``k2 = 1``).
+- ``d_J(p, g) = 1 - sum_j min(V[p, j], V[g, j]) / sum_j max(V[p, j], V[g, j])`` (eq. 10),
+  and the final ``d*(p, g) = (1 - lambda) d_J(p, g) + lambda d(p, g)`` (eq. 12).
+
+The authors' released code tests the expansion condition with ``>`` where eq. 6 has
+``>=``; this module follows the paper.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Literal, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_metric.checks import check_int, check_k, check_real
+
+__all__ = [
+    "KReciprocal",
+    "QueryExpansion",
+    "Reranker",
+    "alpha_query_expansion",
+    "database_side_augmentation",
+    "k_reciprocal",
+    "k_reciprocal_all",
+    "ranking_metrics",
+]
+
+ArrayLike = Union[Tensor, np.ndarray]
+MetricName = Literal["cosine", "ip", "l2"]
+
+
+def _np(x: ArrayLike, name: str) -> np.ndarray:
+    arr = x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x, float)
+    if arr.ndim != 2:
+        raise ValueError(f"`{name}` must be a 2-D distance matrix, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"`{name}` holds NaN or Inf distances")
+    if (arr < 0).any():
+        raise ValueError(
+            f"`{name}` holds negative values ({arr.min():.3g}): pass distances (e.g. squared "
+            "Euclidean), not similarities"
+        )
+    return arr
+
+
+def _check_params(k1: int, k2: int, lambda_value: float) -> tuple[int, int, float]:
+    k1 = check_int("k1", k1, minimum=1)
+    k2 = check_int("k2", k2, minimum=1)
+    lam = check_real("lambda_value", lambda_value)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"`lambda_value` must be in [0, 1], got {lambda_value!r}")
+    return k1, k2, lam
+
+
+def k_reciprocal(
+    q_g: ArrayLike,
+    q_q: ArrayLike,
+    g_g: ArrayLike,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+) -> np.ndarray:
+    """Re-ranked ``[Q, G]`` distances of queries to gallery (module docstring; Zhong et al.).
+
+    Args:
+        q_g, q_q, g_g: query-gallery ``[Q, G]``, query-query ``[Q, Q]`` and gallery-gallery
+            ``[G, G]`` distances (non-negative, e.g. squared Euclidean: the authors' code).
+        k1: size of the k-reciprocal neighbourhoods (paper: 20).
+        k2: neighbours averaged by local query expansion (paper: 6; 1 turns it off).
+        lambda_value: weight of the original distance (paper: 0.3).
+    """
+    qg, qq, gg = _np(q_g, "q_g"), _np(q_q, "q_q"), _np(g_g, "g_g")
+    nq, ng = qg.shape
+    if qq.shape != (nq, nq) or gg.shape != (ng, ng):
+        raise ValueError(
+            f"q_g is {qg.shape}, so q_q must be ({nq}, {nq}) and g_g ({ng}, {ng}); got "
+            f"{qq.shape} and {gg.shape}"
+        )
+    full = np.block([[qq, qg], [qg.T, gg]])
+    return k_reciprocal_all(full, k1, k2, lambda_value, num_query=nq)[:, nq:]
+
+
+def k_reciprocal_all(
+    dist: ArrayLike,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    num_query: Optional[int] = None,
+) -> np.ndarray:
+    """k-reciprocal re-ranking inside one set: ``dist [N, N]`` between all items; returns
+    the re-ranked distances of the first ``num_query`` rows (default all) to all ``N``
+    items. Leave-one-out evaluation uses it with every item as a query."""
+    k1, k2, lam = _check_params(k1, k2, lambda_value)
+    d = _np(dist, "dist")
+    n = d.shape[0]
+    if d.shape != (n, n):
+        raise ValueError(f"`dist` must be square [N, N], got {d.shape}")
+    nq = n if num_query is None else check_int("num_query", num_query, minimum=1)
+    if n < 2:
+        raise ValueError("k-reciprocal re-ranking needs at least 2 items")
+    scale = d.max(axis=1, keepdims=True)
+    d = d / np.where(scale > 0, scale, 1.0)
+    rank = np.argsort(d, axis=1, kind="stable")
+    half = int(np.around(k1 / 2.0))
+
+    def reciprocal(i: int, k: int) -> np.ndarray:
+        forward = rank[i, : k + 1]
+        backward = rank[forward, : k + 1]
+        return forward[(backward == i).any(axis=1)]
+
+    v = np.zeros((n, n), dtype=np.float64)
+    for i in range(n):
+        r = reciprocal(i, k1)
+        expanded = [r]
+        for q in r:
+            rq = reciprocal(int(q), half)
+            if len(np.intersect1d(rq, r)) >= 2.0 / 3.0 * len(rq):
+                expanded.append(rq)
+        members = np.unique(np.concatenate(expanded))
+        weight = np.exp(-d[i, members])
+        v[i, members] = weight / weight.sum()
+    if k2 > 1:
+        v = v[rank[:, :k2]].mean(axis=1)
+    jaccard = np.empty((nq, n), dtype=np.float64)
+    # sum_j min(V[p, j], V[g, j]) through the items holding each column (V is sparse).
+    holders = [np.flatnonzero(v[:, j]) for j in range(n)]
+    row_sums = v.sum(axis=1)
+    for i in range(nq):
+        overlap = np.zeros(n)
+        for j in np.flatnonzero(v[i]):
+            rows = holders[j]
+            overlap[rows] += np.minimum(v[i, j], v[rows, j])
+        # sum_j max(V[p, j], V[g, j]) = sum V[p] + sum V[g] - sum_j min(V[p, j], V[g, j])
+        jaccard[i] = 1.0 - overlap / (row_sums[i] + row_sums - overlap)
+    return (1.0 - lam) * jaccard + lam * d[:nq]
+
+
+def _topk_weighted_sum(
+    query: Tensor, gallery: Tensor, k: int, alpha: float, exclude_self: bool
+) -> Tensor:
+    sim = query @ gallery.T
+    if exclude_self:
+        sim.fill_diagonal_(-float("inf"))
+    k = min(k, gallery.shape[0] - int(exclude_self))
+    top, idx = sim.topk(k, dim=1)
+    weights = top.clamp(min=0).pow(alpha)
+    out = query + (weights[..., None] * gallery[idx]).sum(1)
+    return torch.nn.functional.normalize(out, dim=1)
+
+
+def alpha_query_expansion(query: Tensor, gallery: Tensor, k: int = 2, alpha: float = 3.0) -> Tensor:
+    """alpha-QE (Radenović et al., "Fine-tuning CNN Image Retrieval with No Human
+    Annotation", TPAMI 2018): each unit-norm query ``q`` becomes
+    ``normalize(q + sum_{i<=k} max(q.g_i, 0)^alpha g_i)`` over its ``k`` most similar
+    gallery vectors ``g_i`` (``alpha = 0``: average query expansion). Returns ``[Q, D]``."""
+    k = check_int("k", k, minimum=1)
+    alpha = check_real("alpha", alpha)
+    return _topk_weighted_sum(query.float(), gallery.float(), k, alpha, exclude_self=False)
+
+
+def database_side_augmentation(gallery: Tensor, k: int = 2, alpha: float = 3.0) -> Tensor:
+    """DBA: every unit-norm gallery vector ``g`` becomes
+    ``normalize(g + sum_{i<=k} max(g.g_i, 0)^alpha g_i)`` over its ``k`` most similar
+    *other* gallery vectors. Returns ``[G, D]``."""
+    k = check_int("k", k, minimum=1)
+    alpha = check_real("alpha", alpha)
+    if gallery.shape[0] < 2:
+        raise ValueError("database_side_augmentation needs at least 2 gallery vectors")
+    g = gallery.float()
+    return _topk_weighted_sum(g, g, k, alpha, exclude_self=True)
+
+
+def _distances(query: Tensor, reference: Tensor, metric: str) -> Tensor:
+    """Non-negative distances: squared Euclidean (= 2 - 2 cos for unit vectors)."""
+    if metric == "l2":
+        return torch.cdist(query.double(), reference.double()).pow(2)
+    return (2.0 - 2.0 * query.double() @ reference.double().T).clamp(min=0)
+
+
+class Reranker(ABC):
+    """Maps query and reference embeddings (prepared: unit-norm for cosine) to re-ranked
+    distances ``[Q, R]`` (lower = closer). ``reference=None``: one set, every item a query
+    of the others (its own column is excluded by the caller). Subclass it for your own."""
+
+    @abstractmethod
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: str) -> Tensor:
+        """Re-ranked distances ``[Q, R]``."""
+
+
+class KReciprocal(Reranker):
+    """k-reciprocal re-ranking as a :class:`Reranker`, on squared Euclidean distances.
+
+    In YAML (``RecallAtK``)::
+
+        rerank:
+          class_path: lightning_metric.retrieval.rerank.KReciprocal
+          init_args: {k1: 20, k2: 6, lambda_value: 0.3}
+    """
+
+    def __init__(self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> None:
+        self.k1, self.k2, self.lambda_value = _check_params(k1, k2, lambda_value)
+
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: str) -> Tensor:
+        if reference is None:
+            d = _distances(query, query, metric).cpu().numpy()
+            out = k_reciprocal_all(d, self.k1, self.k2, self.lambda_value)
+        else:
+            out = k_reciprocal(
+                _distances(query, reference, metric).cpu().numpy(),
+                _distances(query, query, metric).cpu().numpy(),
+                _distances(reference, reference, metric).cpu().numpy(),
+                self.k1,
+                self.k2,
+                self.lambda_value,
+            )
+        return torch.from_numpy(out)
+
+    def __repr__(self) -> str:
+        return f"KReciprocal(k1={self.k1}, k2={self.k2}, lambda_value={self.lambda_value})"
+
+
+class QueryExpansion(Reranker):
+    """alpha-QE of the queries, optionally after database-side augmentation (DBA) of the
+    reference set, as a :class:`Reranker` (for unit-norm embeddings: cosine / ip)."""
+
+    def __init__(self, k: int = 2, alpha: float = 3.0, dba: bool = False) -> None:
+        self.k = check_int("k", k, minimum=1)
+        self.alpha = check_real("alpha", alpha)
+        self.dba = bool(dba)
+
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: str) -> Tensor:
+        if reference is None:  # one set: DBA of it is also its leave-one-out QE
+            ref = database_side_augmentation(query, self.k, self.alpha) if self.dba else query
+            q = database_side_augmentation(ref, self.k, self.alpha)
+            return _distances(q, ref, metric)
+        if self.dba:
+            reference = database_side_augmentation(reference, self.k, self.alpha)
+        q = alpha_query_expansion(query, reference, self.k, self.alpha)
+        return _distances(q, reference, metric)
+
+    def __repr__(self) -> str:
+        return f"QueryExpansion(k={self.k}, alpha={self.alpha}, dba={self.dba})"
+
+
+def ranking_metrics(
+    distances: ArrayLike,
+    query_labels: Tensor,
+    reference_labels: Tensor,
+    k: int | Sequence[int] = (1, 2, 4, 8),
+    exclude: Optional[Tensor] = None,
+) -> dict[str, float]:
+    """``recall@k``, ``map@r``, ``r_precision``, ``mrr`` and ``unscorable_queries`` from a
+    ``[Q, R]`` distance matrix (ascending; ties by lower reference row), with the
+    definitions of :func:`lightning_metric.retrieval.retrieval_metrics`. ``exclude [Q]``:
+    the reference row of each query itself (``-1``: none), never retrieved."""
+    ks = check_k(k)
+    dist = torch.as_tensor(
+        np.asarray(distances) if not isinstance(distances, Tensor) else distances
+    )
+    dist = dist.double().cpu().clone()
+    nq, nr = dist.shape
+    qlab = query_labels.cpu().long()
+    rlab = reference_labels.cpu().long()
+    if exclude is not None:
+        ex = exclude.cpu().long()
+        rows = (ex >= 0).nonzero()[:, 0]
+        dist[rows, ex[rows]] = float("inf")
+    candidates = nr - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
+    if ks[-1] > candidates:
+        raise ValueError(f"k={ks[-1]} is larger than the {candidates} items a query can retrieve")
+    order = torch.sort(dist, dim=1, stable=True).indices[:, :candidates]
+    match = rlab[order] == qlab[:, None]
+    r_count = (rlab[None, :] == qlab[:, None]).sum(1)
+    if exclude is not None:
+        own = (exclude.cpu() >= 0) & (rlab[exclude.cpu().clamp(min=0)] == qlab)
+        r_count = r_count - own.long()
+    scorable = r_count > 0
+    out: dict[str, float] = {"unscorable_queries": float((~scorable).sum())}
+    if not bool(scorable.any()):
+        return out
+    match, r_count = match[scorable], r_count[scorable]
+    hits = match.cumsum(1)
+    for kk in ks:
+        out[f"recall@{kk}"] = float((hits[:, kk - 1] > 0).double().mean())
+    ranks = torch.arange(1, match.shape[1] + 1, dtype=torch.float64)
+    relevant = match & (ranks[None, :] <= r_count[:, None])
+    ap = (relevant.cumsum(1).double() / ranks * relevant).sum(1) / r_count
+    out["map@r"] = float(ap.mean())
+    out["r_precision"] = float((relevant.sum(1).double() / r_count).mean())
+    r_max = int(r_count.max())
+    m = match[:, :r_max]
+    first = m.double().argmax(1)
+    out["mrr"] = float(torch.where(m.any(1), 1.0 / (first + 1.0), 0.0).mean())
+    return out
