@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +27,10 @@ DESCRIPTION = (
     "and a margin head (ArcFace, CosFace, ...) or a pytorch-metric-learning loss. `fit` trains "
     "and reports recall@k / MAP@R on unseen classes every epoch; `validate` and `test` "
     "evaluate a checkpoint; `predict` writes a searchable FAISS index to "
-    "<default_root_dir>/index. Example: lightning-metric fit --config "
+    "<default_root_dir>/index. Two more commands ship the result: `lightning-metric export` "
+    "writes the model as ONNX / TorchScript, `lightning-metric search` queries a saved index "
+    "with images or a data module and evaluates it (see `lightning-metric export --help`, "
+    "`lightning-metric search --help`). Example: lightning-metric fit --config "
     "examples/configs/glyphs_arcface.yaml"
 )
 INDEX_DIR = "index"
@@ -224,6 +228,12 @@ def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI
     (:func:`lightning_metric.precision.default_precision`) and printed at start.
     """
     _quiet()
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list | tuple) and argv and argv[0] in ("export", "search"):
+        from lightning_metric.commands import run_command
+
+        run_command([str(a) for a in argv])
+        return None
     # The example configs log to W&B; without an account that must mean "offline", never a
     # login prompt. A user who has logged in (or set WANDB_MODE) keeps their choice.
     if "WANDB_MODE" not in os.environ and not _wandb_has_credentials():

@@ -178,7 +178,8 @@ def export(
                     else:
                         torch.jit.save(torch.jit.trace(wrapper, example), str(path))
                 except Exception as err:
-                    raise _export_error(module, fmt, stack, err) from err
+                    where = stack[-1] if len(stack) > 1 else _locate(wrapper, example, module, err)
+                    raise _export_error(module, fmt, where, err) from err
         if check:
             _check_parity(path, fmt, probe, probe_reference)
     finally:
@@ -214,8 +215,35 @@ def _to_onnx(wrapper: nn.Module, example: Tensor, path: Path, opset: int) -> Non
             torch.onnx.export(wrapper, (example,), str(path), **kwargs)
 
 
-def _export_error(module: nn.Module, fmt: str, stack: list[str], err: Exception) -> ExportError:
-    where = stack[-1] if stack else f"model ({type(module).__name__})"
+def _locate(wrapper: nn.Module, example: Tensor, module: nn.Module, err: Exception) -> str:
+    """The submodule holding the operator an ONNX conversion error names (from the scope
+    of that operator in a trace), else the model itself."""
+    import re
+
+    fallback = f"model ({type(module).__name__})"
+    op = re.search(r"operator '([\w:.]+)'", str(err))
+    if op is None:
+        return fallback
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.jit.trace(wrapper, example).inlined_graph
+    except Exception:
+        return fallback
+    for node in graph.nodes():
+        if node.kind() == op.group(1):
+            scope = node.scopeName().split("/")[-1].removeprefix("__module.module")
+            name = scope.lstrip(".")
+            if not name:
+                return fallback
+            try:
+                return f"{name} ({type(module.get_submodule(name)).__name__})"
+            except AttributeError:
+                return fallback
+    return fallback
+
+
+def _export_error(module: nn.Module, fmt: str, where: str, err: Exception) -> ExportError:
     other = ".pt (TorchScript)" if fmt == "onnx" else ".onnx (ONNX)"
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ExportError(
@@ -253,10 +281,15 @@ def _check_parity(path: Path, fmt: str, example: Tensor, reference: Tensor) -> N
             "value in forward). Try the other format, or make forward traceable"
         ) from err
     ref = reference.numpy()
-    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
-    if got.shape != ref.shape or float(cos.min()) < 0.9999:
+    lowest = float("nan")
+    if got.shape == ref.shape:
+        norms = np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12
+        lowest = float(((got * ref).sum(1) / norms).min())
+    if not lowest >= 0.9999:
         raise ExportError(
-            f"{str(path)!r} does not reproduce the model: output {got.shape} vs {ref.shape}, "
-            f"lowest cosine {float(cos.min()):.6f} (needs >= 0.9999); the model may depend on "
-            "the batch (e.g. BatchNorm in training mode) or on Python control flow"
+            f"{str(path)!r} does not reproduce the model on a batch of {len(example)}: output "
+            f"{got.shape} vs {ref.shape}, lowest cosine {lowest:.6f} (needs >= 0.9999). The "
+            "trace probably froze part of the input or the batch size into constants (a "
+            ".tolist() / .item() / .numpy() or Python control flow in forward); try the other "
+            "format, or make forward traceable"
         )

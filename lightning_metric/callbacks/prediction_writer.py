@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
 from lightning_metric.callbacks.collect import EmbeddingCollector, dataset_size, loader_dataset
 from lightning_metric.checks import check_choice, check_factory_string, check_int
@@ -66,6 +67,7 @@ class EmbeddingIndexWriter(Callback):
         self.nprobe = None if nprobe is None else check_int("nprobe", nprobe, minimum=1)
         self.ef_search = None if ef_search is None else check_int("ef_search", ef_search, minimum=1)
         self._collectors: dict[int, EmbeddingCollector] = {}
+        self._examples: dict[int, Tensor] = {}
         self.written: list[Path] = []
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -77,6 +79,7 @@ class EmbeddingIndexWriter(Callback):
 
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._collectors = {}
+        self._examples = {}
         self._start = time.perf_counter()
 
     def on_predict_batch_end(
@@ -92,6 +95,10 @@ class EmbeddingIndexWriter(Callback):
             dataloader_idx, EmbeddingCollector(type(self).__name__)
         )
         collector.update(pl_module, outputs, batch)
+        if dataloader_idx not in self._examples:
+            x = batch.get("x") if isinstance(batch, dict) else None
+            if isinstance(x, Tensor):
+                self._examples[dataloader_idx] = x[:1].detach().cpu()
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         several = len(self._collectors) > 1
@@ -111,7 +118,7 @@ class EmbeddingIndexWriter(Callback):
                 labels=labels,
                 metric=self.metric,
                 paths=paths,
-                info=_describe(trainer, pl_module, idx),
+                info=_describe(trainer, pl_module, idx, self._examples.get(idx)),
                 show_progress=True,
                 factory=self.factory,
                 nprobe=self.nprobe,
@@ -126,8 +133,14 @@ class EmbeddingIndexWriter(Callback):
         self._collectors = {}
 
 
-def _describe(trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader_idx: int) -> dict:
+def _describe(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    dataloader_idx: int,
+    example: Optional[Tensor] = None,
+) -> dict:
     from lightning_metric import __version__
+    from lightning_metric.export import describe_input
 
     datamodule = getattr(trainer, "datamodule", None)
     model_cls = type(pl_module)
@@ -142,6 +155,8 @@ def _describe(trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader_idx
         },
         "dataloader_idx": dataloader_idx,
     }
+    if example is not None:  # what `lightning-metric search --query image.png` applies
+        info["input"] = describe_input(getattr(trainer, "datamodule", None), example)
     if datamodule is not None:
         data_cls = type(datamodule)
         info["data"] = {

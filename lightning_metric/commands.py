@@ -1,0 +1,387 @@
+"""`lightning-metric export` and `lightning-metric search`: ship a trained model and its index.
+
+    lightning-metric export --config CFG --ckpt_path CKPT --output model.onnx   # or model.pt
+    lightning-metric search --index DIR --query img.png folder/ --k 5 --output hits.csv
+    lightning-metric search --index DIR --config CFG --ckpt_path CKPT --evaluate
+
+Both build the model (and data module) from the same YAML as ``fit``; any further
+``--trainer.* / --model.* / --data.*`` flags are passed to that config as overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["COMMANDS", "run_command"]
+
+COMMANDS = ("export", "search")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+# ---------------------------------------------------------------------- parsers
+
+
+def _parser(name: str) -> argparse.ArgumentParser:
+    if name == "export":
+        p = argparse.ArgumentParser(
+            prog="lightning-metric export",
+            description=(
+                "Write the trained model (input -> unit-norm embedding) as ONNX (.onnx) or "
+                "TorchScript (.pt), with a dynamic batch axis, and <output>.json beside it: "
+                "input shape [C, H, W], dtype, preprocessing (pixel scale, mean/std), "
+                "embedding_dim and metric. The exported file is checked against the model."
+            ),
+        )
+        p.add_argument("--config", action="append", required=True, help="YAML (repeatable)")
+        p.add_argument("--ckpt_path", required=True, help="checkpoint with the trained weights")
+        p.add_argument("--output", required=True, help="model.onnx or model.pt")
+        p.add_argument("--metric", default="cosine", choices=("cosine", "ip", "l2"))
+        p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+        return p
+    p = argparse.ArgumentParser(
+        prog="lightning-metric search",
+        description=(
+            "Search a saved index (written by `lightning-metric predict` or "
+            "EmbeddingIndex.save): images or folders given with --query are loaded with PIL, "
+            "preprocessed as the index records and embedded with the model recorded in the "
+            "index manifest (or --config/--ckpt_path); without --query the data module's "
+            "loader (--split) gives the queries. Prints or writes (--output .json/.csv) the "
+            "top-k ids, labels and scores. --evaluate reports recall@k and MAP@R of the "
+            "labelled queries against the index's labels."
+        ),
+    )
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--query", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--config", action="append", help="YAML for the model and data (repeatable)")
+    p.add_argument("--ckpt_path", help="checkpoint (default: the one recorded in the index)")
+    p.add_argument("--split", default="test", choices=("predict", "test", "val"))
+    p.add_argument("--k", type=int, default=10, help="neighbours per query")
+    p.add_argument("--nprobe", type=int, help="IVF lists visited (approximate indexes)")
+    p.add_argument("--ef_search", type=int, help="HNSW search depth (approximate indexes)")
+    p.add_argument("--output", help="write the results to a .json or .csv file")
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="recall@k / MAP@R of the labelled queries (--split) against the index",
+    )
+    p.add_argument("--batch_size", type=int, default=256)
+    return p
+
+
+def run_command(argv: Sequence[str]) -> Any:
+    """Run ``export`` or ``search``; ``argv[0]`` names the command."""
+    name, rest = argv[0], list(argv[1:])
+    if name not in COMMANDS:
+        raise ValueError(f"unknown command {name!r}; expected one of {COMMANDS}")
+    parser = _parser(name)
+    args, overrides = parser.parse_known_args(rest)
+    bad = [a for a in overrides if a.startswith("-") and not _is_config_flag(a)]
+    if bad:
+        parser.error(
+            f"unrecognized arguments: {' '.join(bad)} (config overrides must start with "
+            "--trainer., --model., --data. or --seed_everything)"
+        )
+    if overrides and not args.config:
+        overrides = []  # config flags without a config (e.g. a shared smoke-test suffix)
+    return _export(args, overrides) if name == "export" else _search(args, overrides)
+
+
+def _is_config_flag(arg: str) -> bool:
+    return arg.split("=", 1)[0].startswith(("--trainer.", "--model.", "--data.", "--seed_every"))
+
+
+# ---------------------------------------------------------------------- building
+
+
+def _build(configs: list[str], ckpt_path: str, overrides: list[str]) -> tuple[nn.Module, Any]:
+    """The model (weights from ``ckpt_path``) and data module of ``configs``."""
+    from lightning_metric.cli import main
+
+    ckpt = Path(ckpt_path)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist")
+    argv: list[str] = []
+    for config in configs:
+        argv += ["--config", config]
+    cli = main([*argv, *overrides, "--trainer.logger=false"], run=False)
+    assert cli is not None
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    cli.model.load_state_dict(state.get("state_dict", state))
+    return cli.model.eval(), cli.datamodule
+
+
+def _model_from_manifest(index: Any, ckpt_path: Optional[str]) -> nn.Module:
+    from jsonargparse.typing import import_object
+
+    model_info = index.info.get("model", {})
+    ckpt = ckpt_path or model_info.get("checkpoint")
+    class_path = model_info.get("class_path")
+    if not ckpt or not class_path:
+        raise ValueError(
+            f"the index manifest in {str(index.directory)!r} records no model checkpoint "
+            "(class_path + checkpoint); pass --config and --ckpt_path to embed the queries"
+        )
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(
+            f"the index was built with checkpoint {ckpt!r}, which does not exist here; pass "
+            "--ckpt_path (and --config if it was not trained with the lightning-metric CLI)"
+        )
+    cls = import_object(class_path)
+    return cls.load_from_checkpoint(ckpt, map_location="cpu").eval()  # type: ignore[no-any-return]
+
+
+def _sample_batch(datamodule: Any, split: str = "predict") -> Any:
+    datamodule.setup(split if split != "val" else "validate")
+    loader = getattr(datamodule, f"{split}_dataloader")()
+    return next(iter(loader))
+
+
+def _inputs(batch: Any) -> Tensor:
+    if isinstance(batch, dict):
+        return batch["x"]  # type: ignore[no-any-return]
+    return batch[0]  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------- export
+
+
+def _export(args: argparse.Namespace, overrides: list[str]) -> Path:
+    from lightning_metric.export import describe_input, export, sidecar_path
+
+    model, datamodule = _build(args.config, args.ckpt_path, overrides)
+    example = _inputs(_sample_batch(datamodule, "predict"))[:2].float()
+    cls = type(model)
+    out = export(
+        model,
+        args.output,
+        example,
+        input_info=describe_input(datamodule, example),
+        metric=args.metric,
+        opset=args.opset,
+        extra={
+            "checkpoint": str(Path(args.ckpt_path).resolve()),
+            "model_class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "config": [str(Path(c).resolve()) for c in args.config],
+        },
+    )
+    print(f"lightning-metric export: wrote {out} and {sidecar_path(out)}")
+    return out
+
+
+# ---------------------------------------------------------------------- search
+
+
+def image_paths(queries: Sequence[str]) -> list[Path]:
+    """Files as given; folders expanded to their images (recursively, sorted)."""
+    paths: list[Path] = []
+    for q in queries:
+        p = Path(q)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"folder {q!r} holds no images ({sorted(IMAGE_SUFFIXES)})")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"query {q!r} is neither an image file nor a folder")
+    return paths
+
+
+def load_images(paths: Sequence[Path], input_info: dict[str, Any]) -> Tensor:
+    """``[N, C, H, W]`` float32: each image converted, resized and scaled (then normalised
+    by mean/std where recorded) as ``input_info['preprocessing']`` says."""
+    from PIL import Image
+
+    from lightning_metric.data.folders import load_image
+
+    pre = input_info.get("preprocessing", {})
+    shape = input_info.get("shape")
+    if not shape or len(shape) != 3:
+        raise ValueError(
+            f"the index records input shape {shape!r}, not an image [C, H, W]: search it with "
+            "--config/--ckpt_path and the data module's loader instead of --query"
+        )
+    channels, height, width = (int(s) for s in shape)
+    mode = pre.get("mode") or {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise ValueError(f"cannot load images for {channels}-channel inputs (needs 1 or 3)")
+    scale = float(pre.get("scale", 1.0 / 255.0))
+    images = []
+    for path in paths:
+        img = load_image(path).convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+        x = np.asarray(img, dtype=np.float32) * scale
+        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+        if "mean" in pre and "std" in pre:
+            mean = np.asarray(pre["mean"], np.float32)[:, None, None]
+            std = np.asarray(pre["std"], np.float32)[:, None, None]
+            x = (x - mean) / std
+        images.append(torch.from_numpy(np.ascontiguousarray(x)))
+    return torch.stack(images)
+
+
+@torch.no_grad()
+def _embed(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def _embed_loader(model: nn.Module, loader: Any) -> tuple[Tensor, Tensor, Tensor]:
+    model.eval()
+    embeddings, labels, ids = [], [], []
+    for batch in loader:
+        embeddings.append(model(_inputs(batch)).float())
+        if isinstance(batch, dict):
+            labels.append(batch["label"])
+            ids.append(batch.get("index", torch.arange(len(batch["label"]))))
+        else:
+            labels.append(batch[1])
+            ids.append(torch.full((len(batch[1]),), -1))
+    return torch.cat(embeddings), torch.cat(labels), torch.cat(ids)
+
+
+def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    from lightning_metric.search import EmbeddingIndex
+
+    index = EmbeddingIndex.load(args.index)
+    if not args.query and not args.config:
+        raise SystemExit(
+            "lightning-metric search: pass --query (images / folders) or --config with "
+            "--ckpt_path (queries from the data module's loader)"
+        )
+    datamodule = None
+    if args.config:
+        ckpt = args.ckpt_path or index.info.get("model", {}).get("checkpoint")
+        if not ckpt:
+            raise SystemExit("lightning-metric search: --config needs --ckpt_path")
+        model, datamodule = _build(args.config, ckpt, overrides)
+    else:
+        model = _model_from_manifest(index, args.ckpt_path)
+    index.attach_model(model)
+    query_labels: Optional[Tensor] = None
+    query_ids = torch.empty(0, dtype=torch.int64)
+    if args.query:
+        paths = image_paths(args.query)
+        input_info = index.info.get("input")
+        if not input_info:
+            raise ValueError(
+                f"the index in {args.index!r} records no input preprocessing (written by an "
+                "older release); rebuild it with `lightning-metric predict`"
+            )
+        embeddings = _embed(model, load_images(paths, input_info), args.batch_size)
+        names = [str(p) for p in paths]
+    else:
+        assert datamodule is not None
+        datamodule.setup(args.split if args.split != "val" else "validate")
+        loader = getattr(datamodule, f"{args.split}_dataloader")()
+        embeddings, query_labels, query_ids = _embed_loader(model, loader)
+        names = [f"{args.split}[{int(i)}]" for i in query_ids]
+    k = min(args.k, len(index))
+    result = index.search(
+        embeddings, k=k, inputs=False, nprobe=args.nprobe, ef_search=args.ef_search
+    )
+    output: dict[str, Any] = {"index": str(args.index), "k": k, "results": []}
+    label_of = dict(zip(index.ids.tolist(), index.labels.tolist(), strict=True))
+    path_of = dict(zip(index.ids.tolist(), index.paths, strict=True)) if index.paths else {}
+    for name, ids, scores in zip(names, result.ids, result.scores, strict=True):
+        output["results"].append(
+            {
+                "query": name,
+                "neighbours": [
+                    {
+                        "id": int(i),
+                        "label": int(label_of.get(int(i), -1)),
+                        "score": float(s),
+                        **({"path": path_of[int(i)]} if int(i) in path_of else {}),
+                    }
+                    for i, s in zip(ids, scores, strict=True)
+                ],
+            }
+        )
+    if args.evaluate:
+        if query_labels is None:
+            raise SystemExit(
+                "lightning-metric search --evaluate needs labelled queries: use --config/"
+                "--ckpt_path (the data module's --split loader) instead of --query"
+            )
+        output["metrics"] = _evaluate(index, embeddings, query_labels, query_ids, args.split)
+    _report(output, args.output)
+    return output
+
+
+def _evaluate(
+    index: Any, embeddings: Tensor, labels: Tensor, query_ids: Tensor, split: str
+) -> dict[str, float]:
+    """recall@k / MAP@R of the queries against the index. Queries that are indexed items
+    themselves (the index holds the same split) never retrieve their own entry."""
+    from lightning_metric.retrieval import retrieval_metrics
+
+    same_split = index.info.get("data", {}).get("predict_split") == split
+    known = index.labels >= 0
+    ref = torch.from_numpy(index.embeddings[known])
+    ref_labels = torch.from_numpy(index.labels[known])
+    ref_ids = torch.from_numpy(index.ids[known])
+    inside = (
+        torch.isin(query_ids, ref_ids) if same_split else torch.zeros_like(labels, dtype=torch.bool)
+    )
+    extra_emb, extra_labels = embeddings[~inside], labels[~inside]
+    all_emb = torch.cat([ref, extra_emb])
+    all_labels = torch.cat([ref_labels, extra_labels.to(torch.int64)])
+    query_mask = torch.cat(
+        [torch.isin(ref_ids, query_ids[inside]), torch.ones(len(extra_emb), dtype=torch.bool)]
+    )
+    reference_mask = torch.cat(
+        [torch.ones(len(ref), dtype=torch.bool), torch.zeros(len(extra_emb), dtype=torch.bool)]
+    )
+    candidates = len(ref) - (1 if bool(inside.any()) else 0)
+    return retrieval_metrics(
+        all_emb,
+        all_labels,
+        k=tuple(k for k in (1, 2, 4, 8) if k <= candidates),
+        query_mask=query_mask,
+        reference_mask=reference_mask,
+        metric=index.metric,
+    )
+
+
+def _report(output: dict[str, Any], destination: Optional[str]) -> None:
+    if destination:
+        path = Path(destination)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() == ".json":
+            path.write_text(json.dumps(output, indent=2) + "\n", encoding="utf-8")
+        elif path.suffix.lower() == ".csv":
+            with path.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["query", "rank", "id", "label", "score", "path"])
+                for r in output["results"]:
+                    for rank, n in enumerate(r["neighbours"], start=1):
+                        row = [r["query"], rank, n["id"], n["label"], n["score"]]
+                        writer.writerow([*row, n.get("path", "")])
+        else:
+            raise ValueError(f"--output must end in .json or .csv, got {destination!r}")
+        print(f"lightning-metric search: wrote {len(output['results'])} queries to {path}")
+    else:
+        shown = output["results"][:20]
+        for r in shown:
+            hits = "  ".join(
+                f"{n['id']}(label {n['label']}, {n['score']:.3f})" for n in r["neighbours"]
+            )
+            print(f"{r['query']}: {hits}")
+        if len(output["results"]) > len(shown):
+            print(f"... {len(output['results']) - len(shown)} more queries (use --output)")
+    if "metrics" in output:
+        line = "  ".join(f"{k}={v:.4f}" for k, v in output["metrics"].items())
+        print(f"search/evaluate: {line}")
+    sys.stdout.flush()

@@ -1,0 +1,133 @@
+"""`lightning-metric export` / `search`: a digits model trained, predicted, exported, searched."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_metric.cli import main
+from lightning_metric.commands import load_images
+from lightning_metric.search import EmbeddingIndex
+
+CONFIG = str(Path(__file__).parents[1] / "examples" / "configs" / "digits_arcface.yaml")
+QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ship")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        common = ["--config", CONFIG, *QUIET, f"--trainer.default_root_dir={root}"]
+        main(["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+              "--trainer.limit_val_batches=1"])  # fmt: skip
+        (ckpt,) = root.rglob("*.ckpt")
+        out = root / "hnsw"
+        main(
+            [
+                "predict",
+                *common,
+                "--trainer.precision=32-true",
+                "--trainer.callbacks+=lightning_metric.callbacks.EmbeddingIndexWriter",
+                f"--trainer.callbacks.output_dir={out}",
+                "--trainer.callbacks.factory=HNSW32",
+                "--trainer.callbacks.ef_search=64",
+                f"--ckpt_path={ckpt}",
+            ]
+        )
+    return {"root": root, "ckpt": ckpt, "index": out}
+
+
+def test_predict_writes_the_factory_and_the_input_description(trained: dict[str, Path]) -> None:
+    manifest = json.loads((trained["index"] / "manifest.json").read_text())
+    assert manifest["factory"] == "HNSW32" and manifest["search_params"] == {"ef_search": 64}
+    pre = manifest["info"]["input"]
+    assert pre["shape"] == [1, 8, 8] and pre["preprocessing"]["scale"] == 1 / 16
+    assert EmbeddingIndex.load(trained["index"]).factory == "HNSW32"
+
+
+def test_search_images_from_the_manifest_model(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    index = EmbeddingIndex.load(trained["index"])
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((8, 8)) * 16).astype("uint8")).save(folder / f"{i}.png")
+    out = tmp_path / "hits.json"
+    main(["search", "--index", str(trained["index"]), "--query", str(folder), "--k", "4",
+          "--output", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert [r["query"] for r in result["results"]] == [str(folder / f"{i}.png") for i in range(3)]
+    # the same neighbours as embedding the preprocessed images with the checkpoint's model
+    from lightning_metric import MetricLearningModule
+
+    model = MetricLearningModule.load_from_checkpoint(trained["ckpt"], map_location="cpu").eval()
+    x = load_images(sorted(folder.iterdir()), index.info["input"])
+    assert torch.equal(
+        x[0, 0], torch.from_numpy(np.asarray(Image.open(folder / "0.png")) / 16.0).float()
+    )
+    with torch.no_grad():
+        expected = index.search(model(x), k=4)
+    got = np.array([[n["id"] for n in r["neighbours"]] for r in result["results"]])
+    np.testing.assert_array_equal(got, expected.ids)
+    labels = dict(zip(index.ids.tolist(), index.labels.tolist(), strict=True))
+    assert all(n["label"] == labels[n["id"]] for r in result["results"] for n in r["neighbours"])
+    csv_out = tmp_path / "hits.csv"
+    main(["search", "--index", str(trained["index"]), "--query", str(folder / "1.png"),
+          "--output", str(csv_out), "--k", "2", "--ef_search", "128"])  # fmt: skip
+    rows = list(csv.DictReader(csv_out.open()))
+    assert [r["rank"] for r in rows] == ["1", "2"] and rows[0]["id"] == str(got[1, 0])
+
+
+def test_search_evaluate_a_labelled_query_set(
+    trained: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = main(
+        ["search", "--index", str(trained["index"]), "--config", CONFIG, "--ckpt_path",
+         str(trained["ckpt"]), "--evaluate", "--k", "3", "--trainer.precision=32-true"]
+    )  # fmt: skip
+    assert result is None
+    printed = capsys.readouterr().out
+    assert "search/evaluate: recall@1=" in printed and "map@r=" in printed
+
+
+def test_export_command_writes_a_checked_model(trained: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "model.pt"
+    main(["export", "--config", CONFIG, "--ckpt_path", str(trained["ckpt"]), "--output", str(out),
+          "--trainer.max_epochs=1"])  # fmt: skip
+    side = json.loads((tmp_path / "model.pt.json").read_text())
+    assert side["input"]["shape"] == [1, 8, 8] and side["embedding_dim"] == 32
+    assert side["input"]["preprocessing"]["scale"] == 1 / 16
+    assert side["checkpoint"] == str(trained["ckpt"].resolve())
+    assert torch.jit.load(str(out))(torch.rand(5, 1, 8, 8)).shape == (5, 32)
+
+
+def test_help_and_bad_invocations(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    for command in ("export", "search"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        assert f"lightning-metric {command}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "lightning-metric export" in text and "lightning-metric search" in text
+    with pytest.raises(SystemExit, match="pass --query"):
+        main(["search", "--index", str(_tiny_index(tmp_path))])
+    with pytest.raises(SystemExit):
+        main(["search", "--index", "x", "--bogus"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["search", "--index", str(tmp_path / "none"), "--query", "a.png"])
+
+
+def _tiny_index(tmp_path: Path) -> Path:
+    return EmbeddingIndex(np.eye(4, dtype=np.float32)).save(tmp_path / "tiny")
