@@ -9,6 +9,10 @@ checkpoint, so optimizer and LR-scheduler state are compared as well as the weig
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import os
+import signal
+import time
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -78,7 +82,8 @@ def _trainer(root: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer
 
 
 def _last(root: Path) -> ModelCheckpoint:
-    return ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
+    # (with save_top_k=0 Lightning writes last.ckpt only when training ends, not every epoch)
+    return ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1)
 
 
 def _final(root: Path) -> dict[str, Any]:
@@ -115,9 +120,22 @@ def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 @pytest.fixture(autouse=True)
-def _stop_loader_workers() -> Iterator[None]:
-    """Persistent DataLoader workers stop when their loader is collected; a loader that ran to
-    the end sits in a reference cycle (through the StopIteration traceback) until a collection."""
+def _one_thread() -> Iterator[None]:
+    """These models are tiny: one intra-op thread is ~10x faster than two on a shared 2-core
+    machine (same numbers: resume is compared within one thread setting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _release() -> Iterator[None]:
+    """Persistent DataLoader workers stop when their loader is freed. DataModule construction
+    (Lightning's save_hyperparameters) leaves a frame cycle that keeps the calling frames, and
+    the loaders in them, alive until a garbage collection, and workers stopped from inside a
+    collection each wait out a 5 s join. So tests drop their worker loaders with `del`; this
+    collects whatever is left."""
     yield
     gc.collect()
 
@@ -262,7 +280,9 @@ def test_batches_and_augmentation_do_not_depend_on_the_workers(m_per_class: Opti
         for sampler in (loader.sampler, loader.batch_sampler):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-        return list(loader)
+        batches = list(loader)
+        del loader  # see _release
+        return batches
 
     for epoch in (0, 1):
         serial, parallel = epoch_batches(0, epoch), epoch_batches(2, epoch)
@@ -291,13 +311,13 @@ def test_loader_state_skips_the_batches_already_seen(
     full = _indices(_datamodule(m_per_class, 0).train_dataloader())
     loader = _datamodule(m_per_class, workers).train_dataloader()
     assert loader.state_dict() == {"epoch": 0, "batches": 0}
-    seen = []
-    for batch in loader:
-        seen.append(batch["index"].tolist())
-        if len(seen) == 5:
-            break
+    batches = iter(loader)
+    seen = [next(batches)["index"].tolist() for _ in range(5)]
     state = loader.state_dict()
     assert state == {"epoch": 0, "batches": 5}
+    # Run the epoch out: persistent workers left holding prefetched batches take seconds to stop
+    # when the loader is garbage-collected.
+    assert len(list(batches)) == len(full) - 5 and loader.state_dict()["batches"] == len(full)
 
     fresh = _datamodule(m_per_class, workers).train_dataloader()
     fresh.load_state_dict(state)
@@ -311,6 +331,7 @@ def test_loader_state_skips_the_batches_already_seen(
     other = _datamodule(m_per_class, workers).train_dataloader()
     other.load_state_dict({"epoch": 1, "batches": 5})
     assert _indices(other) == full
+    del batches, loader, fresh, other  # see _release
 
 
 def test_loader_epoch_reaches_the_samplers() -> None:
@@ -324,3 +345,99 @@ def test_loader_epoch_reaches_the_samplers() -> None:
     assert loader.batch_sampler.epoch == 3 and again.state_dict()["epoch"] == 3
     with pytest.raises(ValueError, match="not a ResumableDataLoader state"):
         again.load_state_dict({"epoch": "one", "batches": 2})
+
+
+# -- 2-process CPU DDP (gloo), through the test harness's file:// rendezvous -------------------
+
+
+def _ddp_trainer(root: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+    from ddp_harness import FileRendezvousDDP
+
+    root.mkdir(parents=True, exist_ok=True)  # the rendezvous file goes there
+    return _trainer(root, callbacks, strategy=FileRendezvousDDP(root), devices=2, **kwargs)
+
+
+_DDP_REFERENCE: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+def _ddp_uninterrupted(
+    objective: str, m_per_class: Optional[int], tmp_root: Path
+) -> dict[str, Any]:
+    key = (objective, m_per_class)
+    if key not in _DDP_REFERENCE:
+        root = tmp_root / f"ddp-reference-{objective}-{m_per_class}"
+        _ddp_trainer(root, [_last(root)]).fit(_module(objective), _datamodule(m_per_class, 0))
+        _DDP_REFERENCE[key] = _final(root)
+    return _DDP_REFERENCE[key]
+
+
+@pytest.mark.ddp
+def test_ddp_resume_mid_epoch_is_exact(tmp_path: Path, reference_root: Path) -> None:
+    """PML loss gathered across ranks + m-per-class batches split across ranks + augmentation."""
+    reference = _ddp_uninterrupted("triplet", 8, reference_root)
+    first = tmp_path / "first"
+    steps = ModelCheckpoint(dirpath=first, every_n_train_steps=7, save_top_k=-1)
+    per_rank = len(
+        MPerClassSampler(_datamodule(8, 0).dataset("train").labels, 8, BATCH, 0, num_replicas=2)
+    )
+    stop = (per_rank + 7) // 7 * 7  # a few batches into epoch 1
+    _ddp_trainer(first, [steps], max_steps=stop).fit(_module("triplet"), _datamodule(8, 0))
+    ckpt = first / f"epoch=1-step={stop}.ckpt"
+    state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]
+    assert state["combined_loader"] == [{"epoch": 1, "batches": stop - per_rank}]
+    second = tmp_path / "second"
+    _ddp_trainer(second, [_last(second)]).fit(_module("triplet"), _datamodule(8, 0), ckpt_path=ckpt)
+    assert _max_diff(reference, _final(second)) <= TOL
+
+
+class _KillRank(Callback):
+    """Records every rank's pid; SIGKILLs rank ``rank`` after training step ``step``."""
+
+    def __init__(self, folder: str, rank: int, step: int) -> None:
+        self.folder, self.rank, self.step = folder, rank, step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        Path(self.folder, f"pid{trainer.global_rank}").write_text(str(os.getpid()))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            Path(self.folder, "killed_at").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# How soon after the kill the parent must have failed: far below the 60 s process-group timeout,
+# so a pass shows nobody waited for a timeout.
+REACTION_S = 30.0
+
+
+@pytest.mark.ddp
+def test_ddp_rank_killed_mid_epoch_fails_fast_and_the_rerun_matches(
+    tmp_path: Path, reference_root: Path
+) -> None:
+    """Margin head (CurricularFace, its `t` synchronised across ranks) + DistributedSampler."""
+    reference = _ddp_uninterrupted("curricularface", None, reference_root)
+    run = tmp_path / "run"
+    run.mkdir()
+    kill_step = 901 // 2 // BATCH + 4  # a few batches into epoch 1 (11 batches per rank)
+    trainer = _ddp_trainer(run, [_last(run), _KillRank(str(run), rank=1, step=kill_step)])
+    with pytest.raises(Exception) as failure:
+        trainer.fit(_module("curricularface"), _datamodule(None, 0))
+    failed_at = time.time()
+    killed_at = float((run / "killed_at").read_text())
+    assert failed_at - killed_at < REACTION_S
+    # The launcher's error names the lost rank; its exit status says how it was lost.
+    assert "process 1 terminated with signal SIGKILL" in str(failure.value)
+    procs = trainer.strategy.launcher.procs  # type: ignore[union-attr]
+    assert procs[1].exitcode == -signal.SIGKILL and procs[0].exitcode not in (None, 0)
+    for rank in (0, 1):  # no rank is left running (or unreaped)
+        with pytest.raises(ProcessLookupError):
+            os.kill(int((run / f"pid{rank}").read_text()), 0)
+    assert multiprocessing.active_children() == []
+
+    # Re-run from the last checkpoint (the end of epoch 0): the same result as never failing.
+    assert torch.load(run / "last.ckpt", weights_only=False)["epoch"] == 0
+    rerun = tmp_path / "rerun"
+    _ddp_trainer(rerun, [_last(rerun)]).fit(
+        _module("curricularface"), _datamodule(None, 0), ckpt_path=run / "last.ckpt"
+    )
+    assert _max_diff(reference, _final(rerun)) <= TOL

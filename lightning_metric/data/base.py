@@ -217,6 +217,18 @@ class ArrayDataModule(pl.LightningDataModule):
     samples of each of ``batch_size // m_per_class`` classes (pair losses with miners need
     positives in every batch). It splits batches across DDP ranks itself and works with either
     value of ``Trainer(use_distributed_sampler=...)``.
+
+    Resuming is exact: ``fit`` for N epochs and ``fit`` for k epochs then ``fit(ckpt_path=...)``
+    to N give the same weights, optimizer and LR-scheduler state (bit for bit on CPU), from an
+    end-of-epoch checkpoint and from a mid-epoch one (e.g. ``ModelCheckpoint(
+    every_n_train_steps=...)``), with any ``num_workers`` (the result does not depend on it) and
+    under DDP. The shuffle, the m-per-class plan and the augmentation are functions of (seed,
+    epoch, rank, position), and the training loader (:class:`ResumableDataLoader`) puts its
+    position in the checkpoint. Not covered: a resume that changes the batch size, the number
+    of DDP processes or the seed; randomness drawn from torch's global generator by the model
+    (dropout, class-centre sampling with ``sample_rate < 1``, random miners), which Lightning
+    does not checkpoint; and under DDP the default shuffle is Lightning's ``DistributedSampler``,
+    seeded by ``seed_everything`` (``PL_GLOBAL_SEED``), not by ``seed``: resume with the same one.
     """
 
     image_size: int
