@@ -88,3 +88,8 @@ def test_cli_commands_run_from_a_fresh_directory(tmp_path):
             assert f"{prefix}/recall@1" in result.stdout
         if command[1] == "predict":
             assert (tmp_path / "outputs" / "digits_arcface" / "index" / "index.faiss").is_file()
+        if command[1] == "export":
+            output = Path(command[command.index("--output") + 1])
+            assert (tmp_path / output).is_file() and (tmp_path / f"{output}.json").is_file()
+        if command[1] == "search" and "--evaluate" in command:
+            assert "search/evaluate: recall@1=" in result.stdout
