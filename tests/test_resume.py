@@ -35,7 +35,7 @@ from lightning_metric.data.samplers import EpochShuffleSampler, MPerClassSampler
 from lightning_metric.heads import AdaFaceHead, CurricularFaceHead
 
 TOL = 1e-6
-BATCH = 40  # digits 0-4: 901 training images -> 22 shuffled batches, 20 m-per-class batches
+BATCH = 40  # digits 0-4: 901 training images -> 22 batches an epoch (shuffled or m-per-class)
 
 
 # -- a small, fast, fully deterministic run ----------------------------------------------------
