@@ -203,9 +203,10 @@ def check_num_classes(value: Any, name: str = "num_classes") -> int:
 _TRANSFORM = re.compile(r"(PCA|OPQ|RR|ITQ|L2norm)")
 
 
-def check_factory_string(factory: Any, dim: int) -> str:
+def check_factory_string(factory: Any, dim: int | None = None) -> str:
     """A FAISS ``index_factory`` string; its PQ sub-vector count ``M`` must divide ``dim``
-    (unless a transform such as ``OPQ``/``PCA`` changes the dimension first)."""
+    (unless a transform such as ``OPQ``/``PCA`` changes the dimension first; not checked
+    while ``dim`` is unknown)."""
     if not isinstance(factory, str) or not factory.strip():
         raise ArgumentTypeError(
             f"`factory` must be a FAISS index-factory string such as 'Flat', 'HNSW32', "
@@ -213,7 +214,7 @@ def check_factory_string(factory: Any, dim: int) -> str:
         )
     factory = factory.strip()
     parts = [p.strip() for p in factory.split(",")]
-    if any(_TRANSFORM.match(p) for p in parts):
+    if dim is None or any(_TRANSFORM.match(p) for p in parts):
         return factory
     for part in parts:
         m = re.fullmatch(r"(?:IVF\d+(?:_HNSW\d+)?)?PQ(\d+)(?:x\d+)?(?:fs|fsr|np)?", part)

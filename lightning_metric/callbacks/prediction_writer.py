@@ -63,7 +63,7 @@ class EmbeddingIndexWriter(Callback):
         self.output_dir = Path(output_dir)
         self.metric: Literal["cosine", "ip", "l2"] = metric
         self.overwrite = overwrite
-        self.factory = check_factory_string(factory, 1 << 20)  # PQ checked once D is known
+        self.factory = check_factory_string(factory)  # PQ's M checked once D is known
         self.nprobe = None if nprobe is None else check_int("nprobe", nprobe, minimum=1)
         self.ef_search = None if ef_search is None else check_int("ef_search", ef_search, minimum=1)
         self._collectors: dict[int, EmbeddingCollector] = {}
