@@ -270,7 +270,13 @@ def _check_parity(path: Path, fmt: str, example: Tensor, reference: Tensor) -> N
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
-            return  # nothing to run the file with; `pip install lightning-metric[export]`
+            warnings.warn(
+                f"wrote {str(path)!r} without checking it against the model: onnxruntime is "
+                "not installed (pip install 'lightning-metric[export]')",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
     try:
         got = _run_exported(path, fmt, example)
     except Exception as err:

@@ -193,3 +193,37 @@ def test_recall_callback_builds_a_reranker_from_yaml() -> None:
     )
     callback = parser.instantiate_classes(config).recall
     assert isinstance(callback.rerank, KReciprocal) and callback.rerank.k1 == 10
+
+
+def test_recall_callback_logs_reranked_metrics_in_a_fit() -> None:
+    from functools import partial
+
+    import lightning as L
+
+    from lightning_metric import MetricLearningModule, SmallCNN
+    from lightning_metric.callbacks import RecallAtK
+    from lightning_metric.data import DigitsDataModule
+    from lightning_metric.heads import ArcFaceHead
+
+    torch.manual_seed(0)
+    data = DigitsDataModule(batch_size=64)
+    model = MetricLearningModule(
+        backbone=SmallCNN(in_channels=1, width=8),
+        embedding_dim=16,
+        head=partial(ArcFaceHead, scale=16.0, margin=0.3),
+        num_classes=data.num_classes,
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=2,
+        callbacks=[RecallAtK(k=(1, 2), rerank=QueryExpansion(k=2))],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data)
+    logged = trainer.callback_metrics
+    assert {"val/recall@1", "val/rerank/recall@1", "val/rerank/map@r"} <= set(logged)
+    assert 0.0 <= float(logged["val/rerank/recall@1"]) <= 1.0
