@@ -35,7 +35,9 @@ DEADLINE_S = 240.0
 
 
 def _rendezvous_file(folder: str | Path) -> str:
-    # A FileStore file must be fresh for each group: a leftover one would mix two groups.
+    # A FileStore file must be fresh for each group: a leftover one would mix two groups. Its
+    # folder must exist: a FileStore in a missing folder waits past the group's timeout.
+    Path(folder).mkdir(parents=True, exist_ok=True)
     return str(Path(folder) / f"rendezvous-{uuid.uuid4().hex}")
 
 

@@ -310,16 +310,12 @@ class _RankBatches(_Batches):
 
 
 def _ddp_fit(model: MetricLearningModule, batches: list, folder: str) -> L.Trainer:
-    try:  # the no-port, no-hang rendezvous of the other DDP tests, where present
-        from ddp_harness import FileRendezvousDDP
+    from ddp_harness import FileRendezvousDDP  # no port race, no hang
 
-        strategy: object = FileRendezvousDDP(folder)
-    except ImportError:
-        strategy = "ddp_spawn"
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=strategy,  # type: ignore[arg-type]
+        strategy=FileRendezvousDDP(folder),
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
