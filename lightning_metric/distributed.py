@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -10,6 +13,8 @@ __all__ = [
     "dedupe_by_index",
     "gather_for_loss",
     "gather_uneven",
+    "lost_ranks",
+    "peer_table",
     "rank",
     "unpad_gathered",
     "world_size",
@@ -24,6 +29,43 @@ def world_size() -> int:
 def rank() -> int:
     """This process's rank in the default group (0 when not distributed)."""
     return dist.get_rank() if world_size() > 1 else 0
+
+
+def peer_table() -> list[tuple[str, int]]:
+    """``(hostname, pid)`` of every rank, in rank order. A collective: call it on every rank
+    while all are alive (at setup), so that a rank that dies later can be named."""
+    me = (socket.gethostname(), os.getpid())
+    if world_size() == 1:
+        return [me]
+    table: list = [None] * world_size()
+    dist.all_gather_object(table, me)
+    return [(str(host), int(pid)) for host, pid in table]
+
+
+def lost_ranks(table: list[tuple[str, int]]) -> list[int]:
+    """Ranks of ``table`` on this host whose process has ended.
+
+    Ranks on other hosts cannot be checked from here and are never reported. A rank that has
+    exited but is not yet reaped by its parent (a zombie: Lightning's ``ddp`` launcher is the
+    parent of ranks 1..N) counts as ended.
+    """
+    host = socket.gethostname()
+    return [r for r, (h, pid) in enumerate(table) if h == host and not _process_alive(pid)]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # "pid (comm) state ...": the state follows the last ')' (comm may hold spaces).
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def gather_uneven(tensor: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning import LightningModule
+from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -24,6 +24,7 @@ from pytorch_metric_learning.miners import BaseMiner
 from torch import nn
 
 from lightning_metric.batch import Batch, split_batch
+from lightning_metric.callbacks.lost_rank import LostRankReport
 from lightning_metric.checks import (
     ArgumentTypeError,
     check_choice,
@@ -312,6 +313,10 @@ class MetricLearningModule(LightningModule):
             return super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
         finally:
             self._kept_since_step = False
+
+    def configure_callbacks(self) -> list[Callback]:
+        """A DDP run that fails because a rank died names that rank (:class:`LostRankReport`)."""
+        return [LostRankReport()]
 
     def on_fit_start(self) -> None:
         """Labels of the data must fit the objective's classes: checked before the first step."""
