@@ -1,18 +1,20 @@
 """DataModules for metric learning: the embedded glyph benchmark and sklearn's digits."""
 
 from lightning_metric.data.augment import RandomAffineNoise
-from lightning_metric.data.base import ArrayDataModule, ArrayDataset
+from lightning_metric.data.base import ArrayDataModule, ArrayDataset, ResumableDataLoader
 from lightning_metric.data.digits import DigitsDataModule
 from lightning_metric.data.glyphs import GlyphsDataModule
-from lightning_metric.data.samplers import MPerClassSampler
+from lightning_metric.data.samplers import EpochShuffleSampler, MPerClassSampler
 
 __all__ = [
     "ArrayDataModule",
     "ArrayDataset",
     "DigitsDataModule",
+    "EpochShuffleSampler",
     "GlyphsDataModule",
     "MPerClassSampler",
     "RandomAffineNoise",
+    "ResumableDataLoader",
 ]
 
 from lightning_metric.data.benchmarks import (  # noqa: E402
