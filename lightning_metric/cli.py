@@ -36,8 +36,8 @@ DESCRIPTION = (
 INDEX_DIR = "index"
 """Where `predict` writes the index when the config has no EmbeddingIndexWriter of its own."""
 # bf16 / fp32 time per training step of the main job's model with the CPU capped to AVX2
-# (`python benchmarks/precision.py`): 7-12x on 2 cores.
-_EMULATED_BF16_SLOWDOWN = "several times (7-12x)"
+# (`python benchmarks/precision.py`): 11x on 2 quiet cores, 7x on busy ones.
+_EMULATED_BF16_SLOWDOWN = "about 10x"
 
 
 class LightningMetricCLI(LightningCLI):
