@@ -14,6 +14,7 @@ CPU hog on 2 cores, where a spawned rank alone takes 20-40 s to import torch + l
 from __future__ import annotations
 
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -140,3 +141,14 @@ class FileRendezvousDDP(DDPStrategy):
         if not dist.is_initialized():
             _init_group(self.init_file, self.global_rank, self.world_size, self._timeout)
         super().setup_distributed()
+
+    def teardown(self) -> None:
+        super().teardown()
+        # Lightning leaves the group alive when a spawned rank returns; a rank exiting while
+        # its peer's gloo threads still talk to it was seen to abort ("terminate called without
+        # an active exception"). Both ranks leave together, then close the group themselves --
+        # on success only: after a failure (Lightning tears down inside its `except`) a peer
+        # may be gone, and a barrier would only hide the original error.
+        if sys.exc_info()[0] is None and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
