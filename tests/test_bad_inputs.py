@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from pytorch_metric_learning import losses, miners
-from test_recall_callback import DictDataset, Tiny, clustered
+from test_recall_callback import DictDataset, Tiny, clustered, trainer
 from torch.utils.data import DataLoader
 
 from lightning_metric import MetricLearningModule
@@ -45,16 +45,7 @@ def validate_with_reference_idx(reference_dataloader_idx: int) -> None:
     x, labels = clustered(12, 3)
     loaders = [DataLoader(DictDataset(x, labels), batch_size=4) for _ in range(2)]
     cb = RecallAtK(k=1, query_dataloader_idx=0, reference_dataloader_idx=reference_dataloader_idx)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        callbacks=[cb],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.validate(Tiny(), loaders, verbose=False)
+    trainer(cb).validate(Tiny(), loaders, verbose=False)
 
 
 def load_with_nan_row(tmp_path: Path) -> None:

@@ -29,20 +29,16 @@ class DumpMetrics(Callback):
         path.write_text(json.dumps(values))
 
 
-def run(devices: int, folder: Path, loaders: list[DataLoader]) -> dict[str, float]:
+def validate_on_ranks(
+    devices: int, folder: Path, loaders: list[DataLoader] | DataLoader, callbacks: list[Callback]
+) -> dict[str, float]:
+    """``Tiny`` validated on ``devices`` CPU processes; every rank must log the same metrics."""
     folder.mkdir()
-    callbacks = [
-        # Each loader leave-one-out on its own (names get /dataloader_idx_i) ...
-        RecallAtK(k=(1, 2, 4, 8), precision=True),
-        # ... and loader 0 as queries against loader 1 as gallery.
-        RecallAtK(k=(1, 2, 4, 8), query_dataloader_idx=0, reference_dataloader_idx=1),
-        DumpMetrics(str(folder)),
-    ]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=FileRendezvousDDP(folder) if devices > 1 else "auto",
-        callbacks=callbacks,
+        callbacks=[*callbacks, DumpMetrics(str(folder))],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -54,6 +50,16 @@ def run(devices: int, folder: Path, loaders: list[DataLoader]) -> dict[str, floa
     for other in ranks[1:]:
         assert other == ranks[0]
     return ranks[0]
+
+
+def run(devices: int, folder: Path, loaders: list[DataLoader]) -> dict[str, float]:
+    callbacks: list[Callback] = [
+        # Each loader leave-one-out on its own (names get /dataloader_idx_i) ...
+        RecallAtK(k=(1, 2, 4, 8), precision=True),
+        # ... and loader 0 as queries against loader 1 as gallery.
+        RecallAtK(k=(1, 2, 4, 8), query_dataloader_idx=0, reference_dataloader_idx=1),
+    ]
+    return validate_on_ranks(devices, folder, loaders, callbacks)
 
 
 def test_ddp_validate_equals_single_process(tmp_path: Path) -> None:

@@ -3,15 +3,13 @@ index directory that survives an interrupted save. References are NumPy brute fo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from test_recall_callback import DictDataset, Tiny, clustered
+from test_recall_callback import DictDataset, Tiny, clustered, trainer
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 import lightning_metric.metrics as metrics_module
@@ -44,18 +42,6 @@ def concat_data() -> tuple[ConcatDataset, torch.Tensor, torch.Tensor]:
     x2, l2 = clustered(31, 8, seed=2)
     data = ConcatDataset([DictDataset(x1, l1), DictDataset(x2, l2)])
     return data, torch.cat([x1, x2]), torch.cat([l1, l2])
-
-
-def trainer(*callbacks: pl.Callback) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        callbacks=list(callbacks),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
 
 
 # ---------------------------------------------------------------- repeated dataset indexes
@@ -167,40 +153,16 @@ def test_metric_under_simulated_ddp_equals_one_process(
         simulate_ddp_metric(monkeypatch, world, x, labels, repeated, dataset_size=None)
 
 
-class DumpMetrics(pl.Callback):
-    """Each rank writes what it logged, to compare ranks and runs."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        values = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        (Path(self.folder) / f"rank{trainer.global_rank}.json").write_text(json.dumps(values))
-
-
 @pytest.mark.ddp
 def test_ddp_on_concat_dataset_equals_one_process(tmp_path: Path) -> None:
-    from ddp_harness import FileRendezvousDDP
+    from test_recall_callback_ddp import validate_on_ranks
 
     data, x, labels = concat_data()  # 71 items: DistributedSampler pads 1 row on 2 ranks
     loader = DataLoader(data, batch_size=8)
-    runs = []
-    for devices in (1, 2):
-        folder = tmp_path / f"devices{devices}"
-        folder.mkdir()
-        pl.Trainer(
-            accelerator="cpu",
-            devices=devices,
-            strategy=FileRendezvousDDP(folder) if devices > 1 else "auto",
-            callbacks=[RecallAtK(k=KS), DumpMetrics(str(folder))],
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-        ).validate(Tiny(), loader, verbose=False)
-        ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
-        assert len(ranks) == devices and all(r == ranks[0] for r in ranks)
-        runs.append(ranks[0])
+    runs = [
+        validate_on_ranks(devices, tmp_path / f"devices{devices}", loader, [RecallAtK(k=KS)])
+        for devices in (1, 2)
+    ]
     single, ddp = runs
     assert ddp == single
     for k in KS:
