@@ -225,14 +225,14 @@ def test_random_affine_identity_when_disabled() -> None:
     ("kwargs", "match"),
     [
         ({"batch_size": 0}, "`batch_size` must be an integer >= 1, got 0"),
-        ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
+        ({"num_workers": -1}, "`num_workers` must be an integer >= 0, got -1"),
         ({"train_fraction": 1.5}, "`train_fraction` must be a fraction in \\(0, 1\\), got 1.5"),
         ({"val_fraction": 0.0}, "`val_fraction` must be a fraction in \\(0, 1\\), got 0.0"),
         ({"train_fraction": 0.7, "val_fraction": 0.3}, "0.7 \\+ 0.3"),
         ({"image_size": 4}, "image_size must be an integer >= 8 pixels, got 4"),
         ({"min_fonts": 17}, "min_fonts must be an integer in \\[1, 16\\].*got 17"),
         ({"max_classes": 0}, "`max_classes` must be an integer >= 1, got 0"),
-        ({"predict_split": "dev"}, "predict_split must be one of .* got 'dev'"),
+        ({"predict_split": "dev"}, "`predict_split` must be one of .* got 'dev'"),
     ],
 )
 def test_glyphs_bad_input(kwargs: dict[str, object], match: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_metric.checks import check_positive_int
+from lightning_metric.checks import check_choice, check_int, check_positive_int
 from lightning_metric.data.augment import BatchCollate, RandomAffineNoise
 from lightning_metric.data.samplers import EpochShuffleSampler, MPerClassSampler
 
@@ -255,14 +255,9 @@ class ArrayDataModule(pl.LightningDataModule):
                 )
         if eval_batch_size is not None:
             check_positive_int("eval_batch_size", eval_batch_size)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        if predict_split not in ("train", "val", "test"):
-            raise ValueError(
-                f"predict_split must be one of 'train', 'val', 'test', got {predict_split!r}"
-            )
+        check_int("num_workers", num_workers, minimum=0)
+        check_int("seed", seed)
+        check_choice("predict_split", predict_split, ("train", "val", "test"))
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers

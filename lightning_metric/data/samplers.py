@@ -51,9 +51,7 @@ class EpochShuffleSampler(RandomSampler):
 
     def __init__(self, data_source: Sized, seed: int = 0) -> None:
         super().__init__(data_source)  # type: ignore[arg-type]
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = _check_int("seed", seed)
         self.epoch = 0
         self._iterated = False
 
