@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_metric.callbacks.prediction_writer import EmbeddingIndexWriter
+from lightning_metric.commands import COMMANDS, run_command
 from lightning_metric.module import MetricLearningModule
 from lightning_metric.precision import bf16_is_emulated, default_precision
 
@@ -229,9 +230,7 @@ def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI
     """
     _quiet()
     argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, list | tuple) and argv and argv[0] in ("export", "search"):
-        from lightning_metric.commands import run_command
-
+    if isinstance(argv, list | tuple) and argv and argv[0] in COMMANDS:
         run_command([str(a) for a in argv])
         return None
     # The example configs log to W&B; without an account that must mean "offline", never a

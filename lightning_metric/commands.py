@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_metric.batch import split_batch
+
 __all__ = ["COMMANDS", "run_command"]
 
 COMMANDS = ("export", "search")
@@ -147,9 +149,7 @@ def _sample_batch(datamodule: Any, split: str = "predict") -> Any:
 
 
 def _inputs(batch: Any) -> Tensor:
-    if isinstance(batch, dict):
-        return batch["x"]  # type: ignore[no-any-return]
-    return batch[0]  # type: ignore[no-any-return]
+    return split_batch(batch, "lightning-metric")[0]
 
 
 # ---------------------------------------------------------------------- export
@@ -241,13 +241,12 @@ def _embed_loader(model: nn.Module, loader: Any) -> tuple[Tensor, Tensor, Tensor
     model.eval()
     embeddings, labels, ids = [], [], []
     for batch in loader:
-        embeddings.append(model(_inputs(batch)).float())
-        if isinstance(batch, dict):
-            labels.append(batch["label"])
-            ids.append(batch.get("index", torch.arange(len(batch["label"]))))
-        else:
-            labels.append(batch[1])
-            ids.append(torch.full((len(batch[1]),), -1))
+        x, label, index = split_batch(batch, "lightning-metric search")
+        embeddings.append(model(x).float())
+        labels.append(label)
+        # No dataset index: -1, never an indexed item's id (a per-batch arange would repeat
+        # ids across batches and pass queries off as indexed items in --evaluate).
+        ids.append(index if index is not None else torch.full((len(label),), -1))
     return torch.cat(embeddings), torch.cat(labels), torch.cat(ids)
 
 

@@ -131,3 +131,24 @@ def test_help_and_bad_invocations(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 def _tiny_index(tmp_path: Path) -> Path:
     return EmbeddingIndex(np.eye(4, dtype=np.float32)).save(tmp_path / "tiny")
+
+
+def test_queries_without_a_dataset_index_get_id_minus_one() -> None:
+    """Ids of a loader whose batches carry no ``index`` are -1 for every query: a per-batch
+    count would repeat ids across batches and pass queries off as indexed items."""
+    from lightning_metric.commands import _embed_loader
+
+    x, labels = torch.randn(10, 4), torch.arange(10) % 3
+    dicts = [{"x": x[i : i + 4], "label": labels[i : i + 4]} for i in range(0, 10, 4)]
+    as_tuples = [(x[i : i + 4], labels[i : i + 4]) for i in range(0, 10, 4)]
+    indexed = [
+        {"x": x[i : i + 4], "label": labels[i : i + 4], "index": torch.arange(i, min(i + 4, 10))}
+        for i in range(0, 10, 4)
+    ]
+    model = torch.nn.Identity()
+    for loader in (dicts, as_tuples):
+        embeddings, got_labels, ids = _embed_loader(model, loader)
+        torch.testing.assert_close(embeddings, x)
+        torch.testing.assert_close(got_labels, labels)
+        assert ids.tolist() == [-1] * 10
+    assert _embed_loader(model, indexed)[2].tolist() == list(range(10))
