@@ -11,6 +11,7 @@ Training-side checks are appended at the end of this module.
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,7 @@ __all__ = [
     "check_labels",
     "check_num_classes",
     "check_positive_int",
+    "check_range",
     "check_real",
     "check_training_size",
 ]
@@ -180,6 +182,41 @@ def check_real(name: str, value: Any) -> float:
             f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}"
         )
     return float(value)
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    unit: str = "",
+) -> float:
+    """A finite real number in an interval: closed ends unless ``low_open`` / ``high_open``.
+
+    >>> check_range("margin", 0.3, 0.0, 1.0, unit=" (cosine units)")
+    0.3
+    >>> check_range("scale", 0, 0.0, low_open=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: `scale` must be a finite number > 0, got 0
+    """
+    v = check_real(name, value)
+    above = low is None or (v > low if low_open else v >= low)
+    below = high is None or (v < high if high_open else v <= high)
+    if not (math.isfinite(v) and above and below):
+        if low is not None and high is not None:
+            where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            where = f"a finite number {'>' if low_open else '>='} {low:g}"
+        elif high is not None:
+            where = f"a finite number {'<' if high_open else '<='} {high:g}"
+        else:
+            where = "a finite number"
+        raise ValueError(f"`{name}` must be {where}{unit}, got {value!r}")
+    return v
 
 
 def check_num_classes(value: Any, name: str = "num_classes") -> int:

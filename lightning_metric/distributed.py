@@ -16,6 +16,7 @@ __all__ = [
     "lost_ranks",
     "peer_table",
     "rank",
+    "sync_mean",
     "unpad_gathered",
     "world_size",
 ]
@@ -233,3 +234,48 @@ def _gather_padded(tensor: Tensor, counts: list[int]) -> Tensor:
     parts = [torch.empty_like(tensor) for _ in counts]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+
+
+def sync_mean(x: Tensor) -> Tensor:
+    """Mean of ``x`` over DDP ranks, detached (``x`` itself when not distributed).
+
+    What the margin heads' running statistics use, so every rank keeps the same value.
+    """
+    if world_size() > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+class _GatherSumGrad(torch.autograd.Function):
+    """All ranks' rows forward; backward sums the gradient over ranks and keeps this rank's."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        counts = _rank_sizes(x)
+        ctx.counts = counts  # type: ignore[attr-defined]
+        return _gather_padded(x.detach(), counts)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        counts: list[int] = ctx.counts  # type: ignore[attr-defined]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        me = dist.get_rank()
+        start = sum(counts[:me])
+        return grad[start : start + counts[me]] * len(counts)
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Every rank's rows of ``x``, concatenated in rank order, for a loss that each rank
+    computes only a *part* of (the sharded margin heads: each rank has some classes).
+
+    Backward sums the gradient of the gathered rows over ranks (each rank holds only its
+    part of it), keeps this rank's rows and multiplies them by the world size, because DDP
+    then averages the model gradients over ranks. Batch sizes may differ between ranks.
+    Identity when not distributed.
+    """
+    if world_size() == 1:
+        return x
+    return _GatherSumGrad.apply(x)

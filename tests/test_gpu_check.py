@@ -73,7 +73,7 @@ def test_stress_every_head_bf16_on_cpu_is_finite_with_float32_logits():
 class _UnclampedArcFace(ArcFaceHead):
     """ArcFace through a raw acos: NaN where the float32 cosine rounds above 1."""
 
-    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
         return torch.cos(torch.acos(cos_target) + self.margin)
 
 
@@ -81,7 +81,7 @@ class _ClampedToOneArcFace(ArcFaceHead):
     """acos of the cosine clamped to [-1, 1] only: finite values, but d acos/d cos is
     infinite at cos = 1 exactly (the clamp passes the gradient at its bound)."""
 
-    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
         return torch.cos(torch.acos(cos_target.clamp(-1.0, 1.0)) + self.margin)
 
 

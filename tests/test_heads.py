@@ -19,6 +19,7 @@ from lightning_metric.heads import (
     MarginHead,
     NormSoftmaxHead,
     SubCenterArcFaceHead,
+    streaming,
 )
 from lightning_metric.heads.sampling import sample_classes
 
@@ -467,15 +468,17 @@ def test_sampled_loss_never_builds_full_logits(
     chunk: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     widths: list[int] = []
-    for name in ("_class_cosine", "_chunk_logits"):
-        original = getattr(MarginHead, name)
+    # The two places a [B, n] block of class logits is built: the dense path's cosines and
+    # the streaming kernel's chunks.
+    for owner, name in ((MarginHead, "class_cosine"), (streaming, "chunk_logits")):
+        original = getattr(owner, name)
 
-        def spy(self: MarginHead, *args: torch.Tensor, _f: Callable = original) -> torch.Tensor:
-            out = _f(self, *args)
+        def spy(*args: object, _f: Callable = original) -> torch.Tensor:
+            out = _f(*args)
             widths.append(out.shape[1])
             return out
 
-        monkeypatch.setattr(MarginHead, name, spy)
+        monkeypatch.setattr(owner, name, spy)
     head = ArcFaceHead(D, 20_000, sample_rate=0.01, chunk_size=chunk)
     x, y = _inputs(13, c=20_000)
     head.loss(x.requires_grad_(), y).backward()

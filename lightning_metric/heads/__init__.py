@@ -6,7 +6,7 @@ class-centre sampling, streaming loss) and ``heads.functional`` for the pure mat
 
 from lightning_metric.heads import functional
 from lightning_metric.heads.adaptive import AdaFaceHead, CurricularFaceHead
-from lightning_metric.heads.base import MarginHead
+from lightning_metric.heads.base import MarginHead, ShardingError
 from lightning_metric.heads.margins import (
     ArcFaceHead,
     CombinedMarginHead,
@@ -24,6 +24,7 @@ __all__ = [
     "CurricularFaceHead",
     "MarginHead",
     "NormSoftmaxHead",
+    "ShardingError",
     "SubCenterArcFaceHead",
     "SubCenterOutliers",
     "functional",

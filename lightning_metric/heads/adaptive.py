@@ -1,19 +1,21 @@
 """Heads whose margin adapts to running statistics: CurricularFace and AdaFace.
 
 Their statistics are buffers: they are saved in checkpoints, follow ``.to(device)``, and
-are averaged over DDP ranks at every update (``functional.sync_mean``) so every rank trains
+are averaged over DDP ranks at every update (``MarginHead.batch_mean``) so every rank trains
 with the same value. They update only in training mode and only when labels are given.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_metric.checks import check_range
 from lightning_metric.heads import functional as HF
-from lightning_metric.heads.base import MarginHead, _check, _real
+from lightning_metric.heads.base import MarginHead
+from lightning_metric.heads.margins import check_angle
 
 __all__ = ["AdaFaceHead", "CurricularFaceHead"]
 
@@ -34,32 +36,32 @@ class CurricularFaceHead(MarginHead):
         self,
         embedding_dim: int,
         num_classes: int,
-        scale: float = 64.0,
         margin: float = 0.5,
         momentum: float = 0.01,
-        sample_rate: float = 1.0,
-        label_smoothing: float = 0.0,
-        chunk_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        margin, momentum = _real("margin", margin), _real("momentum", momentum)
-        _check(0.0 <= margin < math.pi / 2, "margin", margin, "must be in [0, pi/2) radians")
-        _check(0.0 < momentum <= 1.0, "momentum", momentum, "must be in (0, 1]")
-        super().__init__(
-            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
-        )
-        self.margin = float(margin)
-        self.momentum = float(momentum)
+        """
+        Args:
+            margin: ArcFace margin ``m`` in radians, in [0, pi/2).
+            momentum: EMA momentum of ``t``, in (0, 1].
+            **kwargs: ``scale``, ``sample_rate``, ... see ``MarginHead``.
+        """
+        margin = check_angle("margin", margin)
+        momentum = check_range("momentum", momentum, 0.0, 1.0, low_open=True)
+        super().__init__(embedding_dim, num_classes, **kwargs)
+        self.margin = margin
+        self.momentum = momentum
         self.register_buffer("t", torch.zeros(()))
 
     @torch.no_grad()
-    def _update_statistics(self, cos_target: Tensor, norms: Tensor) -> None:
-        batch_t = HF.sync_mean(cos_target.float().mean())
+    def update_statistics(self, cos_target: Tensor, norms: Tensor) -> None:
+        batch_t = self.batch_mean(cos_target)
         self.t.mul_(1.0 - self.momentum).add_(self.momentum * batch_t.to(self.t))
 
-    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
         return HF.arcface_margin(cos_target, self.margin)
 
-    def _negative_logits(self, cos: Tensor, target: Tensor) -> Tensor:
+    def negative_logits(self, cos: Tensor, target: Tensor) -> Tensor:
         return HF.curricular_negatives(cos, target, self.t.float())
 
 
@@ -82,36 +84,37 @@ class AdaFaceHead(MarginHead):
         self,
         embedding_dim: int,
         num_classes: int,
-        scale: float = 64.0,
         margin: float = 0.4,
         h: float = 0.333,
         momentum: float = 0.01,
-        sample_rate: float = 1.0,
-        label_smoothing: float = 0.0,
-        chunk_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        margin, h, momentum = _real("margin", margin), _real("h", h), _real("momentum", momentum)
-        _check(0.0 <= margin < math.pi / 2, "margin", margin, "must be in [0, pi/2) radians")
-        _check(h >= 0.0, "h", h, "must be >= 0")
-        _check(0.0 < momentum <= 1.0, "momentum", momentum, "must be in (0, 1]")
-        super().__init__(
-            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
-        )
-        self.margin = float(margin)
-        self.h = float(h)
-        self.momentum = float(momentum)
+        """
+        Args:
+            margin: ``m`` in radians, in [0, pi/2).
+            h: how strongly the norm moves the margin (>= 0).
+            momentum: EMA momentum of the norm statistics, in (0, 1].
+            **kwargs: ``scale``, ``sample_rate``, ... see ``MarginHead``.
+        """
+        margin = check_angle("margin", margin)
+        h = check_range("h", h, 0.0)
+        momentum = check_range("momentum", momentum, 0.0, 1.0, low_open=True)
+        super().__init__(embedding_dim, num_classes, **kwargs)
+        self.margin = margin
+        self.h = h
+        self.momentum = momentum
         self.register_buffer("norm_mean", torch.tensor(20.0))
         self.register_buffer("norm_std", torch.tensor(100.0))
 
     @torch.no_grad()
-    def _update_statistics(self, cos_target: Tensor, norms: Tensor) -> None:
+    def update_statistics(self, cos_target: Tensor, norms: Tensor) -> None:
         safe = norms.float().clamp(0.001, 100.0)
         std = safe.std() if safe.numel() > 1 else torch.zeros_like(safe[0])
-        stats = HF.sync_mean(torch.stack([safe.mean(), std]))
+        stats = self.batch_mean(torch.stack([safe.mean(), std]).unsqueeze(0))
         self.norm_mean.mul_(1.0 - self.momentum).add_(self.momentum * stats[0].to(self.norm_mean))
         self.norm_std.mul_(1.0 - self.momentum).add_(self.momentum * stats[1].to(self.norm_std))
 
-    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
         return HF.adaface_margin(
             cos_target, norms, self.margin, self.h, self.norm_mean.float(), self.norm_std.float()
         )

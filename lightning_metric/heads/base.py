@@ -1,24 +1,26 @@
 """`MarginHead`: the one pipeline every margin-softmax head shares.
 
 normalise -> cosine -> (class-centre sampling) -> margin on the target -> scale -> CE.
-Subclasses supply only the margin (``_target_logit``) and, rarely, a rule for the
-non-target cosines (``_negative_logits``) or a running statistic (``_update_statistics``).
+Subclasses supply only the margin (:meth:`MarginHead.target_logit`) and, rarely, a rule for
+the non-target cosines (:meth:`MarginHead.negative_logits`) or a running statistic
+(:meth:`MarginHead.update_statistics`).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_metric.checks import check_int, check_labels, check_num_classes, check_real
+from lightning_metric.checks import check_int, check_labels, check_num_classes, check_range
+from lightning_metric.distributed import gather_uneven, gather_with_grad, sync_mean
 from lightning_metric.heads.functional import l2_normalize, normalize_embeddings
 from lightning_metric.heads.sampling import class_rows, sample_classes
+from lightning_metric.heads.sharding import ClassShard, all_reduce_sum, shard_bounds
 from lightning_metric.heads.streaming import streaming_margin_cross_entropy
 
-__all__ = ["MarginHead"]
+__all__ = ["MarginHead", "ShardingError"]
 
 # Above this many (sampled) class rows ``loss()`` streams by default: a dense [B, C] float32
 # logit matrix and its softmax are then the largest activations of a typical model.
@@ -27,6 +29,11 @@ AUTO_STREAM_ROWS = 16384
 # chunk costs ~30 kernel launches / OpenMP parallel regions, and on a busy CPU every parallel
 # region waits for a core (4k-class chunks ran 7x slower than 32k ones under load).
 _AUTO_BLOCK = {"cpu": 2**22, "cuda": 2**25}
+
+
+class ShardingError(ValueError):
+    """``shard_classes=True`` cannot be honoured (too few classes, a head that overrides the
+    loss, a checkpoint whose centres do not fit)."""
 
 
 class MarginHead(nn.Module):
@@ -39,7 +46,7 @@ class MarginHead(nn.Module):
 
     - ``weight``: ``nn.Parameter [num_classes * sub_centers, embedding_dim]`` (the class
       centres; ``sub_centers`` is 1 except for ``SubCenterArcFaceHead``, whose row
-      ``c * K + k`` is sub-centre ``k`` of class ``c``).
+      ``c * K + k`` is sub-centre ``k`` of class ``c``). With sharding, only this rank's rows.
     - ``forward(embeddings, labels=None)``: float32 logits ``[B, num_classes]``: the scaled
       cosine to every class; with ``labels`` the margin is applied to each row's target
       class (and, for CurricularFace, to its hard negatives). Without labels it returns the
@@ -54,90 +61,101 @@ class MarginHead(nn.Module):
 
     All cosine and margin math runs in float32, also under ``torch.autocast``; the
     parameter keeps its own dtype.
+
+    A subclass implements the public hooks, all in float32 unscaled cosine units:
+    :meth:`target_logit` (the margin), and only when needed :meth:`negative_logits` (raise
+    ``max_negative_cos`` if they can exceed 1) and :meth:`update_statistics`.
+
+    Args:
+        embedding_dim: width ``D`` of the embeddings.
+        num_classes: number of training classes ``C`` (>= 2).
+        scale: ``s``, the logits are ``s * cos``.
+        sample_rate: fraction of classes in each training step's softmax (partial FC, An et
+            al. 2021): the batch's classes plus a uniform sample of the others; 1 uses all.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        chunk_size: classes per chunk of the streaming loss; None streams automatically
+            past ``AUTO_STREAM_ROWS`` class rows.
+        shard_classes: under DDP, split the class centres across ranks (rank ``r`` holds
+            the classes ``shard_bounds(C, W)[r]``); embeddings and labels are gathered and
+            the softmax is computed in pieces, so centre and optimizer memory per rank is
+            ``C x D / W``. A no-op in one process. ``MetricLearningModule`` applies it at
+            setup (see :meth:`shard`).
     """
 
     sub_centers: int = 1
-    # Upper bound of ``_negative_logits`` (unscaled); the streaming loss sizes its shift by it.
+    # Upper bound of ``negative_logits`` (unscaled); the streaming loss sizes its shift by it.
     max_negative_cos: float = 1.0
 
     def __init__(
         self,
         embedding_dim: int,
         num_classes: int,
-        scale: float,
+        scale: float = 64.0,
         sample_rate: float = 1.0,
         label_smoothing: float = 0.0,
         chunk_size: int | None = None,
+        shard_classes: bool = False,
     ) -> None:
         super().__init__()
-        embedding_dim = check_int("embedding_dim", embedding_dim, minimum=1)
-        num_classes = check_num_classes(num_classes)
-        scale = _real("scale", scale)
-        sample_rate = _real("sample_rate", sample_rate)
-        label_smoothing = _real("label_smoothing", label_smoothing)
-        _check(math.isfinite(scale) and scale > 0, "scale", scale, "must be finite and > 0")
-        _check(0.0 < sample_rate <= 1.0, "sample_rate", sample_rate, "must be in (0, 1]")
-        _check(
-            0.0 <= label_smoothing < 1.0, "label_smoothing", label_smoothing, "must be in [0, 1)"
+        self.embedding_dim = check_int("embedding_dim", embedding_dim, minimum=1)
+        self.num_classes = check_num_classes(num_classes)
+        self.scale = check_range("scale", scale, 0.0, low_open=True)
+        self.sample_rate = check_range("sample_rate", sample_rate, 0.0, 1.0, low_open=True)
+        self.label_smoothing = check_range(
+            "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True
         )
         if chunk_size is not None:
             chunk_size = check_int("chunk_size", chunk_size, minimum=1)
-        self.embedding_dim = embedding_dim
-        self.num_classes = num_classes
-        self.scale = float(scale)
-        self.sample_rate = float(sample_rate)
-        self.label_smoothing = float(label_smoothing)
         self.chunk_size = chunk_size
-        self.weight = nn.Parameter(torch.empty(num_classes * self.sub_centers, embedding_dim))
+        if not isinstance(shard_classes, bool):
+            raise ShardingError(f"`shard_classes` must be a bool, got {shard_classes!r}")
+        self.shard_classes = shard_classes
+        # Set by ``shard``: the classes this rank holds (None: all of them).
+        self.class_shard: ClassShard | None = None
+        self.weight = nn.Parameter(torch.empty(self.num_classes * self.sub_centers, embedding_dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # insightface's init; the scale of W is irrelevant to cosines, only its directions.
         nn.init.normal_(self.weight, std=0.01)
 
-    # -- what subclasses override (all in float32, unscaled cosine units) ------------------
-    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
-        """Margined target cosine ``[B]`` from the plain one; ``norms`` are detached."""
+    # -- the public hooks a subclass overrides (float32, unscaled cosine units) -------------
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+        """Margined target cosine ``[B]`` from the plain one; ``norms`` (the embeddings'
+        norms before normalisation) are detached."""
         return cos_target
 
-    def _negative_logits(self, cos: Tensor, target: Tensor) -> Tensor:
+    def negative_logits(self, cos: Tensor, target: Tensor) -> Tensor:
         """Non-target cosines ``[B, n]`` given the detached margined target ``[B]``."""
         return cos
 
-    def _update_statistics(self, cos_target: Tensor, norms: Tensor) -> None:
-        """Update running statistics (training only, before the margin is applied)."""
+    def update_statistics(self, cos_target: Tensor, norms: Tensor) -> None:
+        """Update running statistics (buffers) from the batch's target cosines and norms.
 
-    # -- shared pipeline --------------------------------------------------------------------
+        Training only, before the margin is applied. Reduce batch means with
+        :meth:`batch_mean` so every DDP rank keeps the same value.
+        """
+
+    def batch_mean(self, values: Tensor) -> Tensor:
+        """Mean over dim 0 and over DDP ranks; with sharded classes the batch is already
+        every rank's (gathered), so no collective is needed."""
+        mean = values.float().mean(dim=0)
+        return mean if self.class_shard is not None else sync_mean(mean)
+
+    # -- shared machinery -------------------------------------------------------------------
     @property
-    def _reweights_negatives(self) -> bool:
-        return type(self)._negative_logits is not MarginHead._negative_logits
+    def reweights_negatives(self) -> bool:
+        """Whether the subclass re-weights non-target cosines (``negative_logits``)."""
+        return type(self).negative_logits is not MarginHead.negative_logits
 
-    @property
-    def _plain_negatives(self) -> bool:
-        """True when non-target logits are just ``scale * cos`` (one centre, no re-weighting)."""
-        return self.sub_centers == 1 and not self._reweights_negatives
-
-    def _class_cosine(self, x: Tensor, rows: Tensor) -> Tensor:
+    def class_cosine(self, x: Tensor, rows: Tensor) -> Tensor:
         """Cosines ``[B, n]`` of unit ``x [B, D]`` to ``n`` classes' rows ``[n * K, D]``."""
         cos = x @ l2_normalize(rows)[0].T
         if self.sub_centers > 1:
             cos = cos.view(x.shape[0], -1, self.sub_centers).amax(dim=-1)
         return cos
 
-    def _chunk_logits(self, x: Tensor, rows: Tensor, target: Tensor, shift: Tensor) -> Tensor:
-        """Non-target logits of one class chunk minus a per-row ``shift [B]``.
-
-        The streaming loss's inner kernel (the target column is not special here). For
-        heads that leave negatives alone the scale and shift ride inside one ``addmm``:
-        two fewer passes over the ``[B, chunk]`` block, which dominate on CPU.
-        """
-        if self._plain_negatives:
-            w = l2_normalize(rows)[0]
-            return torch.addmm(shift.neg().unsqueeze(1), x, w.T, alpha=self.scale)
-        cos = self._class_cosine(x, rows)
-        return self.scale * self._negative_logits(cos, target) - shift.unsqueeze(1)
-
-    def _target_cosine(self, x: Tensor, target_rows: Tensor) -> Tensor:
+    def target_cosine(self, x: Tensor, target_rows: Tensor) -> Tensor:
         """Cosine ``[B]`` of each row of ``x`` to its own class, given that class's rows
         ``[B * K, D]`` (``weight[class_rows(labels, K)]``): never touches other classes."""
         return self._sub_center_cosines(x, target_rows).amax(dim=-1)
@@ -170,9 +188,17 @@ class MarginHead(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
         """Scaled cosine logits ``[B, C]``; a row with a NaN/Inf embedding gets NaN logits
         (and no gradient), a zero row cosine 0 to every class."""
+        if self.class_shard is not None:
+            raise ShardingError(
+                f"{type(self).__name__}.forward returns logits over all {self.num_classes} "
+                f"classes, but this rank holds only classes [{self.class_shard.start}, "
+                f"{self.class_shard.stop}) (shard_classes=True under DDP). Use loss() for "
+                "training, the embeddings for retrieval, or load the checkpoint in one process "
+                "for full logits"
+            )
         with torch.autocast(embeddings.device.type, enabled=False):
             x, norms, finite = self._prepare(embeddings, labels)
-            cos = self._class_cosine(x, self.weight)
+            cos = self.class_cosine(x, self.weight)
             if labels is None:
                 logits = self.scale * cos
             else:
@@ -185,25 +211,25 @@ class MarginHead(nn.Module):
         cos_t = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
         if self.training:
             self._guarded_update(cos_t.detach(), norms.detach(), finite)
-        target = self._target_logit(cos_t, norms.detach())
-        logits = self._negative_logits(cos, target.detach())
+        target = self.target_logit(cos_t, norms.detach())
+        logits = self.negative_logits(cos, target.detach())
         return self.scale * logits.scatter(1, labels.unsqueeze(1), target.unsqueeze(1))
 
     def _guarded_update(self, cos_target: Tensor, norms: Tensor, finite: Tensor | None) -> None:
-        """``_update_statistics``, undone when a row of the batch was not finite.
+        """``update_statistics``, undone when a row of the batch was not finite.
 
         The rows were zeroed by ``_prepare``, so the update itself stays finite; restoring the
         buffers (no host sync) keeps a poisoned batch out of the running statistics.
         """
-        if type(self)._update_statistics is MarginHead._update_statistics:
+        if type(self).update_statistics is MarginHead.update_statistics:
             return
         if finite is None:
-            self._update_statistics(cos_target, norms)
+            self.update_statistics(cos_target, norms)
             return
         with torch.no_grad():
             buffers = [b for b in self.buffers(recurse=False) if b.is_floating_point()]
             saved = [b.clone() for b in buffers]
-            self._update_statistics(cos_target, norms)
+            self.update_statistics(cos_target, norms)
             ok = finite.all()
             for b, old in zip(buffers, saved, strict=True):
                 b.copy_(torch.where(ok, b, old))
@@ -217,6 +243,9 @@ class MarginHead(nn.Module):
         NaN (so the caller sees it; ``MetricLearningModule`` then raises or skips the step)
         and leaves the running statistics (CurricularFace, AdaFace) unchanged. An empty
         batch raises ``ValueError``.
+
+        With sharded classes every rank passes its own batch and gets the loss of all ranks'
+        batches together (the same value on every rank).
         """
         if labels is None:
             raise ValueError(
@@ -230,6 +259,9 @@ class MarginHead(nn.Module):
                 "drop empty batches before the loss"
             )
         with torch.autocast(embeddings.device.type, enabled=False):
+            if self.class_shard is not None:
+                self._prepare(embeddings, labels)  # this rank's inputs, checked before gathering
+                embeddings, labels = gather_with_grad(embeddings), gather_uneven(labels)
             x, norms, finite = self._prepare(embeddings, labels)
             poison = torch.where(finite.all(), 0.0, float("nan"))
             return self._loss(x, norms, finite, labels) + poison
@@ -237,39 +269,112 @@ class MarginHead(nn.Module):
     def _loss(self, x: Tensor, norms: Tensor, finite: Tensor, labels: Tensor) -> Tensor:
         """The loss of prepared (unit, finite-masked) rows: dense or streamed, maybe sampled."""
         labels = labels.long()
+        if self.class_shard is not None:
+            return self._sharded_loss(x, norms, finite, labels)
         local, class_index, n = labels, None, self.num_classes
         if self.training and self.sample_rate < 1.0:
             class_index, local = sample_classes(labels, self.num_classes, self.sample_rate)
             n = class_index.numel()
         chunk = self.chunk_size
         if chunk is None and n * self.sub_centers > AUTO_STREAM_ROWS:
-            block = _AUTO_BLOCK.get(x.device.type, _AUTO_BLOCK["cuda"])
-            if self._reweights_negatives:  # its elementwise graph keeps ~4 blocks alive
-                block //= 4
-            chunk = max(256, block // (x.shape[0] * self.sub_centers))
+            chunk = self._auto_chunk(x)
         if chunk is None:
-            cos = self._class_cosine(x, self._rows(class_index))
+            cos = self.class_cosine(x, self._rows(class_index))
             logits = self._margin_logits(cos, local, norms, finite)
             return F.cross_entropy(logits, local, label_smoothing=self.label_smoothing)
         if self.training:
             with torch.no_grad():
                 rows = self.weight[class_rows(labels, self.sub_centers)]
-                cos_t = self._target_cosine(x, rows)
+                cos_t = self.target_cosine(x, rows)
             self._guarded_update(cos_t, norms.detach(), finite)
         return streaming_margin_cross_entropy(
             self, x, norms.detach(), labels, local, class_index, chunk, self.label_smoothing
         )
 
+    def _auto_chunk(self, x: Tensor) -> int:
+        block = _AUTO_BLOCK.get(x.device.type, _AUTO_BLOCK["cuda"])
+        if self.reweights_negatives:  # its elementwise graph keeps ~4 blocks alive
+            block //= 4
+        return max(256, block // (x.shape[0] * self.sub_centers))
+
+    def _sharded_loss(self, x: Tensor, norms: Tensor, finite: Tensor, labels: Tensor) -> Tensor:
+        """The loss of every rank's rows (gathered) against this rank's classes.
+
+        Always the streaming kernel: it combines the softmax over ranks and, with a chunk of
+        the whole shard, computes what the dense path does.
+        """
+        shard = self.class_shard
+        assert shard is not None
+        here = (labels >= shard.start) & (labels < shard.stop)
+        target_class = torch.where(here, labels - shard.start, -1)
+        local, class_index, n = target_class, None, shard.num_classes
+        if self.training and self.sample_rate < 1.0:
+            # Partial FC per shard: this shard's positives plus a uniform sample of the rest.
+            class_index, picked = sample_classes(
+                target_class[here], shard.num_classes, self.sample_rate
+            )
+            local = torch.full_like(labels, -1)
+            local[here] = picked
+            n = class_index.numel()
+        if self.training:
+            with torch.no_grad():
+                cos_t = torch.zeros_like(norms)
+                rows = self.weight[class_rows(target_class[here], self.sub_centers)]
+                cos_t[here] = self.target_cosine(x[here], rows)
+                cos_t = all_reduce_sum(cos_t)
+            self._guarded_update(cos_t, norms.detach(), finite)
+        chunk = self.chunk_size or (
+            self._auto_chunk(x) if n * self.sub_centers > AUTO_STREAM_ROWS else n
+        )
+        return streaming_margin_cross_entropy(
+            self,
+            x,
+            norms.detach(),
+            target_class,
+            local,
+            class_index,
+            chunk,
+            self.label_smoothing,
+            shard,
+        )
+
+    # -- sharding ----------------------------------------------------------------------------
+    def shard(self, rank: int, world_size: int) -> None:
+        """Keep only this rank's class centres (``shard_classes=True``; called on every rank).
+
+        The full matrix of rank 0 is broadcast first, so the shards together are exactly the
+        weights a single process would hold. ``MetricLearningModule.setup`` calls this under
+        DDP; a world of one leaves the head whole.
+        """
+        if world_size == 1 or self.class_shard is not None:
+            return
+        if type(self).loss is not MarginHead.loss or type(self).forward is not MarginHead.forward:
+            raise ShardingError(
+                f"{type(self).__name__} overrides loss() or forward(), so its class centres "
+                f"cannot be sharded across the {world_size} DDP ranks; shard_classes=True needs "
+                "a head that customises only the hooks target_logit / negative_logits / "
+                "update_statistics"
+            )
+        if self.num_classes < world_size:
+            raise ShardingError(
+                f"{type(self).__name__}(num_classes={self.num_classes}, shard_classes=True) "
+                f"cannot give each of the {world_size} DDP ranks at least one class; use fewer "
+                "ranks or shard_classes=False"
+            )
+        with torch.no_grad():
+            if dist.is_available() and dist.is_initialized():
+                dist.broadcast(self.weight.data, src=0)
+            start, stop = shard_bounds(self.num_classes, world_size)[rank]
+            k = self.sub_centers
+            local = self.weight.data[start * k : stop * k].clone()
+        self.weight = nn.Parameter(local, requires_grad=self.weight.requires_grad)
+        self.class_shard = ClassShard(rank, world_size, start, stop)
+
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
             f"scale={self.scale}, sample_rate={self.sample_rate}"
         )
-
-
-def _check(ok: bool, name: str, value: object, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} {rule}")
-
-
-_real = check_real  # the heads' float hyper-parameters
+        if self.class_shard is not None:
+            text += f", classes [{self.class_shard.start}, {self.class_shard.stop}) of this rank"
+        return text

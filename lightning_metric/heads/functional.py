@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
@@ -26,7 +25,6 @@ __all__ = [
     "curricular_negatives",
     "l2_normalize",
     "normalize_embeddings",
-    "sync_mean",
 ]
 
 ANGLE_EPS = 1e-3
@@ -140,12 +138,3 @@ def adaface_margin(
     theta = _safe_acos(cos.float())
     theta = (theta - margin * g).clamp(eps, math.pi - eps)
     return torch.cos(theta) - (margin + margin * g)
-
-
-def sync_mean(x: Tensor) -> Tensor:
-    """Mean of ``x`` over DDP ranks (identity when torch.distributed is not initialised)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.detach().clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lightning_metric.checks import check_int
+from lightning_metric.checks import check_int, check_range
 from lightning_metric.heads import functional as HF
-from lightning_metric.heads.base import MarginHead, _check, _real
+from lightning_metric.heads.base import MarginHead, ShardingError
 from lightning_metric.heads.sampling import class_rows
 
 __all__ = [
@@ -26,11 +26,13 @@ _HALF_PI = math.pi / 2
 _OUTLIER_SLICE = 65536
 
 
-def _check_angle(name: str, value: float) -> None:
-    # Past pi/2 the fallback's jump at theta_t goes *up*: the target logit stops being
-    # monotonic in the angle, which is the one property a margin must keep.
-    value = _real(name, value)
-    _check(0.0 <= value < _HALF_PI, name, value, "must be in [0, pi/2) radians")
+def check_angle(name: str, value: Any) -> float:
+    """An angular margin in [0, pi/2) radians.
+
+    Past pi/2 the fallback's jump at theta_t goes *up*: the target logit stops being
+    monotonic in the angle, which is the one property a margin must keep.
+    """
+    return check_range(name, value, 0.0, _HALF_PI, high_open=True, unit=" radians")
 
 
 class NormSoftmaxHead(MarginHead):
@@ -40,17 +42,13 @@ class NormSoftmaxHead(MarginHead):
     """
 
     def __init__(
-        self,
-        embedding_dim: int,
-        num_classes: int,
-        scale: float = 20.0,
-        sample_rate: float = 1.0,
-        label_smoothing: float = 0.0,
-        chunk_size: int | None = None,
+        self, embedding_dim: int, num_classes: int, scale: float = 20.0, **kwargs: Any
     ) -> None:
-        super().__init__(
-            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
-        )
+        """
+        Args:
+            scale: ``s`` (Zhai & Wu's temperature 0.05). Other arguments: see ``MarginHead``.
+        """
+        super().__init__(embedding_dim, num_classes, scale=scale, **kwargs)
 
 
 class CosFaceHead(MarginHead):
@@ -63,20 +61,18 @@ class CosFaceHead(MarginHead):
         self,
         embedding_dim: int,
         num_classes: int,
-        scale: float = 64.0,
         margin: float = 0.35,
-        sample_rate: float = 1.0,
-        label_smoothing: float = 0.0,
-        chunk_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        margin = _real("margin", margin)
-        _check(0.0 <= margin <= 1.0, "margin", margin, "must be in [0, 1] (cosine units)")
-        super().__init__(
-            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
-        )
-        self.margin = float(margin)
+        """
+        Args:
+            margin: ``m`` in cosine units, in [0, 1]. Other arguments: see ``MarginHead``.
+        """
+        margin = check_range("margin", margin, 0.0, 1.0, unit=" (cosine units)")
+        super().__init__(embedding_dim, num_classes, **kwargs)
+        self.margin = margin
 
-    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
         return HF.cosface_margin(cos_target, self.margin)
 
 
@@ -92,21 +88,22 @@ class ArcFaceHead(MarginHead):
         self,
         embedding_dim: int,
         num_classes: int,
-        scale: float = 64.0,
         margin: float = 0.5,
         easy_margin: bool = False,
-        sample_rate: float = 1.0,
-        label_smoothing: float = 0.0,
-        chunk_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        _check_angle("margin", margin)
-        super().__init__(
-            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
-        )
-        self.margin = float(margin)
+        """
+        Args:
+            margin: ``m`` in radians, in [0, pi/2).
+            easy_margin: apply the margin only where ``cos(theta) > 0``.
+            **kwargs: ``scale``, ``sample_rate``, ... see ``MarginHead``.
+        """
+        margin = check_angle("margin", margin)
+        super().__init__(embedding_dim, num_classes, **kwargs)
+        self.margin = margin
         self.easy_margin = easy_margin
 
-    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
         return HF.arcface_margin(cos_target, self.margin, self.easy_margin)
 
 
@@ -123,30 +120,30 @@ class CombinedMarginHead(MarginHead):
         self,
         embedding_dim: int,
         num_classes: int,
-        scale: float = 64.0,
         m1: float = 1.0,
         m2: float = 0.3,
         m3: float = 0.2,
-        sample_rate: float = 1.0,
-        label_smoothing: float = 0.0,
-        chunk_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        m1, m2, m3 = _real("m1", m1), _real("m2", m2), _real("m3", m3)
-        _check(m1 > 0, "m1", m1, "must be > 0")
-        _check(m2 >= 0, "m2", m2, "must be >= 0")
-        _check(0 <= m3 <= 1, "m3", m3, "must be in [0, 1] (cosine units)")
-        _check(
-            m1 * _HALF_PI + m2 <= math.pi,
-            "(m1, m2)",
-            (m1, m2),
-            "must satisfy m1 * pi/2 + m2 <= pi (else the target logit is not monotonic)",
-        )
-        super().__init__(
-            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
-        )
-        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
+        """
+        Args:
+            m1: multiplicative angular margin (> 0).
+            m2: additive angular margin in radians (>= 0).
+            m3: additive cosine margin in [0, 1].
+            **kwargs: ``scale``, ``sample_rate``, ... see ``MarginHead``.
+        """
+        m1 = check_range("m1", m1, 0.0, low_open=True)
+        m2 = check_range("m2", m2, 0.0, unit=" radians")
+        m3 = check_range("m3", m3, 0.0, 1.0, unit=" (cosine units)")
+        if m1 * _HALF_PI + m2 > math.pi:
+            raise ValueError(
+                f"`(m1, m2)` must satisfy m1 * pi/2 + m2 <= pi (else the target logit is not "
+                f"monotonic), got {(m1, m2)!r}"
+            )
+        super().__init__(embedding_dim, num_classes, **kwargs)
+        self.m1, self.m2, self.m3 = m1, m2, m3
 
-    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
         return HF.angular_margin(cos_target, self.m1, self.m2, self.m3)
 
 
@@ -172,22 +169,23 @@ class SubCenterArcFaceHead(MarginHead):
         self,
         embedding_dim: int,
         num_classes: int,
-        scale: float = 64.0,
         margin: float = 0.5,
         sub_centers: int = 3,
-        sample_rate: float = 1.0,
-        label_smoothing: float = 0.0,
-        chunk_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        _check_angle("margin", margin)
+        """
+        Args:
+            margin: ``m`` in radians, in [0, pi/2).
+            sub_centers: ``K``, centres per class.
+            **kwargs: ``scale``, ``sample_rate``, ... see ``MarginHead``.
+        """
+        margin = check_angle("margin", margin)
         sub_centers = check_int("sub_centers", sub_centers, minimum=1)
         self.sub_centers = sub_centers  # read by MarginHead.__init__ to size the weight
-        super().__init__(
-            embedding_dim, num_classes, scale, sample_rate, label_smoothing, chunk_size
-        )
-        self.margin = float(margin)
+        super().__init__(embedding_dim, num_classes, **kwargs)
+        self.margin = margin
 
-    def _target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
+    def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
         return HF.arcface_margin(cos_target, self.margin)
 
     @torch.no_grad()
@@ -200,6 +198,12 @@ class SubCenterArcFaceHead(MarginHead):
         (classes absent from ``labels`` get sub-centre 0). Works on any number of samples
         (e.g. the whole training set's embeddings), vectorised, in float32.
         """
+        if self.class_shard is not None:
+            raise ShardingError(
+                "find_outliers needs every class's sub-centres, but this rank holds only "
+                f"classes [{self.class_shard.start}, {self.class_shard.stop}); run it on a "
+                "checkpoint loaded in one process"
+            )
         x, _, _ = self._prepare(embeddings, labels)
         labels = labels.long()
         k = self.sub_centers
