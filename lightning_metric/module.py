@@ -12,6 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_warn
 
 try:  # Lightning's guard against calling load_from_checkpoint on an instance
@@ -36,6 +38,7 @@ from lightning_metric.checks import (
 from lightning_metric.distributed import gather_for_loss, world_size
 from lightning_metric.heads import MarginHead
 from lightning_metric.heads.functional import normalize_embeddings
+from lightning_metric.heads.sharding import ShardingError, consolidate_centres, shard_centres
 from lightning_metric.necks import EmbeddingNeck
 
 HeadFactory = Callable[[int, int], MarginHead]
@@ -318,6 +321,50 @@ class MetricLearningModule(LightningModule):
         """A DDP run that fails because a rank died names that rank (:class:`LostRankReport`)."""
         return [LostRankReport()]
 
+    # -- sharded class centres (MarginHead(shard_classes=True)) -------------------------------
+    def setup(self, stage: str) -> None:
+        """Under DDP, a head with ``shard_classes=True`` keeps only this rank's centres; DDP
+        then leaves them out of its gradient average (they are not replicas)."""
+        head = self.head
+        if head is None or not head.shard_classes or self.trainer.world_size == 1:
+            return
+        if not isinstance(self.trainer.strategy, DDPStrategy):
+            raise ShardingError(
+                f"{type(head).__name__}(shard_classes=True) needs Lightning's DDP strategy "
+                f"(strategy='ddp' or 'ddp_spawn'), got {type(self.trainer.strategy).__name__} "
+                f"with {self.trainer.world_size} processes"
+            )
+        head.shard(self.global_rank, self.trainer.world_size)
+        self._ddp_params_and_buffers_to_ignore = [
+            name for name, p in self.named_parameters() if p is head.weight
+        ]
+
+    def on_train_end(self) -> None:
+        # ddp_spawn hands rank 0's state_dict back to the main process, whose head is whole.
+        # (on_train_end, not on_fit_end: the strategy's teardown comes in between.)
+        if self.head is not None and isinstance(
+            getattr(self.trainer.strategy, "launcher", None), _MultiProcessingLauncher
+        ):
+            self.head.unshard()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint holds every class centre (gathered from the shards), so it loads in
+        any world size."""
+        if self.head is not None:
+            optimizers = self.trainer.optimizers if self._trainer is not None else []
+            consolidate_centres(checkpoint, self.head, self._head_weight_key(), optimizers)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the centres' shape and keep this rank's part of them (sharded heads)."""
+        if self.head is not None:
+            path = getattr(self._trainer, "ckpt_path", None)
+            source = f"checkpoint {path}" if path else "the checkpoint"
+            shard_centres(checkpoint, self.head, self._head_weight_key(), source)
+
+    def _head_weight_key(self) -> str:
+        assert self.head is not None
+        return next(name for name, p in self.named_parameters() if p is self.head.weight)
+
     def on_fit_start(self) -> None:
         """Labels of the data must fit the objective's classes: checked before the first step."""
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -410,6 +457,8 @@ class MetricLearningModule(LightningModule):
         """
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except ShardingError as err:
+            raise ShardingError(f"{checkpoint_path}: {err}") from err
         except (TypeError, ValueError) as err:
             text = str(err)
             missing_backbone = "required positional argument: 'backbone'" in text

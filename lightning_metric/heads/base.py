@@ -17,7 +17,12 @@ from lightning_metric.checks import check_int, check_labels, check_num_classes, 
 from lightning_metric.distributed import gather_uneven, gather_with_grad, sync_mean
 from lightning_metric.heads.functional import l2_normalize, normalize_embeddings
 from lightning_metric.heads.sampling import class_rows, sample_classes
-from lightning_metric.heads.sharding import ClassShard, all_reduce_sum, shard_bounds
+from lightning_metric.heads.sharding import (
+    ClassShard,
+    ShardingError,
+    all_reduce_sum,
+    shard_bounds,
+)
 from lightning_metric.heads.streaming import streaming_margin_cross_entropy
 
 __all__ = ["MarginHead", "ShardingError"]
@@ -29,11 +34,6 @@ AUTO_STREAM_ROWS = 16384
 # chunk costs ~30 kernel launches / OpenMP parallel regions, and on a busy CPU every parallel
 # region waits for a core (4k-class chunks ran 7x slower than 32k ones under load).
 _AUTO_BLOCK = {"cpu": 2**22, "cuda": 2**25}
-
-
-class ShardingError(ValueError):
-    """``shard_classes=True`` cannot be honoured (too few classes, a head that overrides the
-    loss, a checkpoint whose centres do not fit)."""
 
 
 class MarginHead(nn.Module):
@@ -369,6 +369,15 @@ class MarginHead(nn.Module):
             local = self.weight.data[start * k : stop * k].clone()
         self.weight = nn.Parameter(local, requires_grad=self.weight.requires_grad)
         self.class_shard = ClassShard(rank, world_size, start, stop)
+
+    def unshard(self) -> None:
+        """Gather the shards back into the whole matrix on every rank (a collective)."""
+        if self.class_shard is None:
+            return
+        with torch.no_grad():
+            full = gather_uneven(self.weight.data)
+        self.weight = nn.Parameter(full, requires_grad=self.weight.requires_grad)
+        self.class_shard = None
 
     def extra_repr(self) -> str:
         text = (
