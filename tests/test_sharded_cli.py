@@ -1,0 +1,70 @@
+"""The main job's config with ``--model.head.init_args.shard_classes=true`` trains under DDP (2
+spawned gloo ranks) and its checkpoint then runs ``test`` in one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_metric.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+
+
+def _args(tmp_path: Path) -> list[str]:
+    return [
+        "--config",
+        str(CONFIGS / "glyphs_arcface.yaml"),
+        "--data=lightning_metric.data.DigitsDataModule",  # the seconds-sized data set
+        "--model.head.init_args.shard_classes=true",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu",
+    ]
+
+
+@pytest.mark.ddp
+def test_sharded_fit_under_ddp_then_test_in_one_process(tmp_path: Path) -> None:
+    fit = main(
+        [
+            "fit",
+            *_args(tmp_path),
+            # Lightning's ddp_spawn, meeting through a file rather than a port (tests only).
+            "--trainer.strategy=ddp_harness.FileRendezvousDDP",
+            f"--trainer.strategy.folder={tmp_path}",
+            "--trainer.devices=2",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4",
+        ]
+    )
+    assert 0.0 <= fit.trainer.callback_metrics["val/recall@1"].item() <= 1.0
+    ckpts = sorted(tmp_path.rglob("*.ckpt"))
+    assert ckpts
+    saved = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    num_classes = fit.datamodule.num_classes
+    assert saved["state_dict"]["head.weight"].shape == (num_classes, 128)  # every centre
+
+    test = main(["test", *_args(tmp_path), "--trainer.devices=1", f"--ckpt_path={ckpts[-1]}"])
+    assert test.model.head.class_shard is None  # one process: the switch is a no-op
+    torch.testing.assert_close(test.model.head.weight, saved["state_dict"]["head.weight"])
+    assert 0.0 <= test.trainer.callback_metrics["test/recall@1"].item() <= 1.0
+
+
+def test_shard_classes_on_a_pml_loss_is_a_parser_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "glyphs_triplet.yaml"),
+                "--model.loss.init_args.shard_classes=true",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
+    assert "shard_classes" in capsys.readouterr().err
