@@ -27,6 +27,18 @@ class CurricularFaceHead(MarginHead):
     ``t`` (buffer) is the EMA (``momentum`` 0.01) of the batch's mean target cosine, so hard
     negatives are down-weighted early in training and emphasised later. Defaults
     ``s=64, m=0.5`` as in the paper.
+
+    Example:
+    >>> import math, torch
+    >>> head = CurricularFaceHead(embedding_dim=2, num_classes=2, margin=0.5)
+    >>> _ = head.weight.data.copy_(torch.eye(2))  # class centres
+    >>> x = torch.tensor([[0.5, math.sqrt(3) / 2]])  # 60 degrees from class 0
+    >>> logits = head(x, labels=torch.tensor([0]))  # float32 [1, num_classes]
+    >>> round(head.t.item(), 4)  # training mode: t moved 1% of the way to the mean target cosine
+    0.005
+    >>> c = math.sqrt(3) / 2  # class 1 is a hard negative: its cosine exceeds the target logit
+    >>> round(logits[0, 1].item() / head.scale, 4), round(c * (0.005 + c), 4)
+    (0.7543, 0.7543)
     """
 
     t: Tensor
@@ -75,6 +87,17 @@ class AdaFaceHead(MarginHead):
     ArcFace-like angular margin, low-quality ones a CosFace-like additive one. Norm mean/std
     are EMA buffers (``momentum`` 0.01, start 20 / 100 as in the authors' code). Defaults
     ``s=64, m=0.4, h=0.333``.
+
+    Example (evaluation mode: the running norm statistics stay at 20 / 100):
+    >>> import math, torch
+    >>> head = AdaFaceHead(embedding_dim=2, num_classes=2, margin=0.4, h=0.333).eval()
+    >>> _ = head.weight.data.copy_(torch.eye(2))  # class centres
+    >>> x = torch.tensor([[0.5, math.sqrt(3) / 2]])  # 60 degrees from class 0
+    >>> logits = head(x, labels=torch.tensor([0]))  # float32 [1, num_classes]
+    >>> g = max(-1.0, min(1.0, 0.333 * (1.0 - 20.0) / (100.0 + 1e-3)))  # |x| = 1: low quality
+    >>> want = math.cos(math.pi / 3 - 0.4 * g) - (0.4 + 0.4 * g)
+    >>> round(logits[0, 0].item() / head.scale, 4), round(want, 4)
+    (0.1032, 0.1032)
     """
 
     norm_mean: Tensor

@@ -62,6 +62,19 @@ class MarginHead(nn.Module):
     All cosine and margin math runs in float32, also under ``torch.autocast``; the
     parameter keeps its own dtype.
 
+    Example: train a head like any ``nn.Module`` (the embeddings need not be unit vectors):
+
+    >>> import torch
+    >>> from lightning_metric.heads import ArcFaceHead
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> head = ArcFaceHead(embedding_dim=8, num_classes=10, scale=30.0, margin=0.3)
+    >>> embeddings = torch.randn(4, 8, requires_grad=True)
+    >>> loss = head.loss(embeddings, torch.tensor([0, 1, 2, 3]))
+    >>> loss.backward()
+    >>> head.weight.grad.shape, bool(torch.isfinite(embeddings.grad).all())
+    (torch.Size([10, 8]), True)
+
     A subclass implements the public hooks, all in float32 unscaled cosine units:
     :meth:`target_logit` (the margin), and only when needed :meth:`negative_logits` (raise
     ``max_negative_cos`` if they can exceed 1) and :meth:`update_statistics`.

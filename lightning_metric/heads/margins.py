@@ -39,6 +39,15 @@ class NormSoftmaxHead(MarginHead):
     """NormFace / normalised softmax (Wang et al. 2017; Zhai & Wu 2019): ``s * cos``, no margin.
 
     Default ``scale=20`` is Zhai & Wu's temperature 0.05.
+
+    Example:
+    >>> import math, torch
+    >>> head = NormSoftmaxHead(embedding_dim=2, num_classes=2)
+    >>> _ = head.weight.data.copy_(torch.eye(2))  # class centres
+    >>> x = torch.tensor([[0.5, math.sqrt(3) / 2]])  # 60 degrees from class 0
+    >>> logits = head(x, labels=torch.tensor([0]))  # float32 [1, num_classes]
+    >>> round(logits[0, 0].item(), 4), round(20 * math.cos(math.pi / 3), 4)
+    (10.0, 10.0)
     """
 
     def __init__(
@@ -55,6 +64,15 @@ class CosFaceHead(MarginHead):
     """CosFace / AM-softmax (Wang et al. 2018): ``s * (cos(theta) - m)`` on the target.
 
     ``margin`` is in cosine units; defaults are the paper's ``s=64, m=0.35``.
+
+    Example:
+    >>> import math, torch
+    >>> head = CosFaceHead(embedding_dim=2, num_classes=2, margin=0.35)
+    >>> _ = head.weight.data.copy_(torch.eye(2))  # class centres
+    >>> x = torch.tensor([[0.5, math.sqrt(3) / 2]])  # 60 degrees from class 0
+    >>> logits = head(x, labels=torch.tensor([0]))  # float32 [1, num_classes]
+    >>> round(logits[0, 0].item() / head.scale, 4), round(math.cos(math.pi / 3) - 0.35, 4)
+    (0.15, 0.15)
     """
 
     def __init__(
@@ -82,6 +100,18 @@ class ArcFaceHead(MarginHead):
     ``margin`` in radians (default 0.5, ``s=64``). Where ``theta + m > pi`` the target logit
     continues as ``cos(theta) - m sin(m)`` so it keeps decreasing with the angle;
     ``easy_margin=True`` applies the margin only where ``cos(theta) > 0``.
+
+    Example:
+    >>> import math, torch
+    >>> head = ArcFaceHead(embedding_dim=2, num_classes=2, margin=0.5)
+    >>> _ = head.weight.data.copy_(torch.eye(2))  # class centres
+    >>> x = torch.tensor([[0.5, math.sqrt(3) / 2]])  # 60 degrees from class 0
+    >>> logits = head(x, labels=torch.tensor([0]))  # float32 [1, num_classes]
+    >>> round(logits[0, 0].item() / head.scale, 4), round(math.cos(math.pi / 3 + 0.5), 4)
+    (0.0236, 0.0236)
+    >>> loss = head.loss(x, torch.tensor([0]))  # cross-entropy of those logits
+    >>> round(loss.item(), 4) == round(torch.nn.functional.cross_entropy(logits, torch.tensor([0])).item(), 4)
+    True
     """
 
     def __init__(
@@ -114,6 +144,15 @@ class CombinedMarginHead(MarginHead):
     insightface's published combination. Requires ``m1 > 0``, ``m2, m3 >= 0`` and
     ``m1 * pi/2 + m2 <= pi`` (keeps the target logit monotonic, see
     :func:`~lightning_metric.heads.functional.angular_margin`).
+
+    Example:
+    >>> import math, torch
+    >>> head = CombinedMarginHead(embedding_dim=2, num_classes=2, m1=1.0, m2=0.3, m3=0.2)
+    >>> _ = head.weight.data.copy_(torch.eye(2))  # class centres
+    >>> x = torch.tensor([[0.5, math.sqrt(3) / 2]])  # 60 degrees from class 0
+    >>> logits = head(x, labels=torch.tensor([0]))  # float32 [1, num_classes]
+    >>> round(logits[0, 0].item() / head.scale, 4), round(math.cos(math.pi / 3 + 0.3) - 0.2, 4)
+    (0.0217, 0.0217)
     """
 
     def __init__(
@@ -163,6 +202,16 @@ class SubCenterArcFaceHead(MarginHead):
     non-dominant sub-centres; :meth:`find_outliers` finds them for dataset cleaning, after
     which the paper continues training with the dominant centres only
     (``ArcFaceHead`` initialised from ``dominant_centers``).
+
+    Example:
+    >>> import math, torch
+    >>> head = SubCenterArcFaceHead(embedding_dim=2, num_classes=2, margin=0.5, sub_centers=2)
+    >>> _ = head.weight.data.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))  # class centres
+    >>> x = torch.tensor([[0.5, math.sqrt(3) / 2]])  # 60 degrees from class 0
+    >>> logits = head(x, labels=torch.tensor([0]))  # float32 [1, num_classes]
+    >>> # class 0's nearer sub-centre (row 0, at 60 degrees) carries the margin
+    >>> round(logits[0, 0].item() / head.scale, 4), round(math.cos(math.pi / 3 + 0.5), 4)
+    (0.0236, 0.0236)
     """
 
     def __init__(
