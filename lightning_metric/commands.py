@@ -231,12 +231,6 @@ def load_images(paths: Sequence[Path], input_info: dict[str, Any]) -> Tensor:
 
 
 @torch.no_grad()
-def _embed(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    model.eval()
-    return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
-
-
-@torch.no_grad()
 def _embed_loader(model: nn.Module, loader: Any) -> tuple[Tensor, Tensor, Tensor]:
     model.eval()
     embeddings, labels, ids = [], [], []
@@ -251,7 +245,7 @@ def _embed_loader(model: nn.Module, loader: Any) -> tuple[Tensor, Tensor, Tensor
 
 
 def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    from lightning_metric.search import EmbeddingIndex
+    from lightning_metric.retrieval.index import EmbeddingIndex, embed
 
     index = EmbeddingIndex.load(args.index)
     if not args.query and not args.config:
@@ -278,7 +272,7 @@ def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
                 f"the index in {args.index!r} records no input preprocessing (written by an "
                 "older release); rebuild it with `lightning-metric predict`"
             )
-        embeddings = _embed(model, load_images(paths, input_info), args.batch_size)
+        embeddings = embed(model, load_images(paths, input_info), args.batch_size)
         names = [str(p) for p in paths]
     else:
         assert datamodule is not None

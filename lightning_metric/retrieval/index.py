@@ -40,15 +40,17 @@ import torch
 from torch import Tensor, nn
 
 from lightning_metric.checks import (
-    check_choice,
+    METRICS,
     check_factory_string,
     check_finite_rows,
     check_int,
+    check_metric,
+    check_top_k,
     check_training_size,
 )
 from lightning_metric.retrieval.knn import Metric, prepare, search_complete
 
-__all__ = ["FORMAT", "VERSION", "EmbeddingIndex", "IndexFormatError", "SearchResult"]
+__all__ = ["FORMAT", "VERSION", "EmbeddingIndex", "IndexFormatError", "SearchResult", "embed"]
 
 FORMAT = "lightning-metric-index"
 VERSION = 1
@@ -61,7 +63,6 @@ PATHS_FILE = "paths.txt"
 _INDEX_FILES = {MANIFEST, INDEX_FILE, EMBEDDINGS_FILE, IDS_FILE, LABELS_FILE, PATHS_FILE}
 # Name part of the folder the previous index is moved to while a save swaps the new one in.
 _PREVIOUS = ".previous-"
-_METRICS = ("cosine", "ip", "l2")
 DEFAULT_FACTORY = "Flat"
 # Manifest key of each search parameter and the FAISS ParameterSpace name it sets.
 _SEARCH_PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch"}
@@ -125,7 +126,7 @@ class EmbeddingIndex:
         ef_search: Optional[int] = None,
         train_size: Optional[int] = None,
     ) -> None:
-        check_choice("metric", metric, _METRICS)
+        check_metric(metric)
         self.metric: Metric = metric
         emb = _as_embeddings(embeddings, "embeddings", metric)
         self.dim = emb.shape[1]
@@ -280,9 +281,7 @@ class EmbeddingIndex:
         this call. An approximate index returns id ``-1`` (score ``-inf``, ``+inf`` for
         ``l2``) where it found fewer than ``k`` items (raise ``nprobe``).
         """
-        k = check_int("k", k, minimum=1)
-        if k > len(self):
-            raise ValueError(f"k={k} is larger than the number of indexed items ({len(self)})")
+        k = check_top_k(k, len(self), "indexed items")
         q = _prepared(self._query_embeddings(queries, inputs), self.metric)
         if self.factory == DEFAULT_FACTORY and nprobe is None and ef_search is None:
             scores, rows = search_complete(
@@ -335,28 +334,8 @@ class EmbeddingIndex:
                     "searching raw inputs needs a model: EmbeddingIndex.load(dir, model=...) "
                     "or index.attach_model(model)"
                 )
-            queries = self._embed(queries)
+            queries = embed(self.model, queries)
         return _as_embeddings(queries, "queries", self.metric, dim=self.dim)
-
-    @torch.no_grad()
-    def _embed(self, x: Any) -> Tensor:
-        assert self.model is not None
-        x = torch.as_tensor(x) if isinstance(x, np.ndarray) else x
-        param = next(self.model.parameters(), None)
-        if isinstance(x, Tensor) and param is not None:
-            x = x.to(param.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self.model(x)
-        finally:
-            self.model.train(was_training)
-        if not isinstance(out, Tensor):
-            raise ValueError(
-                f"the attached model must return an embeddings tensor [B, {self.dim}], got "
-                f"{type(out).__name__}"
-            )
-        return out.detach().float().cpu()
 
     # ------------------------------------------------------------------ updates
 
@@ -472,6 +451,35 @@ class EmbeddingIndex:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+@torch.no_grad()
+def embed(model: nn.Module, x: Any, batch_size: Optional[int] = None) -> Tensor:
+    """``model(x)`` in eval mode as float32 on CPU, ``batch_size`` rows per call (all at once
+    by default); ``x`` is moved to the model's device and the model's mode is restored."""
+    x = torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+    param = next(model.parameters(), None)
+    if isinstance(x, Tensor) and param is not None:
+        x = x.to(param.device)
+    if batch_size is not None:
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+    chunks = (
+        [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+        if isinstance(x, Tensor) and batch_size is not None
+        else [x]
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = [model(chunk) for chunk in chunks]
+    finally:
+        model.train(was_training)
+    for out in outputs:
+        if not isinstance(out, Tensor):
+            raise ValueError(
+                f"the model must return an embeddings tensor [batch, dim], got {type(out).__name__}"
+            )
+    return torch.cat([out.detach().float().cpu() for out in outputs])
 
 
 def _new_faiss_index(dim: int, metric: str, factory: str = DEFAULT_FACTORY) -> Any:
@@ -655,9 +663,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             raise IndexFormatError(f"{str(path)!r}: {key!r} is {manifest[key]}, must be >= {least}")
     if not isinstance(manifest.get("files", {}), dict):
         raise IndexFormatError(f"{str(path)!r}: 'files' must be a mapping")
-    if manifest["metric"] not in _METRICS:
+    if manifest["metric"] not in METRICS:
         raise IndexFormatError(
-            f"{str(path)!r}: metric {manifest['metric']!r} is not one of {_METRICS}"
+            f"{str(path)!r}: metric {manifest['metric']!r} is not one of {METRICS}"
         )
     return manifest
 

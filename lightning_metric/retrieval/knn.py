@@ -21,7 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_metric.checks import ArgumentTypeError, check_choice, check_finite_rows, check_int
+from lightning_metric.checks import (
+    ArgumentTypeError,
+    check_finite_rows,
+    check_int,
+    check_metric,
+    check_top_k,
+)
 
 __all__ = [
     "Metric",
@@ -33,8 +39,8 @@ __all__ = [
     "search_prepared",
 ]
 
+# The one type of a similarity name; checks.METRICS holds the same values for run time.
 Metric = Literal["cosine", "ip", "l2"]
-_METRICS = ("cosine", "ip", "l2")
 # Elements of the [chunk, reference] score block materialised at once by the torch path.
 _TORCH_BLOCK_ELEMENTS = 1 << 27
 # Queries per FAISS call: large enough that FAISS' own blocking dominates, small enough that
@@ -190,7 +196,7 @@ def knn(
     Returns:
         :class:`Neighbors` ``(values [Q, k], indices [Q, k])`` on the query's device.
     """
-    check_choice("metric", metric, _METRICS)
+    check_metric(metric)
     k = check_int("k", k, minimum=1)
     q = as_tensor(query, "query")
     check_embeddings(q, "query")
@@ -230,11 +236,8 @@ def knn(
             f"`query` has only {r.shape[0]} item: leave-one-out search needs at least 2 items"
         )
     num_candidates = r.shape[0] - (1 if leave_one_out else 0)
-    if k > num_candidates:
-        raise ValueError(
-            f"k={k} is larger than the number of reference candidates per query "
-            f"({num_candidates}{', the query itself excluded' if leave_one_out else ''})"
-        )
+    what = "reference items a query can retrieve" + (", itself excluded" if leave_one_out else "")
+    check_top_k(k, num_candidates, what)
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     if fast and metric != "cosine":

@@ -1,4 +1,4 @@
-"""Retrieval and verification metrics as pure functions of embeddings and labels.
+"""Ranking metrics of embeddings as pure functions of embeddings and labels.
 
 Definitions (DESIGN.md):
 
@@ -12,6 +12,11 @@ Definitions (DESIGN.md):
   PML's ``AccuracyCalculator(k="max_bin_count")`` uses.
 - ``unscorable_queries``: queries with ``R == 0`` (no other item of their class in the
   reference set). They are left out of every mean above.
+
+:func:`retrieval_metrics` averages the per-query values over queries or classes,
+:func:`retrieval_metrics_per_class` reports them per class; both run one pipeline
+(:func:`_scored`). Verification and clustering metrics live in
+:mod:`~lightning_metric.retrieval.verification` and :mod:`~lightning_metric.retrieval.clustering`.
 """
 
 from __future__ import annotations
@@ -19,19 +24,21 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_metric.checks import (
-    ArgumentTypeError,
     check_choice,
     check_int,
     check_k,
     check_labels,
+    check_metric,
+    check_top_k,
 )
+from lightning_metric.retrieval.clustering import clustering_metrics
 from lightning_metric.retrieval.knn import (
     Metric,
     as_tensor,
@@ -42,26 +49,33 @@ from lightning_metric.retrieval.knn import (
     single_threaded_bookkeeping,
 )
 
-__all__ = [
-    "check_k",
-    "retrieval_metrics",
-    "retrieval_metrics_per_class",
-    "verification_metrics",
-]
+__all__ = ["retrieval_metrics", "retrieval_metrics_per_class"]
 
 Average = Literal["micro", "macro"]
 # Neighbour-label entries held at once while scoring (bounds memory for large classes).
 _SCORE_BLOCK_ELEMENTS = 1 << 22
 
 
-def _check_labels(labels: Tensor | np.ndarray, n: int, name: str, emb_name: str) -> Tensor:
-    lab = check_labels(name, labels)
-    if lab.shape[0] != n:
-        raise ValueError(
-            f"`{name}` has {lab.shape[0]} entries but `{emb_name}` has {n} rows; "
-            "they must have the same length"
-        )
-    return lab
+@dataclass
+class _Protocol:
+    """Which items query and which are searched (see :func:`retrieval_metrics`)."""
+
+    reference_embeddings: Tensor | np.ndarray | None
+    reference_labels: Tensor | np.ndarray | None
+    query_mask: Tensor | np.ndarray | None
+    reference_mask: Tensor | np.ndarray | None
+
+
+@dataclass
+class _Scoring:
+    """What is computed per query, and how the neighbours are searched."""
+
+    metric: Metric
+    map_at_r: bool
+    mrr: bool
+    precision: bool
+    chunk_size: int | None
+    fast: bool | None
 
 
 def _check_mask(mask: Tensor | np.ndarray, n: int, name: str) -> Tensor:
@@ -88,18 +102,14 @@ class _Setup:
 
 
 def _setup(
-    embeddings: Tensor | np.ndarray,
-    labels: Tensor | np.ndarray,
-    reference_embeddings: Tensor | np.ndarray | None,
-    reference_labels: Tensor | np.ndarray | None,
-    query_mask: Tensor | np.ndarray | None,
-    reference_mask: Tensor | np.ndarray | None,
-    metric: Metric,
+    embeddings: Tensor | np.ndarray, labels: Tensor | np.ndarray, p: _Protocol, metric: Metric
 ) -> _Setup:
-    check_choice("metric", metric, ("cosine", "ip", "l2"))
+    check_metric(metric)
+    reference_embeddings, reference_labels = p.reference_embeddings, p.reference_labels
+    query_mask, reference_mask = p.query_mask, p.reference_mask
     emb = as_tensor(embeddings, "embeddings")
     check_embeddings(emb, "embeddings")
-    lab = _check_labels(labels, emb.shape[0], "labels", "embeddings").to(emb.device)
+    lab = check_labels("labels", labels, length=emb.shape[0]).to(emb.device)
     split = reference_embeddings is not None or reference_labels is not None
     masked = query_mask is not None or reference_mask is not None
     if split and masked:
@@ -119,12 +129,8 @@ def _setup(
             )
         if ref.device != emb.device:
             raise ValueError(f"embeddings are on {emb.device}, reference on {ref.device}")
-        rlab = _check_labels(
-            reference_labels,
-            ref.shape[0],
-            "reference_labels",
-            "reference_embeddings",
-        ).to(emb.device)
+        rlab = check_labels("reference_labels", reference_labels, length=ref.shape[0])
+        rlab = rlab.to(emb.device)
         if same_rows(emb, ref):
             _same_inputs(lab, rlab)
             split = False  # searched leave-one-out below
@@ -170,7 +176,7 @@ def _same_inputs(labels: Tensor, reference_labels: Tensor) -> None:
         "the reference set is the query set (same embeddings and labels): each query's own "
         "row is excluded, as in leave-one-out (omit reference_embeddings to silence this)",
         UserWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -182,28 +188,16 @@ class _PerQuery:
     num_unscorable: int
 
 
-def _score(
-    s: _Setup,
-    ks: tuple[int, ...],
-    map_at_r: bool,
-    mrr: bool,
-    precision: bool,
-    chunk_size: int | None,
-    fast: bool | None,
-    metric: Metric,
-) -> _PerQuery:
-    if chunk_size is not None:
-        check_int("chunk_size", chunk_size, minimum=1)
+def _score(s: _Setup, ks: tuple[int, ...], o: _Scoring) -> _PerQuery:
+    if o.chunk_size is not None:
+        check_int("chunk_size", o.chunk_size, minimum=1)
     if s.num_candidates < 1:
         raise ValueError(
             f"there is only {s.reference.shape[0]} item to search and a query never retrieves "
             "itself: retrieval metrics need at least 2 items"
         )
-    if ks[-1] > s.num_candidates:
-        raise ValueError(
-            f"k={ks[-1]} is larger than the number of reference items a query can retrieve "
-            f"({s.num_candidates}); use k <= {s.num_candidates}"
-        )
+    check_top_k(ks[-1], s.num_candidates)
+    map_at_r, mrr, precision = o.map_at_r, o.mrr, o.precision
     counts = torch.bincount(s.reference_labels, minlength=len(s.classes))
     r_count = counts[s.query_labels]
     if s.exclude is not None:
@@ -216,7 +210,7 @@ def _score(
     r_count = r_count[scorable]
     r_max = int(r_count.max())
     depth = max(ks[-1], r_max if (map_at_r or mrr) else 0)
-    chunk = chunk_size or max(1, min(16384, _SCORE_BLOCK_ELEMENTS // depth))
+    chunk = o.chunk_size or max(1, min(16384, _SCORE_BLOCK_ELEMENTS // depth))
     dev = s.query.device
     names = [f"recall@{k}" for k in ks]
     names += [f"precision@{k}" for k in ks] if precision else []
@@ -228,7 +222,7 @@ def _score(
         sl = slice(start, min(start + chunk, scorable.numel()))
         rows = scorable[sl]
         ex = s.exclude[rows] if s.exclude is not None else None
-        nn = search_prepared(s.query[rows], s.reference, depth, metric, ex, None, fast)
+        nn = search_prepared(s.query[rows], s.reference, depth, o.metric, ex, None, o.fast)
         match = s.reference_labels[nn.indices] == s.query_labels[rows][:, None]
         hits = match.cumsum(1)
         for k in ks:
@@ -248,22 +242,6 @@ def _score(
             out["mrr"][sl] = torch.where(m.any(1), 1.0 / (first + 1.0), 0.0)
     result.values = out
     return result
-
-
-def _clustering(s: _Setup, seed: int) -> dict[str, float]:
-    import faiss
-    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
-
-    x = s.query.float().cpu().numpy()
-    labels = s.query_labels.cpu().numpy()
-    num_clusters = len(np.unique(labels))
-    km = faiss.Kmeans(x.shape[1], num_clusters, niter=20, seed=seed, verbose=False)
-    km.train(x)
-    _, assigned = km.index.search(x, 1)
-    return {
-        "nmi": float(normalized_mutual_info_score(labels, assigned[:, 0])),
-        "ami": float(adjusted_mutual_info_score(labels, assigned[:, 0])),
-    }
 
 
 def retrieval_metrics(
@@ -311,24 +289,22 @@ def retrieval_metrics(
         "unscorable_queries": ...}`` as floats. If no query can be scored, only
         ``unscorable_queries`` (and ``nmi``/``ami``) are returned and a warning is issued:
         the ranking metrics are unavailable, not 0.
+
+    Example: two classes; the last item of class 1 lies among the class-0 items, so its
+    nearest neighbour has another label and 3 of the 4 queries hit at rank 1:
+
+    >>> import torch
+    >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.8, 0.2]])
+    >>> result = retrieval_metrics(x, torch.tensor([0, 0, 1, 1]), k=1)
+    >>> result["recall@1"], result["unscorable_queries"]
+    (0.75, 0.0)
     """
     check_choice("average", average, ("micro", "macro"))
-    ks = check_k(k)
-    with single_threaded_bookkeeping():
-        s = _setup(
-            embeddings,
-            labels,
-            reference_embeddings,
-            reference_labels,
-            query_mask,
-            reference_mask,
-            metric,
-        )
-        pq = _score(s, ks, map_at_r, mrr, precision, chunk_size, fast, metric)
+    protocol = _Protocol(reference_embeddings, reference_labels, query_mask, reference_mask)
+    scoring = _Scoring(metric, map_at_r, mrr, precision, chunk_size, fast)
+    s, pq = _scored(embeddings, labels, k, protocol, scoring)
     out: dict[str, float] = {}
-    if pq.num_unscorable == pq.num_queries:
-        _warn_unscorable(pq.num_queries)
-    else:
+    if pq.num_unscorable < pq.num_queries:
         for name, values in pq.values.items():
             if average == "micro":
                 out[name] = float(values.mean())
@@ -336,8 +312,21 @@ def retrieval_metrics(
                 out[name] = float(_class_means(values, pq.labels)[1].mean())
     out["unscorable_queries"] = float(pq.num_unscorable)
     if clustering:
-        out.update(_clustering(s, seed))
+        out.update(clustering_metrics(s.query, s.query_labels, seed))
     return out
+
+
+def _scored(
+    embeddings: Any, labels: Any, k: Any, protocol: _Protocol, scoring: _Scoring
+) -> tuple[_Setup, _PerQuery]:
+    """The pipeline of both public functions: check, search, score every query."""
+    ks = check_k(k)
+    with single_threaded_bookkeeping():
+        s = _setup(embeddings, labels, protocol, scoring.metric)
+        pq = _score(s, ks, scoring)
+    if pq.num_unscorable == pq.num_queries:
+        _warn_unscorable(pq.num_queries)
+    return s, pq
 
 
 def _warn_unscorable(n: int) -> None:
@@ -345,7 +334,7 @@ def _warn_unscorable(n: int) -> None:
         f"none of the {n} queries has another item of its class in the reference set, so "
         "recall@k, precision@k, map@r, r_precision and mrr are unavailable (not reported)",
         UserWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
@@ -378,20 +367,9 @@ def retrieval_metrics_per_class(
     Returns ``{metric_name: {label: value}}``; classes whose queries are all unscorable are
     absent, and ``"unscorable_queries"`` maps each label to its count of unscorable queries.
     """
-    ks = check_k(k)
-    with single_threaded_bookkeeping():
-        s = _setup(
-            embeddings,
-            labels,
-            reference_embeddings,
-            reference_labels,
-            query_mask,
-            reference_mask,
-            metric,
-        )
-        pq = _score(s, ks, map_at_r, mrr, precision, chunk_size, fast, metric)
-    if pq.num_unscorable == pq.num_queries:
-        _warn_unscorable(pq.num_queries)
+    protocol = _Protocol(reference_embeddings, reference_labels, query_mask, reference_mask)
+    scoring = _Scoring(metric, map_at_r, mrr, precision, chunk_size, fast)
+    s, pq = _scored(embeddings, labels, k, protocol, scoring)
     out: dict[str, dict[int, float]] = {}
     for name, values in pq.values.items():
         present, means = _class_means(values, pq.labels)
@@ -404,125 +382,3 @@ def retrieval_metrics_per_class(
         int(s.classes[c]): float(all_q[c] - scored[c]) for c in seen.tolist()
     }
     return out
-
-
-def verification_metrics(
-    embeddings: Tensor | np.ndarray,
-    labels: Tensor | np.ndarray | None = None,
-    *,
-    pairs: Tensor | np.ndarray | None = None,
-    is_same: Tensor | np.ndarray | None = None,
-    far: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
-    metric: Literal["cosine", "ip"] = "cosine",
-    max_items: int = 20000,
-) -> dict[str, float]:
-    """Face-verification metrics: TAR@FAR (= 1 - FNMR@FMR) and the equal error rate.
-
-    Either ``labels`` (every unordered pair of the ``N`` items is scored; genuine pairs share
-    a label) or ``pairs`` ``[P, 2]`` item indices with ``is_same`` ``[P]`` booleans (the
-    protocol's pair list). A pair is accepted when its similarity is above the threshold;
-    the threshold for each target FAR is the lowest one whose false accept rate on the
-    impostor pairs is <= the target. FAR targets below ``1 / num_impostor_pairs`` cannot be
-    measured and are left out with a warning.
-
-    Returns:
-        ``{"tar@far=1e-03": ..., "fnmr@fmr=1e-03": ..., "threshold@far=1e-03": ...,
-        "eer": ...}``.
-    """
-    check_choice("metric", metric, ("cosine", "ip"))
-    emb = as_tensor(embeddings, "embeddings")
-    check_embeddings(emb, "embeddings")
-    x = prepare(emb, metric)
-    fars = tuple(float(f) for f in far)
-    for f in fars:
-        if not 0.0 < f < 1.0:
-            raise ValueError(f"`far` values must lie in (0, 1), got {f}")
-    if (labels is None) == (pairs is None):
-        raise ValueError("pass exactly one of `labels` (all pairs) or `pairs` + `is_same`")
-    if labels is not None:
-        n = x.shape[0]
-        if n > max_items:
-            raise ValueError(
-                f"all-pairs verification of {n} items needs {n * (n - 1) // 2} scores; "
-                f"pass `pairs` or raise max_items (currently {max_items})"
-            )
-        lab = _check_labels(labels, n, "labels", "embeddings").to(x.device)
-        i, j = torch.triu_indices(n, n, offset=1, device=x.device)
-        scores = (x @ x.T)[i, j]
-        same = lab[i] == lab[j]
-    else:
-        if pairs is None or is_same is None:
-            raise ValueError("`pairs` needs `is_same`, one boolean per pair")
-        p = as_tensor(pairs, "pairs").to(x.device)
-        same = as_tensor(is_same, "is_same").to(x.device)
-        if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
-            raise ArgumentTypeError(f"`pairs` must hold integer item indices, got dtype {p.dtype}")
-        if p.ndim != 2 or p.shape[1] != 2:
-            raise ValueError(f"`pairs` must be an int tensor [P, 2], got {tuple(p.shape)}")
-        same = _check_is_same(same)
-        if same.shape != (p.shape[0],):
-            raise ValueError(
-                f"`is_same` must have one entry per pair ({p.shape[0]}), got {tuple(same.shape)}"
-            )
-        if p.numel() and (int(p.min()) < 0 or int(p.max()) >= x.shape[0]):
-            raise ValueError(
-                f"`pairs` indices must lie in [0, {x.shape[0]}), got range "
-                f"[{int(p.min())}, {int(p.max())}]"
-            )
-        scores = (x[p[:, 0]] * x[p[:, 1]]).sum(1)
-    genuine, impostor = scores[same].double(), scores[~same].double()
-    if genuine.numel() == 0 or impostor.numel() == 0:
-        raise ValueError(
-            f"verification needs genuine and impostor pairs, got {genuine.numel()} genuine "
-            f"and {impostor.numel()} impostor pairs"
-        )
-    imp_desc = torch.sort(impostor, descending=True).values
-    n_imp = impostor.numel()
-    out: dict[str, float] = {}
-    skipped = []
-    for f in fars:
-        allowed = int(np.floor(f * n_imp + 1e-9))
-        if allowed < 1:
-            skipped.append(f)
-            continue
-        # Accept score > t: at most `allowed` impostors may lie strictly above t.
-        t = imp_desc[allowed] if allowed < n_imp else imp_desc[-1] - 1.0
-        tar = float((genuine > t).double().mean())
-        out[f"tar@far={f:.0e}"] = tar
-        out[f"fnmr@fmr={f:.0e}"] = 1.0 - tar
-        out[f"threshold@far={f:.0e}"] = float(t)
-    if skipped:
-        warnings.warn(
-            f"FAR targets {skipped} need more than {n_imp} impostor pairs to be measured; left out",
-            UserWarning,
-            stacklevel=2,
-        )
-    out["eer"] = _eer(genuine, impostor)
-    return out
-
-
-def _check_is_same(same: Tensor) -> Tensor:
-    # A float (a score, a probability) would be cast silently: 0.3 -> True.
-    if same.dtype == torch.bool:
-        return same
-    if same.is_floating_point() or same.is_complex():
-        raise ArgumentTypeError(
-            f"`is_same` must be booleans (or integers 0/1), one per pair, got dtype {same.dtype}"
-        )
-    bad = (same != 0) & (same != 1)
-    if bool(bad.any()):
-        raise ValueError(
-            f"`is_same` must be booleans (or integers 0/1), got value {int(same[bad][0])}"
-        )
-    return same.bool()
-
-
-def _eer(genuine: Tensor, impostor: Tensor) -> float:
-    thresholds = torch.cat([genuine, impostor]).unique()
-    g = torch.sort(genuine).values
-    i = torch.sort(impostor).values
-    # Accept score >= t: FRR = share of genuine below t, FAR = share of impostors at/above t.
-    frr = torch.searchsorted(g, thresholds, right=False).double() / g.numel()
-    far = 1.0 - torch.searchsorted(i, thresholds, right=False).double() / i.numel()
-    best = int(torch.argmin((frr - far).abs()))
-    return float((frr[best] + far[best]) / 2)

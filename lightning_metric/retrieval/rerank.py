@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_metric.checks import check_int, check_k, check_real
+from lightning_metric.checks import check_int, check_k, check_real, check_top_k
 
 __all__ = [
     "KReciprocal",
@@ -289,8 +289,7 @@ def ranking_metrics(
         rows = (ex >= 0).nonzero()[:, 0]
         dist[rows, ex[rows]] = float("inf")
     candidates = nr - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
-    if ks[-1] > candidates:
-        raise ValueError(f"k={ks[-1]} is larger than the {candidates} items a query can retrieve")
+    check_top_k(ks[-1], candidates)
     order = torch.sort(dist, dim=1, stable=True).indices[:, :candidates]
     match = rlab[order] == qlab[:, None]
     r_count = (rlab[None, :] == qlab[:, None]).sum(1)

@@ -8,37 +8,22 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
-from lightning_metric.checks import (
-    ArgumentTypeError,
-    check_choice,
-    check_int,
-    check_k,
-    check_labels,
-)
-from lightning_metric.distributed import rank, unpad_gathered, world_size
-from lightning_metric.retrieval.knn import prepare, same_rows
-from lightning_metric.retrieval.metrics import retrieval_metrics
+from lightning_metric.checks import ArgumentTypeError, check_choice, check_k, check_metric
+from lightning_metric.retrieval.accumulator import ROLE_CODES, EmbeddingAccumulator
+from lightning_metric.retrieval.knn import Metric, prepare, same_rows
+from lightning_metric.retrieval.ranking import retrieval_metrics
 from lightning_metric.retrieval.rerank import Reranker, ranking_metrics
 
 __all__ = ["RetrievalMetrics"]
 
-Role = Literal["both", "query", "reference"]
-_ROLE_CODES: dict[str, int] = {"query": 1, "reference": 2, "both": 3}
 
-
-class RetrievalMetrics(Metric):
+class RetrievalMetrics(EmbeddingAccumulator):
     """Accumulates embeddings, labels and dataset indices; computes retrieval metrics.
 
-    States are concatenated across DDP ranks on :meth:`compute`. The rows DistributedSampler
-    added to pad the last batches are dropped (only those: items that share a dataset index,
-    as in a ConcatDataset, all count) and the rest are put in single-process order, so every
-    rank and any number of ranks give the same values. The padding is known exactly when
-    ``update`` gets ``dataset_size=len(dataset)``; otherwise it is inferred from ``indexes``,
-    which must then be unique per item (an error says so when they are not). A single process
-    keeps every row it was given.
+    States are gathered across DDP ranks on :meth:`compute`, without DistributedSampler's
+    padding and in single-process order (:class:`~.accumulator.EmbeddingAccumulator`), so
+    every rank and any number of ranks give the same values.
 
     Items updated with ``role="both"`` (the default) query all the others leave-one-out.
     For a query/gallery protocol, update the query set with ``role="query"`` and the gallery
@@ -68,20 +53,12 @@ class RetrievalMetrics(Metric):
             ones (needs the full query x reference distance matrix in memory).
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
-
-    embeddings: list[Tensor] | Tensor
-    labels: list[Tensor] | Tensor
-    indexes: list[Tensor] | Tensor
-    roles: list[Tensor] | Tensor
-    ranks: list[Tensor] | Tensor
 
     def __init__(
         self,
         k: int | Sequence[int] = (1, 2, 4, 8),
-        metric: Literal["cosine", "ip", "l2"] = "cosine",
+        metric: Metric = "cosine",
         map_at_r: bool = True,
         mrr: bool = True,
         precision: bool = True,
@@ -93,7 +70,7 @@ class RetrievalMetrics(Metric):
     ) -> None:
         super().__init__(compute_on_cpu=compute_on_cpu)
         self.k = check_k(k)
-        check_choice("metric", metric, ("cosine", "ip", "l2"))
+        check_metric(metric)
         check_choice("average", average, ("micro", "macro"))
         self.metric = metric
         self.map_at_r = map_at_r
@@ -108,106 +85,15 @@ class RetrievalMetrics(Metric):
                 f"lightning_metric.retrieval.rerank.KReciprocal(), got {rerank!r}"
             )
         self.rerank = rerank
-        self._warned_no_index = False
-        self._dataset_sizes: dict[int, int] = {}
-        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
-        self.add_state("indexes", default=[], dist_reduce_fx="cat")
-        self.add_state("roles", default=[], dist_reduce_fx="cat")
-        self.add_state("ranks", default=[], dist_reduce_fx="cat")
 
-    def update(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        indexes: Tensor | None = None,
-        role: Role = "both",
-        dataset_size: int | None = None,
-    ) -> None:
-        """Add a batch: ``embeddings [B, D]``, ``labels [B]``, dataset ``indexes [B]``.
-
-        ``dataset_size``: ``len(dataset)`` of the loader the batch comes from; under DDP it
-        tells exactly how many gathered rows are DistributedSampler padding.
-        """
-        check_choice("role", role, tuple(_ROLE_CODES))
-        code = _ROLE_CODES[role]
-        if dataset_size is not None:
-            self._dataset_sizes[code] = check_int("dataset_size", dataset_size, minimum=1)
-        if embeddings.ndim != 2:
-            raise ValueError(
-                f"`embeddings` must be 2-D [batch, dim], got shape {tuple(embeddings.shape)}"
-            )
-        n = embeddings.shape[0]
-        if labels.shape != (n,):
-            raise ValueError(
-                f"`labels` must have shape [{n}] to match embeddings, got {tuple(labels.shape)}"
-            )
-        labels = check_labels("labels", labels)  # a float label would be truncated silently
-        if indexes is None:
-            indexes = torch.full((n,), -1, dtype=torch.int64, device=embeddings.device)
-        elif indexes.shape != (n,):
-            raise ValueError(
-                f"`indexes` must have shape [{n}] to match embeddings, got {tuple(indexes.shape)}"
-            )
-        elif indexes.is_floating_point() or indexes.dtype == torch.bool:
-            raise ArgumentTypeError(
-                f"`indexes` must hold integer dataset indices, got dtype {indexes.dtype}"
-            )
-        elif bool((indexes < 0).any()):
-            raise ValueError(
-                f"`indexes` must be >= 0 dataset indices, got min {int(indexes.min())}"
-            )
-        self.embeddings.append(embeddings.detach())  # type: ignore[union-attr]
-        self.labels.append(labels.detach().to(torch.int64))  # type: ignore[union-attr]
-        self.indexes.append(indexes.detach().to(device=embeddings.device, dtype=torch.int64))  # type: ignore[union-attr]
-        self.roles.append(  # type: ignore[union-attr]
-            torch.full((n,), code, dtype=torch.int8, device=embeddings.device)
-        )
-        self.ranks.append(  # type: ignore[union-attr]
-            torch.full((n,), rank(), dtype=torch.int32, device=embeddings.device)
-        )
-
-    def reset(self) -> None:
-        super().reset()
-        self._dataset_sizes = {}
-
-    def compute(self) -> dict[str, Tensor]:
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
         """Metrics as 0-d float tensors; see :func:`retrieval_metrics` for the keys."""
-        if isinstance(self.embeddings, list) and not self.embeddings:
-            raise ValueError("RetrievalMetrics.compute() called before any update()")
-        emb = dim_zero_cat(self.embeddings)
-        labels = dim_zero_cat(self.labels).to(emb.device)
-        index = dim_zero_cat(self.indexes).to(emb.device)
-        roles = dim_zero_cat(self.roles).to(emb.device)
-        ranks = dim_zero_cat(self.ranks).to(emb.device)
-        has_index = bool((index >= 0).all())
-        world = world_size()
-        if world > 1 and not has_index and not self._dataset_sizes and not self._warned_no_index:
-            self._warned_no_index = True
-            warnings.warn(
-                "RetrievalMetrics got no dataset indexes or dataset_size under DDP: samples "
-                "that DistributedSampler repeats to pad the last batch are counted twice",
-                UserWarning,
-                stacklevel=2,
-            )
-        # Per role (a query set and a gallery set are separate datasets), in role order.
-        keep = []
-        for code in sorted(set(roles.tolist())):
-            rows = (roles == code).nonzero()[:, 0]
-            kept = unpad_gathered(
-                ranks[rows],
-                world,
-                index[rows] if has_index else None,
-                self._dataset_sizes.get(code),
-            )
-            keep.append(rows[kept])
-        order = torch.cat(keep)
-        emb, labels, roles = emb[order], labels[order], roles[order]
+        emb, labels, _, roles = self._gathered()
         values = self._compute(emb, labels, roles)
         return {name: torch.tensor(v, dtype=torch.float32) for name, v in values.items()}
 
     def _compute(self, emb: Tensor, labels: Tensor, roles: Tensor) -> dict[str, float]:
-        split = bool((roles != _ROLE_CODES["both"]).any())
+        split = bool((roles != ROLE_CODES["both"]).any())
         query_mask = (roles & 1).bool()
         reference_mask = (roles & 2).bool()
         if split and not bool(query_mask.any()):
@@ -252,7 +138,7 @@ class RetrievalMetrics(Metric):
             tuple(sorted(set(ks.values()))),
             query_mask=query_mask if split else None,
             reference_mask=reference_mask if split else None,
-            metric=self.metric,  # type: ignore[arg-type]
+            metric=self.metric,
             map_at_r=self.map_at_r,
             mrr=self.mrr,
             precision=self.precision,
@@ -281,7 +167,7 @@ class RetrievalMetrics(Metric):
     ) -> dict[str, float]:
         """The same metrics on the distances the re-ranker returns, as ``rerank/<name>``."""
         assert self.rerank is not None
-        x = prepare(emb.float(), self.metric)  # type: ignore[arg-type]
+        x = prepare(emb.float(), self.metric)
         if split:
             position = torch.cumsum(reference_mask.long(), 0) - 1
             exclude = torch.where(reference_mask, position, -1)[query_mask]
