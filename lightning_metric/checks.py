@@ -257,7 +257,8 @@ METRICS = ("cosine", "ip", "l2")
 
 def check_metric(value: T, allowed: Sequence[str] = METRICS, name: str = "metric") -> T:
     """``value`` must be one of ``allowed`` metric names (default: all of :data:`METRICS`)."""
-    return check_choice(name, value, tuple(allowed))  # type: ignore[arg-type]
+    check_choice(name, value, tuple(allowed))  # type: ignore[arg-type]
+    return value
 
 
 def check_top_k(k: Any, available: int, what: str = "reference items a query can retrieve") -> int:

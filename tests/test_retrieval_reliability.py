@@ -15,8 +15,7 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 import lightning_metric.retrieval.accumulator as accumulator_module
 from lightning_metric.callbacks import RecallAtK
 from lightning_metric.distributed import unpad_gathered
-from lightning_metric.retrieval import RetrievalMetrics
-from lightning_metric.retrieval import knn, retrieval_metrics
+from lightning_metric.retrieval import RetrievalMetrics, knn, retrieval_metrics
 from lightning_metric.retrieval.index import EmbeddingIndex
 
 KS = (1, 2, 4)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -15,9 +15,11 @@ from lightning_metric.distributed import world_size
 from lightning_metric.retrieval.accumulator import EmbeddingAccumulator
 
 __all__ = [
+    "Collected",
     "EmbeddingCollector",
     "EvaluationCallback",
     "Stage",
+    "Step",
     "dataset_size",
     "flat_loaders",
     "loader_dataset",
@@ -27,6 +29,16 @@ __all__ = [
 Stage = Literal["val", "test", "predict"]
 # The trainer attribute holding each stage's loaders.
 _LOADERS = {"val": "val_dataloaders", "test": "test_dataloaders", "predict": "predict_dataloaders"}
+
+
+class Step(NamedTuple):
+    """One evaluation batch: its ``stage``, what ``*_step`` returned (``outputs``), the
+    ``batch`` and the loader it came from."""
+
+    stage: Stage
+    outputs: Any
+    batch: Any
+    dataloader_idx: int
 
 
 class EvaluationCallback(Callback):
@@ -42,16 +54,8 @@ class EvaluationCallback(Callback):
     def epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         """A validation / test / predict epoch of ``stage`` begins."""
 
-    def batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        stage: Stage,
-        outputs: Any,
-        batch: Any,
-        dataloader_idx: int,
-    ) -> None:
-        """A batch of loader ``dataloader_idx`` went through ``*_step``, which returned ``outputs``."""
+    def batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: Step) -> None:
+        """A batch went through ``*_step`` (see :class:`Step`)."""
 
     def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         """The epoch of ``stage`` ended (every rank calls this)."""
@@ -65,7 +69,7 @@ class EvaluationCallback(Callback):
     def _batch_end(self, stage: Stage, *args: Any) -> None:
         trainer, pl_module, outputs, batch, _batch_idx, *idx = args
         if stage in self.stages:
-            self.batch_end(trainer, pl_module, stage, outputs, batch, idx[0] if idx else 0)
+            self.batch_end(trainer, pl_module, Step(stage, outputs, batch, idx[0] if idx else 0))
 
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         if stage in self.stages:
@@ -98,6 +102,15 @@ class EvaluationCallback(Callback):
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_end(trainer, pl_module, "predict")
+
+
+class Collected(NamedTuple):
+    """The rows of one evaluation loader over all ranks (CPU), and the dataset behind it."""
+
+    dataset_index: Tensor
+    embeddings: Tensor
+    labels: Tensor
+    dataset: Any
 
 
 class EmbeddingCollector:
@@ -151,6 +164,16 @@ class EmbeddingCollector:
         self._rows.to("cpu")
         index = rows.indexes if bool((rows.indexes >= 0).all()) else torch.arange(len(rows.labels))
         return index.cpu(), rows.embeddings.cpu(), rows.labels.cpu()
+
+    def collected(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, dataloader_idx: int
+    ) -> Collected:
+        """:meth:`compute` for loader ``dataloader_idx`` of ``stage`` (padding counted from
+        its ``len(dataset)``), with that dataset."""
+        loaders = stage_loaders(trainer, stage)
+        size = dataset_size(loaders, dataloader_idx)
+        index, embeddings, labels = self.compute(pl_module.device, size)
+        return Collected(index, embeddings, labels, loader_dataset(loaders, dataloader_idx))
 
 
 def loader_dataset(loaders: Any, dataloader_idx: int = 0) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,11 +25,11 @@ from lightning.pytorch.loggers import Logger
 from matplotlib.figure import Figure
 
 from lightning_metric.callbacks.collect import (
+    Collected,
     EmbeddingCollector,
     EvaluationCallback,
     Stage,
-    dataset_size,
-    loader_dataset,
+    Step,
 )
 from lightning_metric.checks import check_choice, check_int, check_metric
 from lightning_metric.retrieval.knn import Metric
@@ -127,44 +127,23 @@ class _ValidationPicture(EvaluationCallback):
     def epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         self._collector.reset()
 
-    def batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        stage: Stage,
-        outputs: Any,
-        batch: Any,
-        dataloader_idx: int,
-    ) -> None:
-        if dataloader_idx == self.dataloader_idx and self._due(trainer):
-            self._collector.update(pl_module, outputs, batch)
+    def batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: Step) -> None:
+        if step.dataloader_idx == self.dataloader_idx and self._due(trainer):
+            self._collector.update(pl_module, step.outputs, step.batch)
 
     def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         if not self._due(trainer) or not len(self._collector):
             return
-        size = dataset_size(trainer.val_dataloaders, self.dataloader_idx)
-        index, embeddings, labels = self._collector.compute(pl_module.device, size)
+        data = self._collector.collected(trainer, pl_module, stage, self.dataloader_idx)
         self._collector.reset()
         if not trainer.is_global_zero:
             return
-        dataset = loader_dataset(trainer.val_dataloaders, self.dataloader_idx)
-        figure = self.draw(
-            _Rows(index.numpy(), embeddings.numpy(), labels.numpy(), dataset), trainer
-        )
+        figure = self.draw(data, trainer)
         if figure is not None:
             self.last_destinations = log_figure(trainer, figure, self.key, self.save_dir)
 
-    def draw(self, rows: _Rows, trainer: pl.Trainer) -> Optional[Figure]:
+    def draw(self, data: Collected, trainer: pl.Trainer) -> Optional[Figure]:
         raise NotImplementedError
-
-
-class _Rows(NamedTuple):
-    """What a picture is drawn from: the validation rows and the dataset they index."""
-
-    index: np.ndarray
-    embeddings: np.ndarray
-    labels: np.ndarray
-    dataset: Any
 
 
 def _class_names(dataset: Any) -> Optional[Sequence[Any]]:
@@ -247,8 +226,9 @@ class EmbeddingProjection(_ValidationPicture):
         self.max_points = max_points
         self.seed = seed
 
-    def draw(self, rows: _Rows, trainer: pl.Trainer) -> Optional[Figure]:
-        index, embeddings, labels, dataset = rows
+    def draw(self, data: Collected, trainer: pl.Trainer) -> Optional[Figure]:
+        index, embeddings, labels = (t.numpy() for t in data[:3])
+        dataset = data.dataset
         rng = np.random.default_rng(self.seed)
         classes = np.unique(labels)
         if len(classes) > self.max_classes:
@@ -374,8 +354,9 @@ class RetrievalGallery(_ValidationPicture):
     def _distance(self, score: float) -> float:
         return {"cosine": 1.0 - score, "ip": -score, "l2": score}[self.metric]
 
-    def draw(self, rows: _Rows, trainer: pl.Trainer) -> Optional[Figure]:
-        index, embeddings, labels, dataset = rows
+    def draw(self, data: Collected, trainer: pl.Trainer) -> Optional[Figure]:
+        index, embeddings, labels = (t.numpy() for t in data[:3])
+        dataset = data.dataset
         from lightning_metric.retrieval import knn
 
         if dataset is None or not hasattr(dataset, "__getitem__"):

@@ -10,13 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_metric.callbacks.collect import (
-    EmbeddingCollector,
-    EvaluationCallback,
-    Stage,
-    dataset_size,
-    loader_dataset,
-)
+from lightning_metric.callbacks.collect import EmbeddingCollector, EvaluationCallback, Stage, Step
 from lightning_metric.checks import check_factory_string, check_int, check_metric
 from lightning_metric.retrieval.index import MANIFEST, EmbeddingIndex
 from lightning_metric.retrieval.knn import Metric
@@ -90,34 +84,23 @@ class EmbeddingIndexWriter(EvaluationCallback):
         self._examples = {}
         self._start = time.perf_counter()
 
-    def batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        stage: Stage,
-        outputs: Any,
-        batch: Any,
-        dataloader_idx: int,
-    ) -> None:
-        collector = self._collectors.setdefault(
-            dataloader_idx, EmbeddingCollector(type(self).__name__)
-        )
-        collector.update(pl_module, outputs, batch)
-        if dataloader_idx not in self._examples:
+    def batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: Step) -> None:
+        idx, batch = step.dataloader_idx, step.batch
+        collector = self._collectors.setdefault(idx, EmbeddingCollector(type(self).__name__))
+        collector.update(pl_module, step.outputs, batch)
+        if idx not in self._examples:
             x = batch.get("x") if isinstance(batch, dict) else None
             if isinstance(x, Tensor):
-                self._examples[dataloader_idx] = x[:1].detach().cpu()
+                self._examples[idx] = x[:1].detach().cpu()
 
     def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         several = len(self._collectors) > 1
         self.written = []
         for idx, collector in sorted(self._collectors.items()):
-            size = dataset_size(trainer.predict_dataloaders, idx)
-            index, embeddings, labels = collector.compute(pl_module.device, size)
+            index, embeddings, labels, dataset = collector.collected(trainer, pl_module, stage, idx)
             if not trainer.is_global_zero:
                 continue
             target = self.output_dir / f"dataloader_idx_{idx}" if several else self.output_dir
-            dataset = loader_dataset(trainer.predict_dataloaders, idx)
             all_paths = getattr(dataset, "paths", None)
             paths = [str(all_paths[i]) for i in index.tolist()] if all_paths is not None else None
             built = EmbeddingIndex(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 
@@ -11,6 +11,7 @@ from lightning_metric.batch import step_embeddings
 from lightning_metric.callbacks.collect import (
     EvaluationCallback,
     Stage,
+    Step,
     dataset_size,
     flat_loaders,
     stage_loaders,
@@ -129,7 +130,12 @@ class RecallAtK(EvaluationCallback):
 
     @property
     def stages(self) -> tuple[Stage, ...]:  # type: ignore[override]
-        return (("val",) if self.on_validation else ()) + (("test",) if self.on_test else ())
+        stages: list[Stage] = []
+        if self.on_validation:
+            stages.append("val")
+        if self.on_test:
+            stages.append("test")
+        return tuple(stages)
 
     @property
     def k(self) -> tuple[int, ...]:
@@ -154,7 +160,7 @@ class RecallAtK(EvaluationCallback):
             role, key = "both", dataloader_idx
         embeddings, labels, index = step_embeddings(pl_module, outputs, batch, "RecallAtK")
         if key not in self._running:
-            self._running[key] = self.metrics.clone()
+            self._running[key] = cast(RetrievalMetrics, self.metrics.clone())
         self._running[key].update(
             embeddings,
             labels,
@@ -195,16 +201,8 @@ class RecallAtK(EvaluationCallback):
         # len(dataset) per loader: under DDP it tells exactly which rows are padding.
         self._sizes = {i: dataset_size(flat, i) for i in range(len(flat))}
 
-    def batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        stage: Stage,
-        outputs: Any,
-        batch: Any,
-        dataloader_idx: int,
-    ) -> None:
-        self._collect(pl_module, outputs, batch, dataloader_idx)
+    def batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: Step) -> None:
+        self._collect(pl_module, step.outputs, step.batch, step.dataloader_idx)
 
     def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         if self._running:

@@ -119,6 +119,22 @@ def check_embeddings(x: Tensor, name: str) -> None:
     check_finite_rows(name, x)
 
 
+def check_reference(
+    query: Tensor, reference: Tensor | np.ndarray, query_name: str, name: str
+) -> Tensor:
+    """``reference`` as embeddings searchable for ``query``: same dimension, same device."""
+    r = as_tensor(reference, name)
+    check_embeddings(r, name)
+    if r.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"query and reference dims differ: `{query_name}` has dim {query.shape[1]}, "
+            f"`{name}` has dim {r.shape[1]}"
+        )
+    if r.device != query.device:
+        raise ValueError(f"`{query_name}` is on {query.device} but `{name}` is on {r.device}")
+    return r
+
+
 def same_rows(a: Tensor, b: Tensor) -> bool:
     """Whether ``b`` is ``a`` or holds exactly the same rows in the same order."""
     if a is b:
@@ -195,6 +211,15 @@ def knn(
 
     Returns:
         :class:`Neighbors` ``(values [Q, k], indices [Q, k])`` on the query's device.
+
+    Example: four points on a line, each searched against the others (leave-one-out);
+    ``l2`` values are squared distances:
+
+    >>> import torch
+    >>> points = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    >>> nearest = knn(points, k=1, metric="l2")
+    >>> nearest.indices[:, 0].tolist(), nearest.values[:, 0].tolist()
+    ([1, 0, 1, 2], [1.0, 1.0, 4.0, 16.0])
     """
     check_metric(metric)
     k = check_int("k", k, minimum=1)
@@ -220,15 +245,7 @@ def knn(
         r = q
         exclude = torch.arange(q.shape[0], device=q.device)
     else:
-        r = as_tensor(reference, "reference")  # type: ignore[arg-type]
-        check_embeddings(r, "reference")
-        if r.shape[1] != q.shape[1]:
-            raise ValueError(
-                f"query and reference dims differ: query has dim {q.shape[1]}, "
-                f"reference has dim {r.shape[1]}"
-            )
-        if r.device != q.device:
-            raise ValueError(f"query is on {q.device} but reference is on {r.device}")
+        r = check_reference(q, reference, "query", "reference")  # type: ignore[arg-type]
         if exclude is not None:
             exclude = check_exclude(exclude, q.shape[0], r.shape[0]).to(q.device)
     if r.shape[0] < 2 and leave_one_out:

@@ -43,6 +43,7 @@ from lightning_metric.retrieval.knn import (
     Metric,
     as_tensor,
     check_embeddings,
+    check_reference,
     prepare,
     same_rows,
     search_prepared,
@@ -120,15 +121,7 @@ def _setup(
     if split:
         if reference_embeddings is None or reference_labels is None:
             raise ValueError("reference_embeddings and reference_labels must be given together")
-        ref = as_tensor(reference_embeddings, "reference_embeddings")
-        check_embeddings(ref, "reference_embeddings")
-        if ref.shape[1] != emb.shape[1]:
-            raise ValueError(
-                f"query and reference dims differ: embeddings have dim {emb.shape[1]}, "
-                f"reference_embeddings have dim {ref.shape[1]}"
-            )
-        if ref.device != emb.device:
-            raise ValueError(f"embeddings are on {emb.device}, reference on {ref.device}")
+        ref = check_reference(emb, reference_embeddings, "embeddings", "reference_embeddings")
         rlab = check_labels("reference_labels", reference_labels, length=ref.shape[0])
         rlab = rlab.to(emb.device)
         if same_rows(emb, ref):
