@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_metric.batch import split_batch
+from lightning_metric.checks import METRICS
 
 __all__ = ["COMMANDS", "run_command"]
 
@@ -47,7 +48,7 @@ def _parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--config", action="append", required=True, help="YAML (repeatable)")
         p.add_argument("--ckpt_path", required=True, help="checkpoint with the trained weights")
         p.add_argument("--output", required=True, help="model.onnx or model.pt")
-        p.add_argument("--metric", default="cosine", choices=("cosine", "ip", "l2"))
+        p.add_argument("--metric", default="cosine", choices=METRICS)
         p.add_argument("--opset", type=int, default=17, help="ONNX opset")
         return p
     p = argparse.ArgumentParser(
