@@ -42,10 +42,10 @@ class RecallAtK(EvaluationCallback):
 
     Args:
         k, metric, map_at_r, mrr, precision, clustering, average, fast, rerank: the metrics,
-            as in :class:`~lightning_metric.retrieval.RetrievalMetrics` (same names and
-            defaults, which builds one per evaluated set from them): ``k`` larger than the
-            evaluation set allows is clamped with a warning; ``precision`` logs
-            ``precision@k``; ``clustering`` logs ``nmi`` / ``ami`` (k-means; slower).
+            as in :class:`~lightning_metric.retrieval.RetrievalMetrics`, with the same names
+            and defaults (``.metrics`` is that object; each evaluated set gets a copy): ``k``
+            larger than the evaluation set allows is clamped with a warning; ``precision``
+            logs ``precision@k``; ``clustering`` logs ``nmi`` / ``ami`` (k-means; slower).
         query_dataloader_idx, reference_dataloader_idx: for a query/gallery protocol, the
             dataloaders holding the queries and the gallery (both or neither). Without them,
             each dataloader is evaluated leave-one-out on its own; with several dataloaders
@@ -68,7 +68,7 @@ class RecallAtK(EvaluationCallback):
     """
 
     # The signature is the LightningCLI / YAML schema, hence the metric arguments are named
-    # here (not a nested RetrievalMetrics); tests/test_recall_callback.py checks that they
+    # here (not a nested RetrievalMetrics); tests/test_retrieval_paths.py checks that they
     # keep RetrievalMetrics' names and defaults.
     def __init__(
         self,
