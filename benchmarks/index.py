@@ -108,7 +108,7 @@ def run_table(
 ) -> list[str]:
     import faiss
 
-    from lightning_metric.search import EmbeddingIndex
+    from lightning_metric.retrieval import EmbeddingIndex
 
     rows = []
     truth: np.ndarray | None = None

@@ -14,15 +14,24 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "MetricLearningModule": "lightning_metric.module",
     "EmbeddingNeck": "lightning_metric.necks",
+    "EmbeddingIndex": "lightning_metric.retrieval.index",
+    "IndexFormatError": "lightning_metric.retrieval.index",
+    "SearchResult": "lightning_metric.retrieval.index",
+    "RetrievalMetrics": "lightning_metric.retrieval.torchmetric",
     "SmallCNN": "lightning_metric.backbones",
     "TimmBackbone": "lightning_metric.backbones",
     "TorchvisionBackbone": "lightning_metric.backbones",
 }
+# "metrics" and "search" are the old paths of retrieval.torchmetric and retrieval.index.
 _SUBPACKAGES = ("backbones", "callbacks", "data", "heads", "metrics", "retrieval", "search")
 
 __all__ = [
+    "EmbeddingIndex",
     "EmbeddingNeck",
+    "IndexFormatError",
     "MetricLearningModule",
+    "RetrievalMetrics",
+    "SearchResult",
     "SmallCNN",
     "TimmBackbone",
     "TorchvisionBackbone",
@@ -39,6 +48,8 @@ if TYPE_CHECKING:
     from lightning_metric.backbones import SmallCNN, TimmBackbone, TorchvisionBackbone
     from lightning_metric.module import MetricLearningModule
     from lightning_metric.necks import EmbeddingNeck
+    from lightning_metric.retrieval.index import EmbeddingIndex, IndexFormatError, SearchResult
+    from lightning_metric.retrieval.torchmetric import RetrievalMetrics
 
 
 def __getattr__(name: str) -> Any:

@@ -281,3 +281,29 @@ def check_training_size(factory: str, num_vectors: int, needed: int) -> None:
             f"list, 256 per 8-bit PQ codebook), but {num_vectors} embeddings were given; "
             f"{hint}index more embeddings, or use 'Flat' / 'HNSW32', which need no training"
         )
+
+
+# --- retrieval: metric names, neighbour counts ---
+
+__all__ += ["METRICS", "check_metric", "check_top_k"]
+
+# Every similarity search, metric and index accepts these (the ``Metric`` type of
+# :mod:`lightning_metric.retrieval.knn`); verification takes a subset.
+METRICS = ("cosine", "ip", "l2")
+
+
+def check_metric(value: T, allowed: Sequence[str] = METRICS, name: str = "metric") -> T:
+    """``value`` must be one of ``allowed`` metric names (default: all of :data:`METRICS`)."""
+    check_choice(name, value, tuple(allowed))  # type: ignore[arg-type]
+    return value
+
+
+def check_top_k(k: Any, available: int, what: str = "reference items a query can retrieve") -> int:
+    """A neighbour count: an integer >= 1 and at most the ``available`` candidates, which
+    ``what`` names in the message."""
+    k = check_int("k", k, minimum=1)
+    if k > available:
+        raise ValueError(
+            f"k={k} is larger than the number of {what} ({available}); use k <= {available}"
+        )
+    return k

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_metric.batch import split_batch
+from lightning_metric.checks import METRICS
 
 __all__ = ["COMMANDS", "run_command"]
 
@@ -47,7 +48,7 @@ def _parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--config", action="append", required=True, help="YAML (repeatable)")
         p.add_argument("--ckpt_path", required=True, help="checkpoint with the trained weights")
         p.add_argument("--output", required=True, help="model.onnx or model.pt")
-        p.add_argument("--metric", default="cosine", choices=("cosine", "ip", "l2"))
+        p.add_argument("--metric", default="cosine", choices=METRICS)
         p.add_argument("--opset", type=int, default=17, help="ONNX opset")
         return p
     p = argparse.ArgumentParser(
@@ -231,12 +232,6 @@ def load_images(paths: Sequence[Path], input_info: dict[str, Any]) -> Tensor:
 
 
 @torch.no_grad()
-def _embed(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    model.eval()
-    return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
-
-
-@torch.no_grad()
 def _embed_loader(model: nn.Module, loader: Any) -> tuple[Tensor, Tensor, Tensor]:
     model.eval()
     embeddings, labels, ids = [], [], []
@@ -251,7 +246,7 @@ def _embed_loader(model: nn.Module, loader: Any) -> tuple[Tensor, Tensor, Tensor
 
 
 def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    from lightning_metric.search import EmbeddingIndex
+    from lightning_metric.retrieval.index import EmbeddingIndex, embed
 
     index = EmbeddingIndex.load(args.index)
     if not args.query and not args.config:
@@ -278,7 +273,7 @@ def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
                 f"the index in {args.index!r} records no input preprocessing (written by an "
                 "older release); rebuild it with `lightning-metric predict`"
             )
-        embeddings = _embed(model, load_images(paths, input_info), args.batch_size)
+        embeddings = embed(model, load_images(paths, input_info), args.batch_size)
         names = [str(p) for p in paths]
     else:
         assert datamodule is not None

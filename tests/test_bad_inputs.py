@@ -25,9 +25,13 @@ from lightning_metric.callbacks import RecallAtK
 from lightning_metric.checks import ArgumentTypeError
 from lightning_metric.data import ImageFolderDataModule
 from lightning_metric.heads import ArcFaceHead, CosFaceHead
-from lightning_metric.metrics import RetrievalMetrics
-from lightning_metric.retrieval import knn, retrieval_metrics, verification_metrics
-from lightning_metric.search import EmbeddingIndex, IndexFormatError
+from lightning_metric.retrieval import (
+    RetrievalMetrics,
+    knn,
+    retrieval_metrics,
+    verification_metrics,
+)
+from lightning_metric.retrieval.index import EmbeddingIndex, IndexFormatError
 
 G = torch.Generator().manual_seed(0)
 X = torch.randn(10, 4, generator=G)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lightning_metric.cli import INDEX_DIR
-from lightning_metric.search import EmbeddingIndex
+from lightning_metric.retrieval.index import EmbeddingIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "examples" / "configs" / "digits_arcface.yaml")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lightning_metric.callbacks import EmbeddingIndexWriter
-from lightning_metric.search import EmbeddingIndex
+from lightning_metric.retrieval.index import EmbeddingIndex
 
 DIM = 32
 FACTORIES = ["Flat", "HNSW32", "IVF1024,Flat", "IVF1024,PQ16"]

@@ -147,7 +147,10 @@ def test_pca_projection_keeps_the_main_axes() -> None:
 @pytest.mark.parametrize(
     ("factory", "match"),
     [
-        (lambda: EmbeddingProjection(method="mds"), "method must be 'pca', 'tsne' or 'umap'"),
+        (
+            lambda: EmbeddingProjection(method="mds"),
+            r"`method` must be one of \('pca', 'tsne', 'umap'\), got 'mds'",
+        ),
         (lambda: EmbeddingProjection(every_n_epochs=0), "`every_n_epochs` must be an integer >= 1"),
         (lambda: EmbeddingProjection(max_points=0), "`max_points` must be an integer >= 1"),
         (lambda: RetrievalGallery(k=0), "`k` must be an integer >= 1"),

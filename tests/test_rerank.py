@@ -152,7 +152,7 @@ def test_rerankers_shapes_and_yaml_friendly_arguments() -> None:
 
 
 def test_retrieval_metrics_report_reranked_values_beside_plain_ones() -> None:
-    from lightning_metric.metrics import RetrievalMetrics
+    from lightning_metric.retrieval import RetrievalMetrics
 
     torch.manual_seed(3)
     emb = _unit(torch.randn(40, 8))
@@ -192,7 +192,7 @@ def test_recall_callback_builds_a_reranker_from_yaml() -> None:
         }
     )
     callback = parser.instantiate_classes(config).recall
-    assert isinstance(callback.rerank, KReciprocal) and callback.rerank.k1 == 10
+    assert isinstance(callback.metrics.rerank, KReciprocal) and callback.metrics.rerank.k1 == 10
 
 
 def test_recall_callback_logs_reranked_metrics_in_a_fit() -> None:

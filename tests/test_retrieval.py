@@ -285,7 +285,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
         retrieval_metrics(x, y, k=10)
     with pytest.raises(ValueError, match="k=11 is larger than the number of reference"):
         knn(x, k=11)
-    with pytest.raises(ValueError, match="`labels` has 9 entries but `embeddings` has 10"):
+    with pytest.raises(ValueError, match="`labels` must have 10 entries, got 9"):
         retrieval_metrics(x, y[:9])
     with pytest.raises(ValueError, match="dims differ.*4.*3"):
         retrieval_metrics(x, y, 1, reference_embeddings=torch.randn(5, 3), reference_labels=y[:5])

@@ -12,12 +12,11 @@ import torch
 from test_recall_callback import DictDataset, Tiny, clustered, trainer
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
-import lightning_metric.metrics as metrics_module
+import lightning_metric.retrieval.accumulator as accumulator_module
 from lightning_metric.callbacks import RecallAtK
 from lightning_metric.distributed import unpad_gathered
-from lightning_metric.metrics import RetrievalMetrics
-from lightning_metric.retrieval import knn, retrieval_metrics
-from lightning_metric.search import EmbeddingIndex
+from lightning_metric.retrieval import RetrievalMetrics, knn, retrieval_metrics
+from lightning_metric.retrieval.index import EmbeddingIndex
 
 KS = (1, 2, 4)
 
@@ -131,10 +130,10 @@ def simulate_ddp_metric(
     ranks, _, items, _ = sampler_rows(len(x), world, index_field, shuffle=False)
     field = torch.as_tensor(index_field)
     for r in range(world):
-        monkeypatch.setattr(metrics_module, "rank", lambda r=r: r)
+        monkeypatch.setattr(accumulator_module, "rank", lambda r=r: r)
         for batch in items[ranks == r].split(5):  # dataset positions of this rank's batches
             m.update(x[batch], labels[batch], field[batch], dataset_size=dataset_size)
-    monkeypatch.setattr(metrics_module, "world_size", lambda: world)
+    monkeypatch.setattr(accumulator_module, "world_size", lambda: world)
     return {name: v.item() for name, v in m.compute().items()}
 
 
@@ -242,7 +241,7 @@ def test_interrupted_save_keeps_the_old_index(
 ) -> None:
     import faiss
 
-    import lightning_metric.search as search
+    import lightning_metric.retrieval.index as search
 
     old, new = two_indexes()
     directory = old.save(tmp_path / "index")

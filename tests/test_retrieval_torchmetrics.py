@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from lightning_metric.distributed import dedupe_by_index, gather_uneven
-from lightning_metric.metrics import RetrievalMetrics
-from lightning_metric.retrieval import retrieval_metrics
+from lightning_metric.retrieval import RetrievalMetrics, retrieval_metrics
 
 
 def data(n: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

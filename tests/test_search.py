@@ -11,7 +11,7 @@ import torch
 
 from lightning_metric.cli import main
 from lightning_metric.retrieval import knn
-from lightning_metric.search import EmbeddingIndex, IndexFormatError
+from lightning_metric.retrieval.index import EmbeddingIndex, IndexFormatError
 
 CONFIG = str(Path(__file__).parents[1] / "examples" / "configs" / "digits_arcface.yaml")
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false"]

@@ -12,7 +12,7 @@ import torch
 
 from lightning_metric.cli import main
 from lightning_metric.commands import load_images
-from lightning_metric.search import EmbeddingIndex
+from lightning_metric.retrieval.index import EmbeddingIndex
 
 CONFIG = str(Path(__file__).parents[1] / "examples" / "configs" / "digits_arcface.yaml")
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false"]

@@ -21,12 +21,18 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from matplotlib.figure import Figure
 
-from lightning_metric.callbacks.collect import EmbeddingCollector, dataset_size, loader_dataset
-from lightning_metric.checks import check_choice, check_int
+from lightning_metric.callbacks.collect import (
+    Collected,
+    EmbeddingCollector,
+    EvaluationCallback,
+    Stage,
+    Step,
+)
+from lightning_metric.checks import check_choice, check_int, check_metric
+from lightning_metric.retrieval.knn import Metric
 
 __all__ = ["EmbeddingProjection", "RetrievalGallery", "figure_to_array", "log_figure"]
 
@@ -99,10 +105,11 @@ def log_figure(
 # ---------------------------------------------------------------------- shared shell
 
 
-class _ValidationPicture(Callback):
+class _ValidationPicture(EvaluationCallback):
     """Collects the validation embeddings of due epochs; subclasses draw the figure."""
 
     key: str
+    stages: tuple[Stage, ...] = ("val",)
 
     def __init__(self, every_n_epochs: int, dataloader_idx: int, save_dir: Optional[str]) -> None:
         super().__init__()
@@ -117,42 +124,25 @@ class _ValidationPicture(Callback):
     def _due(self, trainer: pl.Trainer) -> bool:
         return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
 
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         self._collector.reset()
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if dataloader_idx == self.dataloader_idx and self._due(trainer):
-            self._collector.update(pl_module, outputs, batch)
+    def batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: Step) -> None:
+        if step.dataloader_idx == self.dataloader_idx and self._due(trainer):
+            self._collector.update(pl_module, step.outputs, step.batch)
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         if not self._due(trainer) or not len(self._collector):
             return
-        size = dataset_size(trainer.val_dataloaders, self.dataloader_idx)
-        index, embeddings, labels = self._collector.compute(pl_module.device, size)
+        data = self._collector.collected(trainer, pl_module, stage, self.dataloader_idx)
         self._collector.reset()
         if not trainer.is_global_zero:
             return
-        dataset = loader_dataset(trainer.val_dataloaders, self.dataloader_idx)
-        figure = self.draw(index.numpy(), embeddings.numpy(), labels.numpy(), dataset, trainer)
+        figure = self.draw(data, trainer)
         if figure is not None:
             self.last_destinations = log_figure(trainer, figure, self.key, self.save_dir)
 
-    def draw(
-        self,
-        index: np.ndarray,
-        embeddings: np.ndarray,
-        labels: np.ndarray,
-        dataset: Any,
-        trainer: pl.Trainer,
-    ) -> Optional[Figure]:
+    def draw(self, data: Collected, trainer: pl.Trainer) -> Optional[Figure]:
         raise NotImplementedError
 
 
@@ -169,10 +159,12 @@ def _name(names: Optional[Sequence[Any]], label: int) -> str:
 # ---------------------------------------------------------------------- projection
 
 Method = Literal["pca", "tsne", "umap"]
+_METHODS = ("pca", "tsne", "umap")
 
 
 def project_2d(x: np.ndarray, method: Method = "pca", seed: int = 0) -> np.ndarray:
     """``[N, D] -> [N, 2]`` by PCA (exact SVD), t-SNE (scikit-learn) or UMAP (umap-learn)."""
+    check_choice("method", method, _METHODS)
     x = np.asarray(x, dtype=np.float64)
     if len(x) < 3:
         raise ValueError(f"a 2-D projection needs at least 3 points, got {len(x)}")
@@ -186,11 +178,9 @@ def project_2d(x: np.ndarray, method: Method = "pca", seed: int = 0) -> np.ndarr
 
         perplexity = float(min(30, len(x) - 1))
         return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
-    if method == "umap":
-        import umap
+    import umap  # the last of _METHODS
 
-        return umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
-    raise ValueError(f"method must be 'pca', 'tsne' or 'umap', got {method!r}")
+    return umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
 
 
 class EmbeddingProjection(_ValidationPicture):
@@ -221,8 +211,7 @@ class EmbeddingProjection(_ValidationPicture):
         save_dir: Optional[str] = None,
     ) -> None:
         super().__init__(every_n_epochs, dataloader_idx, save_dir)
-        if method not in ("pca", "tsne", "umap"):
-            raise ValueError(f"method must be 'pca', 'tsne' or 'umap', got {method!r}")
+        check_choice("method", method, _METHODS)
         if method == "umap":
             try:
                 import umap  # noqa: F401
@@ -237,14 +226,9 @@ class EmbeddingProjection(_ValidationPicture):
         self.max_points = max_points
         self.seed = seed
 
-    def draw(
-        self,
-        index: np.ndarray,
-        embeddings: np.ndarray,
-        labels: np.ndarray,
-        dataset: Any,
-        trainer: pl.Trainer,
-    ) -> Optional[Figure]:
+    def draw(self, data: Collected, trainer: pl.Trainer) -> Optional[Figure]:
+        index, embeddings, labels = (t.numpy() for t in data[:3])
+        dataset = data.dataset
         rng = np.random.default_rng(self.seed)
         classes = np.unique(labels)
         if len(classes) > self.max_classes:
@@ -335,7 +319,7 @@ class RetrievalGallery(_ValidationPicture):
         k: int = 5,
         num_random: int = 4,
         num_worst: int = 4,
-        metric: Literal["cosine", "ip", "l2"] = "cosine",
+        metric: Metric = "cosine",
         every_n_epochs: int = 1,
         seed: int = 0,
         dataloader_idx: int = 0,
@@ -347,11 +331,11 @@ class RetrievalGallery(_ValidationPicture):
         check_int("num_worst", num_worst, minimum=0)
         if num_random + num_worst == 0:
             raise ValueError("num_random + num_worst must be >= 1: there would be no query to draw")
-        check_choice("metric", metric, ("cosine", "ip", "l2"))
+        check_metric(metric)
         self.k = k
         self.num_random = num_random
         self.num_worst = num_worst
-        self.metric: Literal["cosine", "ip", "l2"] = metric
+        self.metric: Metric = metric
         self.seed = seed
 
     def select_queries(
@@ -370,14 +354,9 @@ class RetrievalGallery(_ValidationPicture):
     def _distance(self, score: float) -> float:
         return {"cosine": 1.0 - score, "ip": -score, "l2": score}[self.metric]
 
-    def draw(
-        self,
-        index: np.ndarray,
-        embeddings: np.ndarray,
-        labels: np.ndarray,
-        dataset: Any,
-        trainer: pl.Trainer,
-    ) -> Optional[Figure]:
+    def draw(self, data: Collected, trainer: pl.Trainer) -> Optional[Figure]:
+        index, embeddings, labels = (t.numpy() for t in data[:3])
+        dataset = data.dataset
         from lightning_metric.retrieval import knn
 
         if dataset is None or not hasattr(dataset, "__getitem__"):

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_metric.callbacks.collect import EmbeddingCollector, dataset_size, loader_dataset
-from lightning_metric.checks import check_choice, check_factory_string, check_int
-from lightning_metric.search import MANIFEST, EmbeddingIndex
+from lightning_metric.callbacks.collect import EmbeddingCollector, EvaluationCallback, Stage, Step
+from lightning_metric.checks import check_factory_string, check_int, check_metric
+from lightning_metric.retrieval.index import MANIFEST, EmbeddingIndex
+from lightning_metric.retrieval.knn import Metric
 
 __all__ = ["EmbeddingIndexWriter"]
 
 
-class EmbeddingIndexWriter(Callback):
+class EmbeddingIndexWriter(EvaluationCallback):
     """Writes the predicted embeddings as an index directory that
-    :meth:`lightning_metric.search.EmbeddingIndex.load` reads.
+    :meth:`lightning_metric.retrieval.EmbeddingIndex.load` reads.
 
     ``output_dir`` gets ``embeddings.npy``, ``ids.npy`` (the dataset index of each item),
     ``labels.npy``, ``index.faiss``, ``paths.txt`` (when the data set has file paths) and
@@ -43,14 +43,16 @@ class EmbeddingIndexWriter(Callback):
             an error before computing anything.
         factory: FAISS index-factory string (``"Flat"`` exact; ``"HNSW32"``,
             ``"IVF1024,Flat"``, ``"IVF1024,PQ16"``, ... approximate, trained on the predicted
-            embeddings); see :class:`~lightning_metric.search.EmbeddingIndex`.
+            embeddings); see :class:`~lightning_metric.retrieval.EmbeddingIndex`.
         nprobe, ef_search: search parameters stored with an IVF / HNSW index.
     """
+
+    stages: tuple[Stage, ...] = ("predict",)
 
     def __init__(
         self,
         output_dir: str,
-        metric: Literal["cosine", "ip", "l2"] = "cosine",
+        metric: Metric = "cosine",
         overwrite: bool = False,
         factory: str = "Flat",
         nprobe: Optional[int] = None,
@@ -59,9 +61,9 @@ class EmbeddingIndexWriter(Callback):
         super().__init__()
         if not isinstance(output_dir, str | Path) or not str(output_dir):
             raise ValueError(f"output_dir must be a directory path, got {output_dir!r}")
-        check_choice("metric", metric, ("cosine", "ip", "l2"))
+        check_metric(metric)
         self.output_dir = Path(output_dir)
-        self.metric: Literal["cosine", "ip", "l2"] = metric
+        self.metric: Metric = metric
         self.overwrite = overwrite
         self.factory = check_factory_string(factory)  # PQ's M checked once D is known
         self.nprobe = None if nprobe is None else check_int("nprobe", nprobe, minimum=1)
@@ -77,39 +79,28 @@ class EmbeddingIndexWriter(Callback):
                 "output_dir or set overwrite: true on EmbeddingIndexWriter"
             )
 
-    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         self._collectors = {}
         self._examples = {}
         self._start = time.perf_counter()
 
-    def on_predict_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        collector = self._collectors.setdefault(
-            dataloader_idx, EmbeddingCollector(type(self).__name__)
-        )
-        collector.update(pl_module, outputs, batch)
-        if dataloader_idx not in self._examples:
+    def batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: Step) -> None:
+        idx, batch = step.dataloader_idx, step.batch
+        collector = self._collectors.setdefault(idx, EmbeddingCollector(type(self).__name__))
+        collector.update(pl_module, step.outputs, batch)
+        if idx not in self._examples:
             x = batch.get("x") if isinstance(batch, dict) else None
             if isinstance(x, Tensor):
-                self._examples[dataloader_idx] = x[:1].detach().cpu()
+                self._examples[idx] = x[:1].detach().cpu()
 
-    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         several = len(self._collectors) > 1
         self.written = []
         for idx, collector in sorted(self._collectors.items()):
-            size = dataset_size(trainer.predict_dataloaders, idx)
-            index, embeddings, labels = collector.compute(pl_module.device, size)
+            index, embeddings, labels, dataset = collector.collected(trainer, pl_module, stage, idx)
             if not trainer.is_global_zero:
                 continue
             target = self.output_dir / f"dataloader_idx_{idx}" if several else self.output_dir
-            dataset = loader_dataset(trainer.predict_dataloaders, idx)
             all_paths = getattr(dataset, "paths", None)
             paths = [str(all_paths[i]) for i in index.tolist()] if all_paths is not None else None
             built = EmbeddingIndex(

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 
 from lightning_metric.batch import step_embeddings
-from lightning_metric.callbacks.collect import dataset_size, flat_loaders
-from lightning_metric.checks import check_choice, check_int, check_k
-from lightning_metric.metrics import RetrievalMetrics
+from lightning_metric.callbacks.collect import (
+    EvaluationCallback,
+    Stage,
+    Step,
+    dataset_size,
+    flat_loaders,
+    stage_loaders,
+)
+from lightning_metric.checks import check_int
+from lightning_metric.retrieval.knn import Metric
 from lightning_metric.retrieval.rerank import Reranker
+from lightning_metric.retrieval.torchmetric import RetrievalMetrics
 
 __all__ = ["RecallAtK"]
 
-Stage = Literal["val", "test"]
 
-
-class RecallAtK(Callback):
+class RecallAtK(EvaluationCallback):
     """Logs ``val/recall@k`` (``test/recall@k`` when testing) and related retrieval metrics.
 
     Embeddings come from what ``validation_step`` / ``test_step`` return
@@ -35,40 +41,42 @@ class RecallAtK(Callback):
     out of the means).
 
     Args:
-        k: cut-offs, e.g. ``[1, 2, 4, 8]``. ``k`` larger than the evaluation set allows is
-            clamped with a warning.
-        metric: ``"cosine"``, ``"ip"`` or ``"l2"``.
-        map_at_r: log ``map@r`` and ``r_precision``.
-        mrr: log ``mrr``.
-        precision: log ``precision@k``.
-        clustering: log ``nmi`` / ``ami`` (k-means; slower).
-        average: ``"micro"`` (over queries) or ``"macro"`` (mean of per-class means).
+        k, metric, map_at_r, mrr, precision, clustering, average, fast, rerank: the metrics,
+            as in :class:`~lightning_metric.retrieval.RetrievalMetrics`, with the same names
+            and defaults (``.metrics`` is that object; each evaluated set gets a copy): ``k``
+            larger than the evaluation set allows is clamped with a warning; ``precision``
+            logs ``precision@k``; ``clustering`` logs ``nmi`` / ``ami`` (k-means; slower).
         query_dataloader_idx, reference_dataloader_idx: for a query/gallery protocol, the
             dataloaders holding the queries and the gallery (both or neither). Without them,
             each dataloader is evaluated leave-one-out on its own; with several dataloaders
             the names get a ``/dataloader_idx_{i}`` suffix. The two must differ, and must
             exist (checked when the loop starts). Two loaders that yield the same items are
             evaluated leave-one-out, with a warning, so no query retrieves its own copy.
-        offload_to_cpu: keep collected embeddings in CPU memory.
+        offload_to_cpu: keep collected embeddings in CPU memory (``compute_on_cpu`` of
+            :class:`~lightning_metric.retrieval.RetrievalMetrics`).
         on_validation, on_test: which loops to evaluate.
         prog_bar: show ``recall@k`` in the progress bar.
-        rerank: also log the metrics after re-ranking, as ``val/rerank/recall@1`` ...: a
-            :class:`~lightning_metric.retrieval.rerank.Reranker` such as
-            ``KReciprocal(k1=20, k2=6, lambda_value=0.3)`` or ``QueryExpansion(k=2,
-            alpha=3.0)``. In YAML::
 
-                rerank:
-                  class_path: lightning_metric.retrieval.rerank.KReciprocal
-                  init_args: {k1: 20, k2: 6, lambda_value: 0.3}
+    With ``rerank`` the metrics after re-ranking are logged too, as ``val/rerank/recall@1``
+    ...; a :class:`~lightning_metric.retrieval.rerank.Reranker` such as
+    ``KReciprocal(k1=20, k2=6, lambda_value=0.3)`` or ``QueryExpansion(k=2,
+    alpha=3.0)``. In YAML::
+
+        rerank:
+          class_path: lightning_metric.retrieval.rerank.KReciprocal
+          init_args: {k1: 20, k2: 6, lambda_value: 0.3}
     """
 
+    # The signature is the LightningCLI / YAML schema, hence the metric arguments are named
+    # here (not a nested RetrievalMetrics); tests/test_retrieval_paths.py checks that they
+    # keep RetrievalMetrics' names and defaults.
     def __init__(
         self,
-        k: int | tuple[int, ...] | list[int] = (1, 2, 4, 8),
-        metric: Literal["cosine", "ip", "l2"] = "cosine",
+        k: int | Sequence[int] = (1, 2, 4, 8),
+        metric: Metric = "cosine",
         map_at_r: bool = True,
         mrr: bool = True,
-        precision: bool = False,
+        precision: bool = True,
         clustering: bool = False,
         average: Literal["micro", "macro"] = "micro",
         query_dataloader_idx: int | None = None,
@@ -78,11 +86,22 @@ class RecallAtK(Callback):
         on_test: bool = True,
         prog_bar: bool = True,
         rerank: Reranker | None = None,
+        fast: bool | None = None,
     ) -> None:
         super().__init__()
-        self.k = check_k(k)
-        check_choice("metric", metric, ("cosine", "ip", "l2"))
-        check_choice("average", average, ("micro", "macro"))
+        # Checks every metric argument once; each evaluated set gets a clone.
+        self.metrics = RetrievalMetrics(
+            k=k,
+            metric=metric,
+            map_at_r=map_at_r,
+            mrr=mrr,
+            precision=precision,
+            clustering=clustering,
+            average=average,
+            compute_on_cpu=offload_to_cpu,
+            fast=fast,
+            rerank=rerank,
+        )
         for name, idx in (
             ("query_dataloader_idx", query_dataloader_idx),
             ("reference_dataloader_idx", reference_dataloader_idx),
@@ -101,36 +120,26 @@ class RecallAtK(Callback):
                 "leave query_dataloader_idx and reference_dataloader_idx unset to evaluate a "
                 "loader leave-one-out (a query never retrieving itself)"
             )
-        self.metric = metric
-        self.map_at_r = map_at_r
-        self.mrr = mrr
-        self.precision = precision
-        self.clustering = clustering
-        self.average = average
         self.query_dataloader_idx = query_dataloader_idx
         self.reference_dataloader_idx = reference_dataloader_idx
-        self.offload_to_cpu = offload_to_cpu
         self.on_validation = on_validation
         self.on_test = on_test
         self.prog_bar = prog_bar
-        self.rerank = rerank
-        self._metrics: dict[int, RetrievalMetrics] = {}
+        self._running: dict[int, RetrievalMetrics] = {}
         self._sizes: dict[int, int | None] = {}
 
-    # ------------------------------------------------------------------ collection
+    @property
+    def stages(self) -> tuple[Stage, ...]:  # type: ignore[override]
+        stages: list[Stage] = []
+        if self.on_validation:
+            stages.append("val")
+        if self.on_test:
+            stages.append("test")
+        return tuple(stages)
 
-    def _new_metric(self) -> RetrievalMetrics:
-        return RetrievalMetrics(
-            k=self.k,
-            metric=self.metric,
-            map_at_r=self.map_at_r,
-            mrr=self.mrr,
-            precision=self.precision,
-            clustering=self.clustering,
-            average=self.average,
-            compute_on_cpu=self.offload_to_cpu,
-            rerank=self.rerank,
-        )
+    @property
+    def k(self) -> tuple[int, ...]:
+        return self.metrics.k
 
     @property
     def _split(self) -> bool:
@@ -150,9 +159,9 @@ class RecallAtK(Callback):
         else:
             role, key = "both", dataloader_idx
         embeddings, labels, index = step_embeddings(pl_module, outputs, batch, "RecallAtK")
-        if key not in self._metrics:
-            self._metrics[key] = self._new_metric()
-        self._metrics[key].update(
+        if key not in self._running:
+            self._running[key] = cast(RetrievalMetrics, self.metrics.clone())
+        self._running[key].update(
             embeddings,
             labels,
             index,
@@ -161,7 +170,7 @@ class RecallAtK(Callback):
         )
 
     def _log(self, pl_module: pl.LightningModule, stage: Stage, num_dataloaders: int) -> None:
-        metrics, self._metrics = self._metrics, {}
+        metrics, self._running = self._running, {}
         for key, metric in sorted(metrics.items()):
             # Several independent loaders: name them the way Lightning does.
             suffix = f"/dataloader_idx_{key}" if num_dataloaders > 1 and not self._split else ""
@@ -178,9 +187,9 @@ class RecallAtK(Callback):
 
     # ------------------------------------------------------------------ hooks
 
-    def _start(self, loaders: Any, stage: Stage) -> None:
-        self._metrics = {}
-        flat = flat_loaders(loaders)
+    def epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        self._running = {}
+        flat = flat_loaders(stage_loaders(trainer, stage))
         if self._split and flat:
             for name in ("query_dataloader_idx", "reference_dataloader_idx"):
                 idx = getattr(self, name)
@@ -192,45 +201,13 @@ class RecallAtK(Callback):
         # len(dataset) per loader: under DDP it tells exactly which rows are padding.
         self._sizes = {i: dataset_size(flat, i) for i in range(len(flat))}
 
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.on_validation:
-            self._start(trainer.val_dataloaders, "val")
+    def batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: Step) -> None:
+        self._collect(pl_module, step.outputs, step.batch, step.dataloader_idx)
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self.on_validation:
-            self._collect(pl_module, outputs, batch, dataloader_idx)
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.on_validation and self._metrics:
-            self._log(pl_module, "val", _num_loaders(trainer.num_val_batches))
-
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.on_test:
-            self._start(trainer.test_dataloaders, "test")
-
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self.on_test:
-            self._collect(pl_module, outputs, batch, dataloader_idx)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.on_test and self._metrics:
-            self._log(pl_module, "test", _num_loaders(trainer.num_test_batches))
+    def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        if self._running:
+            batches = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+            self._log(pl_module, stage, _num_loaders(batches))
 
 
 def _num_loaders(num_batches: Any) -> int:

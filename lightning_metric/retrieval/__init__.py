@@ -1,12 +1,20 @@
-"""Functional retrieval core: exact kNN search, retrieval / verification metrics and
-re-ranking (:mod:`lightning_metric.retrieval.rerank`)."""
+"""Retrieval: exact kNN search (:mod:`~.knn`), ranking, verification and clustering metrics
+(:mod:`~.ranking`, :mod:`~.verification`, :mod:`~.clustering`), re-ranking (:mod:`~.rerank`),
+their torchmetrics shell :class:`RetrievalMetrics` (:mod:`~.torchmetric`, gathering through
+:mod:`~.accumulator`) and the on-disk :class:`EmbeddingIndex` (:mod:`~.index`).
 
-from lightning_metric.retrieval.knn import Neighbors, knn
-from lightning_metric.retrieval.metrics import (
-    retrieval_metrics,
-    retrieval_metrics_per_class,
-    verification_metrics,
-)
+The stateful classes are imported on first use, so importing the functional core does not
+pay for torchmetrics.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lightning_metric.retrieval.clustering import clustering_metrics
+from lightning_metric.retrieval.knn import Metric, Neighbors, knn
+from lightning_metric.retrieval.ranking import retrieval_metrics, retrieval_metrics_per_class
 from lightning_metric.retrieval.rerank import (
     KReciprocal,
     QueryExpansion,
@@ -15,13 +23,34 @@ from lightning_metric.retrieval.rerank import (
     database_side_augmentation,
     k_reciprocal,
 )
+from lightning_metric.retrieval.verification import verification_metrics
+
+if TYPE_CHECKING:
+    from lightning_metric.retrieval.accumulator import EmbeddingAccumulator
+    from lightning_metric.retrieval.index import EmbeddingIndex, IndexFormatError, SearchResult
+    from lightning_metric.retrieval.torchmetric import RetrievalMetrics
+
+_LAZY = {
+    "EmbeddingAccumulator": "lightning_metric.retrieval.accumulator",
+    "EmbeddingIndex": "lightning_metric.retrieval.index",
+    "IndexFormatError": "lightning_metric.retrieval.index",
+    "SearchResult": "lightning_metric.retrieval.index",
+    "RetrievalMetrics": "lightning_metric.retrieval.torchmetric",
+}
 
 __all__ = [
+    "EmbeddingAccumulator",
+    "EmbeddingIndex",
+    "IndexFormatError",
     "KReciprocal",
+    "Metric",
     "Neighbors",
     "QueryExpansion",
     "Reranker",
+    "RetrievalMetrics",
+    "SearchResult",
     "alpha_query_expansion",
+    "clustering_metrics",
     "database_side_augmentation",
     "k_reciprocal",
     "knn",
@@ -29,3 +58,9 @@ __all__ = [
     "retrieval_metrics_per_class",
     "verification_metrics",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_metric.retrieval' has no attribute {name!r}")

@@ -21,7 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_metric.checks import ArgumentTypeError, check_choice, check_finite_rows, check_int
+from lightning_metric.checks import (
+    ArgumentTypeError,
+    check_finite_rows,
+    check_int,
+    check_metric,
+    check_top_k,
+)
 
 __all__ = [
     "Metric",
@@ -33,8 +39,8 @@ __all__ = [
     "search_prepared",
 ]
 
+# The one type of a similarity name; checks.METRICS holds the same values for run time.
 Metric = Literal["cosine", "ip", "l2"]
-_METRICS = ("cosine", "ip", "l2")
 # Elements of the [chunk, reference] score block materialised at once by the torch path.
 _TORCH_BLOCK_ELEMENTS = 1 << 27
 # Queries per FAISS call: large enough that FAISS' own blocking dominates, small enough that
@@ -113,6 +119,22 @@ def check_embeddings(x: Tensor, name: str) -> None:
     check_finite_rows(name, x)
 
 
+def check_reference(
+    query: Tensor, reference: Tensor | np.ndarray, query_name: str, name: str
+) -> Tensor:
+    """``reference`` as embeddings searchable for ``query``: same dimension, same device."""
+    r = as_tensor(reference, name)
+    check_embeddings(r, name)
+    if r.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"query and reference dims differ: `{query_name}` has dim {query.shape[1]}, "
+            f"`{name}` has dim {r.shape[1]}"
+        )
+    if r.device != query.device:
+        raise ValueError(f"`{query_name}` is on {query.device} but `{name}` is on {r.device}")
+    return r
+
+
 def same_rows(a: Tensor, b: Tensor) -> bool:
     """Whether ``b`` is ``a`` or holds exactly the same rows in the same order."""
     if a is b:
@@ -189,8 +211,17 @@ def knn(
 
     Returns:
         :class:`Neighbors` ``(values [Q, k], indices [Q, k])`` on the query's device.
+
+    Example: four points on a line, each searched against the others (leave-one-out);
+    ``l2`` values are squared distances:
+
+    >>> import torch
+    >>> points = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    >>> nearest = knn(points, k=1, metric="l2")
+    >>> nearest.indices[:, 0].tolist(), nearest.values[:, 0].tolist()
+    ([1, 0, 1, 2], [1.0, 1.0, 4.0, 16.0])
     """
-    check_choice("metric", metric, _METRICS)
+    check_metric(metric)
     k = check_int("k", k, minimum=1)
     q = as_tensor(query, "query")
     check_embeddings(q, "query")
@@ -214,15 +245,7 @@ def knn(
         r = q
         exclude = torch.arange(q.shape[0], device=q.device)
     else:
-        r = as_tensor(reference, "reference")  # type: ignore[arg-type]
-        check_embeddings(r, "reference")
-        if r.shape[1] != q.shape[1]:
-            raise ValueError(
-                f"query and reference dims differ: query has dim {q.shape[1]}, "
-                f"reference has dim {r.shape[1]}"
-            )
-        if r.device != q.device:
-            raise ValueError(f"query is on {q.device} but reference is on {r.device}")
+        r = check_reference(q, reference, "query", "reference")  # type: ignore[arg-type]
         if exclude is not None:
             exclude = check_exclude(exclude, q.shape[0], r.shape[0]).to(q.device)
     if r.shape[0] < 2 and leave_one_out:
@@ -230,11 +253,8 @@ def knn(
             f"`query` has only {r.shape[0]} item: leave-one-out search needs at least 2 items"
         )
     num_candidates = r.shape[0] - (1 if leave_one_out else 0)
-    if k > num_candidates:
-        raise ValueError(
-            f"k={k} is larger than the number of reference candidates per query "
-            f"({num_candidates}{', the query itself excluded' if leave_one_out else ''})"
-        )
+    what = "reference items a query can retrieve" + (", itself excluded" if leave_one_out else "")
+    check_top_k(k, num_candidates, what)
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     if fast and metric != "cosine":

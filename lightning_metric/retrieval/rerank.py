@@ -29,13 +29,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_metric.checks import check_int, check_k, check_real
+from lightning_metric.checks import check_int, check_k, check_real, check_top_k
+from lightning_metric.retrieval.knn import Metric
 
 __all__ = [
     "KReciprocal",
@@ -49,7 +50,6 @@ __all__ = [
 ]
 
 ArrayLike = Union[Tensor, np.ndarray]
-MetricName = Literal["cosine", "ip", "l2"]
 
 
 def _np(x: ArrayLike, name: str) -> np.ndarray:
@@ -193,7 +193,7 @@ def database_side_augmentation(gallery: Tensor, k: int = 2, alpha: float = 3.0) 
     return _topk_weighted_sum(g, g, k, alpha, exclude_self=True)
 
 
-def _distances(query: Tensor, reference: Tensor, metric: str) -> Tensor:
+def _distances(query: Tensor, reference: Tensor, metric: Metric) -> Tensor:
     """Non-negative distances: squared Euclidean (= 2 - 2 cos for unit vectors)."""
     if metric == "l2":
         return torch.cdist(query.double(), reference.double()).pow(2)
@@ -206,7 +206,7 @@ class Reranker(ABC):
     of the others (its own column is excluded by the caller). Subclass it for your own."""
 
     @abstractmethod
-    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: str) -> Tensor:
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Metric) -> Tensor:
         """Re-ranked distances ``[Q, R]``."""
 
 
@@ -223,7 +223,7 @@ class KReciprocal(Reranker):
     def __init__(self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> None:
         self.k1, self.k2, self.lambda_value = _check_params(k1, k2, lambda_value)
 
-    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: str) -> Tensor:
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Metric) -> Tensor:
         if reference is None:
             d = _distances(query, query, metric).cpu().numpy()
             out = k_reciprocal_all(d, self.k1, self.k2, self.lambda_value)
@@ -251,7 +251,7 @@ class QueryExpansion(Reranker):
         self.alpha = check_real("alpha", alpha)
         self.dba = bool(dba)
 
-    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: str) -> Tensor:
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Metric) -> Tensor:
         if reference is None:  # one set: DBA of it is also its leave-one-out QE
             ref = database_side_augmentation(query, self.k, self.alpha) if self.dba else query
             q = database_side_augmentation(ref, self.k, self.alpha)
@@ -289,8 +289,7 @@ def ranking_metrics(
         rows = (ex >= 0).nonzero()[:, 0]
         dist[rows, ex[rows]] = float("inf")
     candidates = nr - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
-    if ks[-1] > candidates:
-        raise ValueError(f"k={ks[-1]} is larger than the {candidates} items a query can retrieve")
+    check_top_k(ks[-1], candidates)
     order = torch.sort(dist, dim=1, stable=True).indices[:, :candidates]
     match = rlab[order] == qlab[:, None]
     r_count = (rlab[None, :] == qlab[:, None]).sum(1)

@@ -1,0 +1,48 @@
+"""Where the retrieval code lives: old module paths still give the same objects, the
+functional core imports without Lightning, and RecallAtK keeps RetrievalMetrics' arguments."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import lightning_metric
+import lightning_metric.metrics
+import lightning_metric.retrieval
+import lightning_metric.retrieval.metrics
+import lightning_metric.search
+from lightning_metric.callbacks import RecallAtK
+from lightning_metric.retrieval import index, ranking, torchmetric, verification
+
+
+def test_old_module_paths_give_the_same_objects() -> None:
+    assert lightning_metric.metrics.RetrievalMetrics is torchmetric.RetrievalMetrics
+    for name in ("EmbeddingIndex", "SearchResult", "IndexFormatError", "MANIFEST", "FORMAT"):
+        assert getattr(lightning_metric.search, name) is getattr(index, name)
+    old = lightning_metric.retrieval.metrics
+    assert old.retrieval_metrics is ranking.retrieval_metrics
+    assert old.retrieval_metrics_per_class is ranking.retrieval_metrics_per_class
+    assert old.verification_metrics is verification.verification_metrics
+    for name in ("RetrievalMetrics", "EmbeddingIndex", "SearchResult", "IndexFormatError"):
+        assert getattr(lightning_metric, name) is getattr(lightning_metric.retrieval, name)
+
+
+def test_retrieval_imports_without_lightning() -> None:
+    code = (
+        "import sys, lightning_metric.retrieval as r; r.retrieval_metrics; "
+        "assert 'lightning' not in sys.modules and 'lightning.pytorch' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.startswith('lightning'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_recall_callback_takes_retrieval_metrics_arguments() -> None:
+    # RecallAtK's signature is its YAML schema; its metric arguments must not drift from
+    # RetrievalMetrics' (compute_on_cpu is RecallAtK's offload_to_cpu).
+    ours = inspect.signature(RecallAtK).parameters
+    theirs = inspect.signature(torchmetric.RetrievalMetrics).parameters
+    for name, parameter in theirs.items():
+        mine = ours["offload_to_cpu" if name == "compute_on_cpu" else name]
+        assert mine.default == parameter.default, name
+        assert mine.annotation == parameter.annotation or name == "compute_on_cpu", name
