@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -18,15 +19,24 @@ pytestmark = pytest.mark.ddp
 
 
 class DumpMetrics(Callback):
-    """Writes every rank's logged metrics, to check that all ranks agree."""
+    """Writes every rank's logged metrics, to check that all ranks agree, and the warnings
+    raised while validating."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catcher = warnings.catch_warnings(record=True)
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catcher.__exit__(None, None, None)
         values = {k: float(v) for k, v in trainer.callback_metrics.items()}
         path = Path(self.folder) / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(values))
+        said = [str(w.message) for w in self._caught]
+        (Path(self.folder) / f"warnings{trainer.global_rank}.json").write_text(json.dumps(said))
 
 
 def validate_on_ranks(
@@ -47,6 +57,9 @@ def validate_on_ranks(
     trainer.validate(Tiny(), loaders, verbose=False)
     ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
     assert len(ranks) == devices
+    said = [w for p in folder.glob("warnings*.json") for w in json.loads(p.read_text())]
+    # RecallAtK logs values every rank already shares: Lightning's sync_dist advice is noise.
+    assert not [w for w in said if "sync_dist" in w], said
     for other in ranks[1:]:
         assert other == ranks[0]
     return ranks[0]
