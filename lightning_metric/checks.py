@@ -31,8 +31,10 @@ __all__ = [
     "check_labels",
     "check_num_classes",
     "check_positive_int",
+    "check_positive_real",
     "check_real",
     "check_training_size",
+    "object_name",
 ]
 
 T = TypeVar("T")
@@ -45,6 +47,17 @@ class ArgumentTypeError(TypeError, ValueError):
 def _is_int(value: object) -> bool:
     # bool is an int subclass but never a count; numpy integers are ints for every purpose here.
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def object_name(obj: object) -> str:
+    """How messages name an argument that is a class, a ``functools.partial`` or an instance."""
+    if obj is None:
+        return "None"
+    return (
+        getattr(obj, "__name__", None)
+        or getattr(getattr(obj, "func", None), "__name__", None)
+        or type(obj).__name__
+    )
 
 
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -180,6 +193,14 @@ def check_real(name: str, value: Any) -> float:
             f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}"
         )
     return float(value)
+
+
+def check_positive_real(name: str, value: Any) -> float:
+    """A real number > 0 (a learning rate, a temperature)."""
+    real = check_real(name, value)
+    if not real > 0:
+        raise ValueError(f"`{name}` must be > 0, got {value!r}")
+    return real
 
 
 def check_num_classes(value: Any, name: str = "num_classes") -> int:
