@@ -200,7 +200,9 @@ def test_inshop_layout_query_gallery(tmp_path: Path) -> None:
     assert next(iter(q_loader))["label"].tolist() == [0, 1, 2]
     assert next(iter(g_loader))["label"].tolist() == [0, 0, 1, 1]
     assert len(dm.predict_dataloader().dataset) == 6  # gallery by default
-    with pytest.raises(ValueError, match="predict_split must be 'train', 'query' or 'gallery'"):
+    with pytest.raises(
+        ValueError, match=r"`predict_split` must be one of \('train', 'query', 'gallery'\)"
+    ):
         InShopDataModule(str(tmp_path), predict_split="test", **FAST)  # type: ignore[arg-type]
     (tmp_path / "list_eval_partition.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"list_eval_partition\.txt"):
