@@ -261,3 +261,39 @@ def test_benchmark_config_print_config_validates(
     with pytest.raises(SystemExit):
         main(args=["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
     assert capsys.readouterr().out == printed
+
+
+def test_forwarded_arguments_keep_their_defaults_and_reach_hparams(tmp_path: Path) -> None:
+    """In-Shop forwards to the benchmark base, to ImageFileDataModule, to ArrayDataModule: each
+    level's default and the caller's value arrive, and hparams list every argument once."""
+    lines = []
+    for item in range(1, 5):
+        statuses = ["train", "train"] if item <= 2 else ["query", "gallery"]
+        for j, status in enumerate(statuses):
+            rel = f"img/id_{item}/{j}.jpg"
+            _write(tmp_path / rel)
+            lines.append(f"{rel} id_{item} {status}")
+    text = f"{len(lines)}\nimage_name item_id evaluation_status\n" + "\n".join(lines) + "\n"
+    (tmp_path / "list_eval_partition.txt").write_text(text)
+    dm = InShopDataModule(str(tmp_path), predict_split="query", seed=5, transforms="resize")
+    assert (dm.batch_size, dm.num_workers, dm.image_size, dm.resize_size) == (120, 4, 224, 256)
+    assert (dm.seed, dm.transforms, dm.predict_subset, dm.predict_split) == (
+        5,
+        "resize",
+        "query",
+        "test",
+    )
+    assert dm.hparams == {
+        "root": str(tmp_path),
+        "predict_split": "query",  # the caller's, not the "test" passed to the base
+        "batch_size": 120,
+        "num_workers": 4,
+        "seed": 5,
+        "augment": True,
+        "eval_batch_size": None,
+        "m_per_class": None,
+        "image_size": 224,
+        "resize_size": 256,
+        "transforms": "resize",
+        "verify_images": False,
+    }
