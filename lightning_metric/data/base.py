@@ -336,30 +336,29 @@ class ArrayDataModule(pl.LightningDataModule):
         # Only seeds the workers' global RNGs (unused here); it keeps the loader from drawing
         # from torch's global generator.
         generator = torch.Generator().manual_seed(seed)
-        epoch = self._fit_epoch()
+        order: dict[str, Any]
         if self.m_per_class is not None:
             # Same seed on every rank: all ranks must derive the same epoch plan to split it.
             sampler = MPerClassSampler(train.labels, self.m_per_class, self.batch_size, self.seed)
-            return ResumableDataLoader(
-                train,
-                batch_sampler=sampler,
-                collate_fn=collate,
-                generator=generator,
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-                epoch=epoch,
-            )
+            order = {"batch_sampler": sampler}
+        else:
+            order = {
+                "batch_size": self.batch_size,
+                "sampler": EpochShuffleSampler(train, seed=self.seed),
+                "drop_last": True,
+            }
         return ResumableDataLoader(
             train,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(train, seed=self.seed),
-            drop_last=True,
+            **order,
             collate_fn=collate,
             generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            epoch=epoch,
+            epoch=self._fit_epoch(),
+            **self._worker_arguments(),
         )
+
+    def _worker_arguments(self) -> dict[str, Any]:
+        # Workers are started once, not at every epoch (or every validation run).
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
 
     def _fit_epoch(self) -> int:
         """The epoch the trainer's fit loop is about to run (restored on resume), else 0."""
@@ -375,9 +374,8 @@ class ArrayDataModule(pl.LightningDataModule):
             self.dataset(split),
             batch_size=self.eval_batch_size,
             shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
             collate_fn=BatchCollate(None),
+            **self._worker_arguments(),
         )
 
     def val_dataloader(self) -> DataLoader:
