@@ -32,7 +32,9 @@ class EmbeddingBatch(NamedTuple):
 
     embeddings: Tensor
     labels: Tensor
-    index: Optional[Tensor] = None
+    # Shadows tuple.index(value), which no caller of a step output needs; the field keeps the
+    # name the batch dicts use.
+    index: Optional[Tensor] = None  # type: ignore[assignment]
 
     def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
         # Code written when the steps returned {"embeddings", "labels", "index"} keeps

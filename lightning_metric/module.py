@@ -355,13 +355,17 @@ class MetricLearningModule(LightningModule):
         x, labels, index = split_batch(batch)
         return EmbeddingBatch(self(x), labels, index)
 
-    def validation_step(
+    # Lightning's STEP_OUTPUT type names tensors and mappings only, but its evaluation loops
+    # hand any step output to the callbacks unchanged: hence the ignores.
+    def validation_step(  # type: ignore[override]
         self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
     ) -> EmbeddingBatch:
         """Embeddings, labels and dataset index for evaluation callbacks (RecallAtK)."""
         return self._eval_step(batch)
 
-    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> EmbeddingBatch:
+    def test_step(  # type: ignore[override]
+        self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> EmbeddingBatch:
         return self._eval_step(batch)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> EmbeddingBatch:
