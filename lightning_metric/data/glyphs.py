@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_metric.checks import check_fraction, check_int, check_positive_int
+from lightning_metric.checks import check_fraction, check_positive_int
 from lightning_metric.data.base import ArrayDataModule, ArrayDataset, remap_labels
 from lightning_metric.data.glyph_render import (
     FONT_FILES,
@@ -118,8 +118,8 @@ class GlyphsDataModule(ArrayDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         _check_split_arguments(train_fraction, val_fraction, max_classes)
-        check_int("image_size", image_size, minimum=8)
-        check_int("min_fonts", min_fonts, minimum=1, maximum=len(FONT_FILES))
+        # Checks image_size and min_fonts.
+        self.render_params = RenderParams.for_image_size(image_size, min_fonts=min_fonts)
         self.train_fraction = train_fraction
         self.val_fraction = val_fraction
         self.cache_dir = cache_dir
@@ -127,7 +127,6 @@ class GlyphsDataModule(ArrayDataModule):
         self.in_channels = 1
         self.min_fonts = min_fonts
         self.max_classes = max_classes
-        self.render_params = RenderParams.for_image_size(image_size, min_fonts=min_fonts)
         self._table: Optional[GlyphTable] = None
         self._splits: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
 
