@@ -36,7 +36,7 @@ from lightning_metric.heads import MarginHead
 from lightning_metric.necks import EmbeddingNeck
 from lightning_metric.pml import (
     check_modules,
-    check_pml_objective,
+    check_objective,
     check_pml_sizes,
     pml_loss,
     pml_sizes,
@@ -116,20 +116,8 @@ class MetricLearningModule(LightningModule):
         if objective_lr is not None:
             objective_lr = check_positive_real("objective_lr", objective_lr)
         nonfinite = check_choice("nonfinite", nonfinite, ("raise", "skip"))
-        if (head is None) == (loss is None):
-            raise ValueError(
-                "pass exactly one objective: head=<margin head, e.g. ArcFaceHead> for a "
-                "classification objective, or loss=<a pytorch_metric_learning loss> for a "
-                f"pair/proxy objective; got head={object_name(head)} and loss={object_name(loss)}"
-            )
-        if miner is not None and head is not None:
-            raise ValueError(
-                f"miner={object_name(miner)} selects pairs/triplets for a PML loss, but the objective "
-                f"is the classification head {object_name(head)}; drop the miner or use loss=..."
-            )
+        check_objective(head, loss, miner, gather_across_ranks)
         check_choice("lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
-        if loss is not None:
-            check_pml_objective(loss, miner, gather_across_ranks)
         _save_hyperparameters(self, backbone=backbone, neck=neck, head=head, loss=loss, miner=miner)
         self.backbone = backbone
         if neck is None:

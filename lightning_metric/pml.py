@@ -36,6 +36,7 @@ __all__ = [
     "CLASSIFICATION_LOSSES",
     "LOSSES_REJECTING_MINERS",
     "check_modules",
+    "check_objective",
     "check_pml_objective",
     "check_pml_sizes",
     "check_same_distance_kind",
@@ -168,6 +169,25 @@ CLASSIFICATION_LOSSES: tuple[type, ...] = (
     pml_losses.ProxyNCALoss,
     pml_losses.SoftTripleLoss,
 )
+
+
+def check_objective(head: object, loss: object, miner: object, gather: bool) -> None:
+    """Exactly one objective, a miner only with a PML loss, and a PML loss and miner that
+    work together (:func:`check_pml_objective`)."""
+    if (head is None) == (loss is None):
+        raise ValueError(
+            "pass exactly one objective: head=<margin head, e.g. ArcFaceHead> for a "
+            "classification objective, or loss=<a pytorch_metric_learning loss> for a "
+            f"pair/proxy objective; got head={object_name(head)} and loss={object_name(loss)}"
+        )
+    if miner is not None and head is not None:
+        raise ValueError(
+            f"miner={object_name(miner)} selects pairs/triplets for a PML loss, but the "
+            f"objective is the classification head {object_name(head)}; drop the miner or use "
+            "loss=..."
+        )
+    if isinstance(loss, nn.Module):
+        check_pml_objective(loss, miner, gather)
 
 
 def check_pml_objective(loss: nn.Module, miner: Optional[BaseMiner], gather: bool) -> None:
