@@ -5,6 +5,7 @@ miner). Everything the module knows about PML lives here, beside the call it gua
 
 * construction-time rules: :func:`check_modules` (an argument given in the wrong place or
   form, e.g. a head passed as ``loss=`` or a class instead of an instance),
+  :func:`check_objective` (exactly one objective, no miner with a head),
   :func:`check_pml_objective` (loss / miner combinations PML accepts but gets wrong) and
   :func:`check_pml_sizes` (``embedding_size`` / ``num_classes`` against the model);
 * the training-time call :func:`pml_loss` (label range, normalisation, gathering across
