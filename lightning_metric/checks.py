@@ -32,9 +32,11 @@ __all__ = [
     "check_labels",
     "check_num_classes",
     "check_positive_int",
+    "check_positive_real",
     "check_range",
     "check_real",
     "check_training_size",
+    "object_name",
 ]
 
 T = TypeVar("T")
@@ -47,6 +49,17 @@ class ArgumentTypeError(TypeError, ValueError):
 def _is_int(value: object) -> bool:
     # bool is an int subclass but never a count; numpy integers are ints for every purpose here.
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def object_name(obj: object) -> str:
+    """How messages name an argument that is a class, a ``functools.partial`` or an instance."""
+    if obj is None:
+        return "None"
+    return (
+        getattr(obj, "__name__", None)
+        or getattr(getattr(obj, "func", None), "__name__", None)
+        or type(obj).__name__
+    )
 
 
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -217,6 +230,11 @@ def check_range(
             where = "a finite number"
         raise ValueError(f"`{name}` must be {where}{unit}, got {value!r}")
     return v
+
+
+def check_positive_real(name: str, value: Any) -> float:
+    """A finite real number > 0 (a learning rate, a temperature)."""
+    return check_range(name, value, 0.0, low_open=True)
 
 
 def check_num_classes(value: Any, name: str = "num_classes") -> int:

@@ -20,26 +20,31 @@ try:  # Lightning's guard against calling load_from_checkpoint on an instance
     from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 except ImportError:  # pragma: no cover - older / newer Lightning
     _restricted_classmethod = classmethod  # type: ignore[assignment,misc]
-from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
 from pytorch_metric_learning.miners import BaseMiner
 from torch import nn
 
-from lightning_metric.batch import Batch, split_batch
+from lightning_metric.batch import Batch, EmbeddingBatch, split_batch
 from lightning_metric.callbacks.lost_rank import LostRankReport
 from lightning_metric.checks import (
-    ArgumentTypeError,
     check_choice,
     check_int,
-    check_labels,
     check_num_classes,
-    check_real,
+    check_positive_real,
+    object_name,
 )
-from lightning_metric.distributed import gather_for_loss, world_size
+from lightning_metric.distributed import world_size
 from lightning_metric.heads import MarginHead
-from lightning_metric.heads.functional import normalize_embeddings
 from lightning_metric.heads.sharding import ShardingError, consolidate_centres, shard_centres
 from lightning_metric.necks import EmbeddingNeck
+from lightning_metric.pml import (
+    check_modules,
+    check_objective,
+    check_pml_sizes,
+    pml_loss,
+    pml_sizes,
+    queue_state,
+)
 
 HeadFactory = Callable[[int, int], MarginHead]
 """Builds a head from `(embedding_dim, num_classes)`: a head class or a `functools.partial`."""
@@ -107,27 +112,15 @@ class MetricLearningModule(LightningModule):
         nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
-        _check_modules(backbone, neck, head, loss, miner)
+        check_modules(backbone, neck, head, loss, miner)
         if num_classes is not None:
             num_classes = check_num_classes(num_classes)
         embedding_dim = check_int("embedding_dim", embedding_dim, minimum=1)
         if objective_lr is not None:
-            objective_lr = _positive_real("objective_lr", objective_lr)
+            objective_lr = check_positive_real("objective_lr", objective_lr)
         nonfinite = check_choice("nonfinite", nonfinite, ("raise", "skip"))
-        if (head is None) == (loss is None):
-            raise ValueError(
-                "pass exactly one objective: head=<margin head, e.g. ArcFaceHead> for a "
-                "classification objective, or loss=<a pytorch_metric_learning loss> for a "
-                f"pair/proxy objective; got head={_name(head)} and loss={_name(loss)}"
-            )
-        if miner is not None and head is not None:
-            raise ValueError(
-                f"miner={_name(miner)} selects pairs/triplets for a PML loss, but the objective "
-                f"is the classification head {_name(head)}; drop the miner or use loss=..."
-            )
+        check_objective(head, loss, miner, gather_across_ranks)
         check_choice("lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
-        if loss is not None:
-            _check_pml_objective(loss, miner, gather_across_ranks)
         _save_hyperparameters(self, backbone=backbone, neck=neck, head=head, loss=loss, miner=miner)
         self.backbone = backbone
         if neck is None:
@@ -144,7 +137,7 @@ class MetricLearningModule(LightningModule):
         self.gather_across_ranks = gather_across_ranks
         self.nonfinite = nonfinite
         if loss is not None:
-            _check_pml_sizes(loss, self.embedding_dim, num_classes)
+            check_pml_sizes(loss, self.embedding_dim, num_classes)
         # Set by compute_loss, logged by training_step: did this batch's mining come up empty?
         self._mined_nothing: Optional[bool] = None
         # nonfinite="skip": steps skipped so far, and whether a batch since the last optimizer
@@ -172,87 +165,98 @@ class MetricLearningModule(LightningModule):
         if self.head is not None:
             return self.head.loss(embeddings, labels)
         assert self.loss_fn is not None
-        # Class-centre losses index their weights by label: a label past their num_classes
-        # would be an IndexError (a device-side assert on CUDA) deep inside PML.
-        labels = check_labels("labels", labels, _pml_sizes(self.loss_fn)[1])
-        # PML's distances and reducers are written for float32. A zero or NaN row becomes the
-        # zero vector with zero gradient (training_step reports a NaN row; see nonfinite).
-        normalised = normalize_embeddings(embeddings)[0]
-        if self.gather_across_ranks:
-            normalised, labels = gather_for_loss(normalised, labels)
-        miner = self.miner
-        if isinstance(self.loss_fn, CrossBatchMemory):
-            miner = self.loss_fn.miner
-            if len(labels) > self.loss_fn.memory_size:
-                raise ValueError(
-                    f"CrossBatchMemory(memory_size={self.loss_fn.memory_size}) must hold at "
-                    f"least one global batch ({len(labels)} embeddings, all ranks together); "
-                    "raise memory_size"
-                )
-        indices = self.miner(normalised, labels) if self.miner is not None else None
-        # An empty mining result gives PML's zero loss, still attached to the graph.
-        loss = self.loss_fn(normalised, labels, indices)
-        if miner is not None:
-            self._mined_nothing = _found_nothing(miner)
+        loss, self._mined_nothing = pml_loss(
+            self.loss_fn, self.miner, embeddings, labels, self.gather_across_ranks
+        )
         return loss
 
     # -- steps -----------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, labels, _ = split_batch(batch)
         self._mined_nothing = None
-        skip = self.nonfinite == "skip"
         # Forward passes update state (BatchNorm statistics, a memory queue): a skipped step
-        # must not.
-        saved = [b.detach().clone() for b in self.buffers()] if skip else None
-        queue = _queue_state(self.loss_fn) if skip else None
+        # must not, so "skip" takes a snapshot to restore.
+        restore = self._snapshot_state() if self.nonfinite == "skip" else None
         embeddings = self.embed(x)
         loss = self.compute_loss(embeddings, labels)
-        bad_loss, bad_embeddings = _nonfinite_flags(loss, embeddings)
-        if bad_loss or bad_embeddings:
+        if any(_nonfinite_flags(loss, embeddings)):
             report = self._nonfinite_report(x, embeddings, loss, batch_idx)
-            if not skip:
-                raise FloatingPointError(
-                    f"{report}. Likely causes: a learning rate too high (lower it, add warm-up "
-                    "or Trainer(gradient_clip_val=...)); float16 overflow (use "
-                    "precision='bf16-mixed' or '32-true'); bad input rows (NaN/Inf in the "
-                    "data, check the dataset). To skip such steps instead, pass "
-                    "MetricLearningModule(nonfinite='skip')."
-                )
-            assert saved is not None
+            return self._skip_nonfinite(report, restore, len(labels))
+        self._kept_since_step = True
+        self._log_step(loss, len(labels))
+        return loss
+
+    def _snapshot_state(self) -> Callable[[], None]:
+        """A copy of the state a forward pass changes besides the weights (buffers, the
+        ``CrossBatchMemory`` queue position), as a function that puts it back."""
+        buffers = [b.detach().clone() for b in self.buffers()]
+        queue = queue_state(self.loss_fn)
+
+        def restore() -> None:
             with torch.no_grad():
-                for buffer, old in zip(self.buffers(), saved, strict=True):
+                for buffer, old in zip(self.buffers(), buffers, strict=True):
                     buffer.copy_(old)
             if queue:
                 vars(self.loss_fn).update(queue)
-            self.skipped_nonfinite_steps += 1
-            rank_zero_warn(f"{report}; skipped (nonfinite='skip'): no weight update")
-            self._log_skipped(len(labels))
-            return self._zero_loss()
-        self._kept_since_step = True
-        if skip:
-            self._log_skipped(len(labels))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+
+        return restore
+
+    def _skip_nonfinite(
+        self, report: str, restore: Optional[Callable[[], None]], batch_size: int
+    ) -> torch.Tensor:
+        """Raise (``nonfinite="raise"``, no ``restore``), or undo the step and return a zero loss."""
+        if restore is None:
+            raise FloatingPointError(
+                f"{report}. Likely causes: a learning rate too high (lower it, add warm-up "
+                "or Trainer(gradient_clip_val=...)); float16 overflow (use "
+                "precision='bf16-mixed' or '32-true'); bad input rows (NaN/Inf in the "
+                "data, check the dataset). To skip such steps instead, pass "
+                "MetricLearningModule(nonfinite='skip')."
+            )
+        restore()
+        self.skipped_nonfinite_steps += 1
+        rank_zero_warn(f"{report}; skipped (nonfinite='skip'): no weight update")
+        self._log_skipped(batch_size)
+        return self._zero_loss()
+
+    def _log_step(self, loss: torch.Tensor, batch_size: int) -> None:
+        """The values a kept training step logs."""
+        if self.nonfinite == "skip":
+            self._log_skipped(batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         if self._mined_nothing is not None:
             # Per epoch: how many batches the miner found no pair/triplet in (loss 0 there).
-            self.log(
-                "train/empty_mining_batches",
-                float(self._mined_nothing),
-                on_step=False,
-                on_epoch=True,
-                reduce_fx="sum",
-                batch_size=len(labels),
+            self._log_epoch_value(
+                "train/empty_mining_batches", self._mined_nothing, "sum", batch_size
             )
-        return loss
 
     def _log_skipped(self, batch_size: int) -> None:
-        self.log(
+        # Equal on every rank (the skip is decided together): synced, so no warning.
+        self._log_epoch_value(
             "train/skipped_nonfinite_steps",
-            float(self.skipped_nonfinite_steps),
+            self.skipped_nonfinite_steps,
+            "max",
+            batch_size,
+            sync_dist=True,
+        )
+
+    def _log_epoch_value(
+        self,
+        name: str,
+        value: float,
+        reduce_fx: Literal["sum", "max"],
+        batch_size: int,
+        sync_dist: bool = False,
+    ) -> None:
+        """A count logged once per epoch, reduced over the epoch's steps with ``reduce_fx``."""
+        self.log(
+            name,
+            float(value),
             on_step=False,
             on_epoch=True,
-            reduce_fx="max",
+            reduce_fx=reduce_fx,
             batch_size=batch_size,
-            sync_dist=True,  # equal on every rank (the skip is decided together); no warning
+            sync_dist=sync_dist,
         )
 
     def _nonfinite_report(
@@ -373,36 +377,33 @@ class MetricLearningModule(LightningModule):
         if self.head is not None:
             classes = getattr(self.head, "num_classes", None)
         else:
-            classes = _pml_sizes(self.loss_fn)[1] if self.loss_fn is not None else None
+            classes = pml_sizes(self.loss_fn)[1] if self.loss_fn is not None else None
         if isinstance(data_classes, int) and isinstance(classes, int) and data_classes > classes:
             raise ValueError(
                 f"the data has num_classes={data_classes} ({type(datamodule).__name__}) but "
-                f"{'head' if self.head is not None else 'loss'}={_name(objective)} has "
+                f"{'head' if self.head is not None else 'loss'}={object_name(objective)} has "
                 f"num_classes={classes}: labels up to {data_classes - 1} would be out of range; "
                 f"pass num_classes={data_classes} (the CLI links it from data.num_classes)"
             )
 
-    def _eval_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def _eval_step(self, batch: Batch) -> EmbeddingBatch:
         x, labels, index = split_batch(batch)
-        out = {"embeddings": self(x), "labels": labels}
-        if index is not None:
-            out["index"] = index
-        return out
+        return EmbeddingBatch(self(x), labels, index)
 
-    def validation_step(
+    # Lightning's STEP_OUTPUT type names tensors and mappings only, but its evaluation loops
+    # hand any step output to the callbacks unchanged: hence the ignores.
+    def validation_step(  # type: ignore[override]
         self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
-    ) -> dict[str, torch.Tensor]:
-        """Returns embeddings, labels and dataset index for evaluation callbacks (RecallAtK)."""
+    ) -> EmbeddingBatch:
+        """Embeddings, labels and dataset index for evaluation callbacks (RecallAtK)."""
         return self._eval_step(batch)
 
-    def test_step(
+    def test_step(  # type: ignore[override]
         self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
-    ) -> dict[str, torch.Tensor]:
+    ) -> EmbeddingBatch:
         return self._eval_step(batch)
 
-    def predict_step(
-        self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
-    ) -> dict[str, torch.Tensor]:
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> EmbeddingBatch:
         return self._eval_step(batch)
 
     # -- optimisation ----------------------------------------------------------------------
@@ -524,20 +525,6 @@ def _qualified_name(obj: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _positive_real(name: str, value: object) -> float:
-    real = check_real(name, value)
-    if not real > 0:
-        raise ValueError(f"`{name}` must be > 0, got {value!r}")
-    return real
-
-
-def _queue_state(loss: Optional[nn.Module]) -> dict[str, Any]:
-    """CrossBatchMemory's queue position (plain attributes; its memory is buffers)."""
-    if not isinstance(loss, CrossBatchMemory):
-        return {}
-    return {k: getattr(loss, k) for k in ("queue_idx", "has_been_filled") if hasattr(loss, k)}
-
-
 def _nonfinite_flags(loss: torch.Tensor, embeddings: torch.Tensor) -> tuple[bool, bool]:
     """Whether the loss / the embeddings hold NaN or Inf, on any rank (one host sync).
 
@@ -551,181 +538,6 @@ def _nonfinite_flags(loss: torch.Tensor, embeddings: torch.Tensor) -> tuple[bool
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad_loss, bad_embeddings = flags.tolist()
     return bool(bad_loss), bool(bad_embeddings)
-
-
-def _resolve_class(obj: object) -> Optional[type]:
-    """The class an argument stands for: itself, its type, or a partial's target."""
-    target = obj.func if isinstance(obj, functools.partial) else obj
-    return target if inspect.isclass(target) else type(target)
-
-
-def _check_modules(
-    backbone: object, neck: object, head: object, loss: object, miner: object
-) -> None:
-    """Type errors at construction for arguments given in the wrong place or form."""
-    if isinstance(backbone, str):
-        raise ArgumentTypeError(
-            f"backbone={backbone!r} is a string; pass a module, e.g. "
-            f"backbone=TimmBackbone(name={backbone!r}) or TorchvisionBackbone(name={backbone!r}) "
-            "from lightning_metric.backbones (in YAML: backbone: {class_path: "
-            f"lightning_metric.backbones.TimmBackbone, init_args: {{name: {backbone}}}}})"
-        )
-    if not isinstance(backbone, nn.Module):
-        raise ArgumentTypeError(
-            f"backbone must be an nn.Module (e.g. lightning_metric.backbones.SmallCNN()), got "
-            f"{backbone!r} of type {type(backbone).__name__}"
-        )
-    if neck is not None and not isinstance(neck, nn.Module):
-        raise ArgumentTypeError(
-            f"neck must be an nn.Module (e.g. EmbeddingNeck(...)) or None, got {neck!r} of "
-            f"type {type(neck).__name__}"
-        )
-    loss_cls = _resolve_class(loss) if loss is not None else None
-    head_cls = _resolve_class(head) if head is not None else None
-    if loss_cls is not None and issubclass(loss_cls, MarginHead):
-        raise ArgumentTypeError(
-            f"loss={_name(loss)} is a margin head, not a pytorch-metric-learning loss; pass it "
-            f"as head={_name(loss)} (with num_classes=...)"
-        )
-    if loss is not None and not isinstance(loss, nn.Module):
-        hint = f"; pass an instance, e.g. loss={_name(loss)}()" if inspect.isclass(loss) else ""
-        raise ArgumentTypeError(
-            "loss must be a pytorch-metric-learning loss instance (e.g. "
-            f"losses.TripletMarginLoss()), got {loss!r} of type {type(loss).__name__}{hint}"
-        )
-    if head_cls is not None and issubclass(head_cls, BaseMetricLossFunction | CrossBatchMemory):
-        raise ArgumentTypeError(
-            f"head={_name(head)} is a pytorch-metric-learning loss, not a margin head; pass it "
-            f"as loss={_name(head)}(...), or use an in-house head such as "
-            "lightning_metric.heads.ArcFaceHead for head="
-        )
-    if head is not None and not (
-        callable(getattr(head, "loss", None)) if isinstance(head, nn.Module) else callable(head)
-    ):
-        raise ArgumentTypeError(
-            "head must be a margin head class or functools.partial (built with embedding_dim "
-            "and num_classes), or a built head with a .loss method (e.g. ArcFaceHead(128, 10)); "
-            f"got {head!r} of type {type(head).__name__}"
-        )
-    if miner is not None and not isinstance(miner, BaseMiner):
-        hint = f"; pass an instance, e.g. miner={_name(miner)}()" if inspect.isclass(miner) else ""
-        raise ArgumentTypeError(
-            "miner must be a pytorch-metric-learning miner instance (e.g. "
-            f"miners.MultiSimilarityMiner()), got {miner!r} of type {type(miner).__name__}{hint}"
-        )
-
-
-# Their forward raises on any indices_tuple (PML's `indices_tuple_not_supported`).
-_LOSSES_REJECTING_MINERS: tuple[type, ...] = (
-    pml_losses.InstanceLoss,
-    pml_losses.P2SGradLoss,
-    pml_losses.PNPLoss,
-    pml_losses.RankedListLoss,
-    pml_losses.VICRegLoss,
-)
-# Classification / proxy losses score every sample against learned class weights; PML turns
-# a miner's tuples into per-sample weights (`convert_to_weights`), so every sample the miner
-# did not pick silently drops out of the loss. That is almost always a copy-paste mistake.
-_CLASSIFICATION_LOSSES: tuple[type, ...] = (
-    pml_losses.LargeMarginSoftmaxLoss,  # ArcFace, CosFace, SphereFace, SubCenterArcFace
-    pml_losses.NormalizedSoftmaxLoss,
-    pml_losses.ProxyAnchorLoss,
-    pml_losses.ProxyNCALoss,
-    pml_losses.SoftTripleLoss,
-)
-
-
-def _check_pml_objective(loss: nn.Module, miner: Optional[BaseMiner], gather: bool) -> None:
-    if isinstance(loss, CrossBatchMemory):
-        if miner is not None:
-            raise ValueError(
-                f"miner={_name(miner)} with loss=CrossBatchMemory: the memory loss mines pairs "
-                "between the batch and the memory itself, so pass the miner as "
-                "CrossBatchMemory(miner=...) instead of to the module"
-            )
-        if not gather:
-            raise ValueError(
-                "loss=CrossBatchMemory needs gather_across_ranks=True: every rank must enqueue "
-                "the same (gathered) batch or the memories of the ranks drift apart"
-            )
-        _check_same_distance_kind(loss.loss, loss.miner)
-        return
-    if miner is None:
-        return
-    if isinstance(loss, _LOSSES_REJECTING_MINERS):
-        raise ValueError(
-            f"loss={_name(loss)} does not accept mined tuples (PML raises on indices_tuple), "
-            f"but miner={_name(miner)} was given; drop the miner"
-        )
-    if isinstance(loss, _CLASSIFICATION_LOSSES):
-        raise ValueError(
-            f"loss={_name(loss)} is a classification/proxy loss that scores every sample "
-            f"against class proxies; with miner={_name(miner)} PML would only re-weight the "
-            "samples the miner picked and drop the rest. Drop the miner, or use a pair loss "
-            "(e.g. TripletMarginLoss, MultiSimilarityLoss) with it"
-        )
-    _check_same_distance_kind(loss, miner)
-
-
-def _check_same_distance_kind(loss: nn.Module, miner: Optional[nn.Module]) -> None:
-    """A miner's margins and hardness are in its distance's units, the loss's in the loss's:
-    mixing a similarity (``is_inverted``, larger = closer) with a distance mines tuples the
-    loss does not mean."""
-    loss_distance = getattr(loss, "distance", None)
-    miner_distance = getattr(miner, "distance", None)
-    if loss_distance is None or miner_distance is None:
-        return
-    if loss_distance.is_inverted != miner_distance.is_inverted:
-
-        def kind(distance: nn.Module) -> str:
-            return "similarity" if distance.is_inverted else "distance"
-
-        raise ValueError(
-            f"miner={_name(miner)} uses {_name(miner_distance)} (a {kind(miner_distance)}) but "
-            f"loss={_name(loss)} uses {_name(loss_distance)} (a {kind(loss_distance)}); give "
-            f"both the same kind, e.g. distance={_name(loss_distance)}() on the miner"
-        )
-
-
-def _pml_sizes(loss: nn.Module) -> tuple[Optional[int], Optional[int]]:
-    """``(embedding width, number of classes)`` a PML loss was built for, None where it has
-    no such size. Read from its class centres (``W``, ``proxies``, ``fc``): PML does not keep
-    ``embedding_size`` as an attribute (and some losses record ``num_classes=0``)."""
-    inner = loss.loss if isinstance(loss, CrossBatchMemory) else loss
-    size = getattr(loss, "embedding_size", None) if isinstance(loss, CrossBatchMemory) else None
-    classes = None
-    proxies = getattr(inner, "proxies", None)
-    weight = getattr(inner, "W", None)
-    if weight is None:
-        weight = getattr(inner, "fc", None)  # SoftTripleLoss
-    if isinstance(proxies, torch.Tensor) and proxies.ndim == 2:
-        classes, size = int(proxies.shape[0]), int(proxies.shape[1])
-    elif isinstance(weight, torch.Tensor) and weight.ndim == 2:
-        size = int(weight.shape[0])
-        recorded = getattr(inner, "num_classes", None)
-        has_count = isinstance(recorded, int) and recorded > 0
-        classes = recorded if has_count else int(weight.shape[1])
-    return size, classes
-
-
-def _check_pml_sizes(loss: nn.Module, embedding_dim: int, num_classes: Optional[int]) -> None:
-    size, loss_classes = _pml_sizes(loss)
-    if size is not None and size != embedding_dim:
-        raise ValueError(
-            f"loss={_name(loss)} has embedding_size={size} but the model's embeddings have "
-            f"embedding_dim={embedding_dim}; make them equal (the CLI fills it in when omitted)"
-        )
-    if loss_classes is not None and num_classes is not None and loss_classes != num_classes:
-        raise ValueError(
-            f"loss={_name(loss)} has num_classes={loss_classes} but num_classes={num_classes} "
-            "was given (the number of training classes); make them equal"
-        )
-
-
-def _found_nothing(miner: nn.Module) -> bool:
-    """Whether the miner's last call returned no tuple at all (from PML's own records)."""
-    counts = [getattr(miner, n, 0) for n in ("num_triplets", "num_pos_pairs", "num_neg_pairs")]
-    return not any(counts)
 
 
 def _under_lightning_cli() -> bool:
@@ -745,17 +557,7 @@ def _build_head(
         return head  # type: ignore[return-value]
     if num_classes is None:
         raise ValueError(
-            f"head={_name(head)} is built here and needs num_classes (the number of training "
+            f"head={object_name(head)} is built here and needs num_classes (the number of training "
             "classes); pass num_classes=..., or in the CLI let it be linked from data.num_classes"
         )
     return head(embedding_dim, num_classes)
-
-
-def _name(obj: object) -> str:
-    if obj is None:
-        return "None"
-    return (
-        getattr(obj, "__name__", None)
-        or getattr(getattr(obj, "func", None), "__name__", None)
-        or type(obj).__name__
-    )

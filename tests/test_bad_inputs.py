@@ -300,6 +300,31 @@ RETRIEVAL_CASES: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
         ValueError,
         r"val_classes=\[\] names no class",
     ),
+    # the same integer check as every other count: a pixel size is no exception
+    (
+        "ImageFolder image_size=0",
+        lambda: ImageFolderDataModule("no/such/dir", image_size=0),
+        ValueError,
+        "`image_size` must be an integer >= 1, got 0",
+    ),
+    (
+        "ImageFolder resize_size=True",
+        lambda: ImageFolderDataModule("no/such/dir", resize_size=True),
+        ArgumentTypeError,
+        "`resize_size` must be an integer >= 1, got True of type bool",
+    ),
+    (
+        "ImageFolder transforms",
+        lambda: ImageFolderDataModule("no/such/dir", transforms="crop"),
+        ValueError,
+        r"`transforms` must be one of \('standard', 'resize'\), got 'crop'",
+    ),
+    (
+        "ImageFolder unknown argument",
+        lambda: ImageFolderDataModule("no/such/dir", batchsize=8),
+        TypeError,
+        "unexpected keyword argument 'batchsize'",
+    ),
     # index directories
     (
         "index NaN row on load",
@@ -424,7 +449,7 @@ TRAINING_CASES: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
         "objective_lr negative",
         lambda: tiny(head=ArcFaceHead, num_classes=3, objective_lr=-1.0),
         ValueError,
-        "`objective_lr` must be > 0, got -1.0",
+        "`objective_lr` must be a finite number > 0, got -1.0",
     ),
     (
         "nonfinite choice",

@@ -229,8 +229,8 @@ def test_random_affine_identity_when_disabled() -> None:
         ({"train_fraction": 1.5}, "`train_fraction` must be a fraction in \\(0, 1\\), got 1.5"),
         ({"val_fraction": 0.0}, "`val_fraction` must be a fraction in \\(0, 1\\), got 0.0"),
         ({"train_fraction": 0.7, "val_fraction": 0.3}, "0.7 \\+ 0.3"),
-        ({"image_size": 4}, "image_size must be an integer >= 8 pixels, got 4"),
-        ({"min_fonts": 17}, "min_fonts must be an integer in \\[1, 16\\].*got 17"),
+        ({"image_size": 4}, "`image_size` must be an integer >= 8, got 4"),
+        ({"min_fonts": 17}, "`min_fonts` must be an integer in \\[1, 16\\], got 17"),
         ({"max_classes": 0}, "`max_classes` must be an integer >= 1, got 0"),
         ({"predict_split": "dev"}, "`predict_split` must be one of .* got 'dev'"),
     ],
@@ -346,3 +346,39 @@ def test_digits_train_with_lightning(tmp_path: Path) -> None:
     )
     trainer.fit(model, datamodule=dm)
     assert torch.equal(torch.cat(model.seen_val), torch.arange(len(dm.dataset("val"))))
+
+
+SHARED = ("batch_size", "num_workers", "seed", "augment", "eval_batch_size", "predict_split")
+
+
+@pytest.mark.parametrize(
+    ("cls", "own", "batch_size"),
+    [
+        (DigitsDataModule, ("train_classes", "eval_classes", "val_fraction"), 64),
+        (GlyphsDataModule, ("train_fraction", "min_fonts", "max_classes", "cache_dir"), 256),
+    ],
+)
+def test_forwarded_arguments_are_in_the_cli_schema_and_the_hparams(
+    cls: type, own: tuple[str, ...], batch_size: int
+) -> None:
+    """The shared arguments reach ArrayDataModule as **kwargs: LightningCLI (jsonargparse)
+    must still list each with its type and default, and hparams must still hold them all."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "data")
+    actions = {a.dest.removeprefix("data."): a for a in parser._actions}
+    for name in (*SHARED, "m_per_class", *own):
+        assert name in actions, name
+        assert actions[name].help, f"{name} has no help text"
+    assert actions["batch_size"].default == batch_size  # the subclass's own default wins
+    assert actions["num_workers"].default == 0 and actions["seed"].default == 0
+    config = parser.parse_args(["--data.seed=7", "--data.m_per_class=4"])
+    assert config.data.seed == 7 and config.data.m_per_class == 4
+
+    dm = cls(seed=7, m_per_class=4)
+    assert dm.seed == 7 and dm.m_per_class == 4 and dm.batch_size == batch_size
+    assert set(dm.hparams) >= {*SHARED, "m_per_class", *own}
+    assert dm.hparams["seed"] == 7 and dm.hparams["num_workers"] == 0
+    with pytest.raises(TypeError, match="seeds"):
+        cls(seeds=7)

@@ -180,17 +180,21 @@ def test_sop_layout(tmp_path: Path) -> None:
         SOPDataModule(str(tmp_path), **FAST)
 
 
-def test_inshop_layout_query_gallery(tmp_path: Path) -> None:
+def _write_inshop(root: Path, statuses_of_items: list[list[str]]) -> None:
+    """An In-Shop layout: item ``i + 1`` has one image per entry of ``statuses_of_items[i]``."""
     lines = []
-    for item in range(1, 7):
+    for item, statuses in enumerate(statuses_of_items, start=1):
         name = f"id_{item:08d}"
-        statuses = ["train", "train"] if item <= 3 else ["query", "gallery", "gallery"]
         for j, status in enumerate(statuses):
             rel = f"img/WOMEN/Dresses/{name}/{j:02d}_front.jpg"
-            _write(tmp_path / rel)
+            _write(root / rel)
             lines.append(f"{rel} {name} {status}")
     text = f"{len(lines)}\nimage_name item_id evaluation_status\n" + "\n".join(lines) + "\n"
-    (tmp_path / "list_eval_partition.txt").write_text(text)
+    (root / "list_eval_partition.txt").write_text(text)
+
+
+def test_inshop_layout_query_gallery(tmp_path: Path) -> None:
+    _write_inshop(tmp_path, [["train", "train"]] * 3 + [["query", "gallery", "gallery"]] * 3)
     dm = InShopDataModule(str(tmp_path), **FAST)
     assert dm.num_classes == 3
     query, gallery = dm.splits["query"], dm.splits["gallery"]
@@ -200,7 +204,9 @@ def test_inshop_layout_query_gallery(tmp_path: Path) -> None:
     assert next(iter(q_loader))["label"].tolist() == [0, 1, 2]
     assert next(iter(g_loader))["label"].tolist() == [0, 0, 1, 1]
     assert len(dm.predict_dataloader().dataset) == 6  # gallery by default
-    with pytest.raises(ValueError, match="predict_split must be 'train', 'query' or 'gallery'"):
+    with pytest.raises(
+        ValueError, match=r"`predict_split` must be one of \('train', 'query', 'gallery'\)"
+    ):
         InShopDataModule(str(tmp_path), predict_split="test", **FAST)  # type: ignore[arg-type]
     (tmp_path / "list_eval_partition.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"list_eval_partition\.txt"):
@@ -259,3 +265,31 @@ def test_benchmark_config_print_config_validates(
     with pytest.raises(SystemExit):
         main(args=["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
     assert capsys.readouterr().out == printed
+
+
+def test_forwarded_arguments_keep_their_defaults_and_reach_hparams(tmp_path: Path) -> None:
+    """In-Shop forwards to the benchmark base, to ImageFileDataModule, to ArrayDataModule: each
+    level's default and the caller's value arrive, and hparams list every argument once."""
+    _write_inshop(tmp_path, [["train", "train"]] * 2 + [["query", "gallery"]] * 2)
+    dm = InShopDataModule(str(tmp_path), predict_split="query", seed=5, transforms="resize")
+    assert (dm.batch_size, dm.num_workers, dm.image_size, dm.resize_size) == (120, 4, 224, 256)
+    assert (dm.seed, dm.transforms, dm.predict_subset, dm.predict_split) == (
+        5,
+        "resize",
+        "query",
+        "test",
+    )
+    assert dm.hparams == {
+        "root": str(tmp_path),
+        "predict_split": "query",  # the caller's, not the "test" passed to the base
+        "batch_size": 120,
+        "num_workers": 4,
+        "seed": 5,
+        "augment": True,
+        "eval_batch_size": None,
+        "m_per_class": None,
+        "image_size": 224,
+        "resize_size": 256,
+        "transforms": "resize",
+        "verify_images": False,
+    }

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_metric import MetricLearningModule
 from lightning_metric.backbones import SmallCNN
+from lightning_metric.batch import EmbeddingBatch, step_embeddings
 from lightning_metric.heads import ArcFaceHead, CosFaceHead
 from lightning_metric.module import split_batch
 from lightning_metric.necks import EmbeddingNeck
@@ -171,3 +172,28 @@ def test_training_reduces_loss_and_subclass_hooks_are_used(tmp_path):
     after = module.compute_loss(module.embed(x), labels).item()
     assert module.extra_called
     assert after < 0.5 * before
+
+
+def test_eval_steps_return_an_embedding_batch_that_step_embeddings_reads():
+    module = make_module(head=ArcFaceHead, num_classes=3).eval()
+    x, labels, index = torch.randn(4, 1, 12, 12), torch.tensor([0, 1, 2, 0]), torch.arange(4)
+    batch = {"x": x, "label": labels, "index": index}
+    with torch.no_grad():
+        out = module.validation_step(batch, 0)
+    assert isinstance(out, EmbeddingBatch)
+    torch.testing.assert_close(out.embeddings, module(x))
+    assert out.labels is labels and out.index is index
+    # Code written for the former dict output still reads it by key.
+    assert out["embeddings"] is out.embeddings and out[2] is index
+    with pytest.raises(KeyError):
+        out["label"]
+    # step_embeddings takes the typed output and the dict a subclass may return, alike.
+    as_dict = {"embeddings": out.embeddings, "labels": labels}
+    for outputs in (out, as_dict):
+        embeddings, got_labels, got_index = step_embeddings(module, outputs, batch, "test")
+        torch.testing.assert_close(embeddings, out.embeddings)
+        assert torch.equal(got_labels, labels) and torch.equal(got_index, index)
+    # Without an index the batch has none either: None, not an invented one.
+    no_index = module.predict_step((x, labels), 0)
+    assert no_index.index is None
+    assert step_embeddings(module, no_index, (x, labels), "test")[2] is None

@@ -106,7 +106,11 @@ def test_class_smaller_than_m_is_padded_with_a_warning() -> None:
         ({"m": 0, "batch_size": 16}, "`m` must be an integer >= 1, got 0"),
         ({"m": 4, "batch_size": 0}, "`batch_size` must be an integer >= 1, got 0"),
         ({"m": 1, "batch_size": 41}, "needs 41 distinct classes per batch.*only 40 classes"),
-        ({"m": 4, "batch_size": 16, "num_replicas": 2, "rank": 2}, "rank must be .* \\[0, 2\\)"),
+        (
+            {"m": 4, "batch_size": 16, "num_replicas": 2, "rank": 2},
+            "`rank` must be an integer in \\[0, 1\\], got 2",
+        ),
+        ({"m": 4, "batch_size": 16, "seed": 1.5}, "`seed` must be an integer, got 1.5"),
         ({"m": 4, "batch_size": 16, "drop_last": False}, "drop_last must be True"),
         ({"m": 4, "batch_size": 160, "num_replicas": 64}, "fewer than the 64 ranks"),
     ],

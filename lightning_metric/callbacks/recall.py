@@ -178,16 +178,16 @@ class RecallAtK(EvaluationCallback):
             suffix = f"/dataloader_idx_{key}" if num_dataloaders > 1 and not self._split else ""
             values = metric.compute()
             for name, value in values.items():
-                key = f"{stage}/{name}{suffix}"
+                logged = f"{stage}/{name}{suffix}"
                 # Under DDP Lightning advises sync_dist=True for every epoch-level value, at
                 # epoch end; these are computed on the gathered set and already identical on
                 # every rank (a mean over ranks could move them by an ulp). Silenced for
                 # exactly these keys, so the advice still reaches the user's own logs.
                 warnings.filterwarnings(
-                    "ignore", message=rf"It is recommended to use `self\.log\('{re.escape(key)}',"
+                    "ignore", message=rf"It is recommended to use `self\.log\('{re.escape(logged)}',"
                 )
                 pl_module.log(
-                    key,
+                    logged,
                     value.item(),
                     prog_bar=self.prog_bar and name.startswith("recall@"),
                     sync_dist=False,

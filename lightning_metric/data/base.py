@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -16,6 +16,7 @@ from lightning_metric.data.augment import BatchCollate, RandomAffineNoise
 from lightning_metric.data.samplers import EpochShuffleSampler, MPerClassSampler
 
 Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
 
 
 class ArrayDataset(Dataset[dict[str, torch.Tensor]]):
@@ -229,10 +230,28 @@ class ArrayDataModule(pl.LightningDataModule):
     (dropout, class-centre sampling with ``sample_rate < 1``, random miners), which Lightning
     does not checkpoint; and under DDP the default shuffle is Lightning's ``DistributedSampler``,
     seeded by ``seed_everything`` (``PL_GLOBAL_SEED``), not by ``seed``: resume with the same one.
+
+    The built-in data modules take these arguments through ``**kwargs`` (LightningCLI lists
+    them, with their types, defaults and the help below, under each data module).
+
+    Args:
+        batch_size: training batch size (also evaluation unless ``eval_batch_size``).
+        num_workers: DataLoader worker processes.
+        seed: shuffling, the m-per-class plan and augmentation (and a data set's class split).
+        augment: augment the training batches (see ``make_augment``).
+        eval_batch_size: batch size of the val/test/predict loaders; default ``batch_size``.
+        predict_split: which split ``predict_dataloader`` serves.
+        m_per_class: if set, training batches hold this many samples of each of
+            ``batch_size // m_per_class`` classes (:class:`MPerClassSampler`, DDP-aware).
     """
 
     image_size: int
     in_channels: int = 1
+    #: Save the constructor arguments as ``hparams`` (the built-in data sets do). Done in
+    #: ``ArrayDataModule.__init__`` itself: Lightning then collects the arguments of every
+    #: ``__init__`` up the chain of subclasses, including the defaults of the arguments they
+    #: forward through ``**kwargs`` and so do not hold themselves.
+    save_init_hyperparameters: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -257,7 +276,7 @@ class ArrayDataModule(pl.LightningDataModule):
             check_positive_int("eval_batch_size", eval_batch_size)
         check_int("num_workers", num_workers, minimum=0)
         check_int("seed", seed)
-        check_choice("predict_split", predict_split, ("train", "val", "test"))
+        check_choice("predict_split", predict_split, SPLITS)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -266,6 +285,8 @@ class ArrayDataModule(pl.LightningDataModule):
         self.predict_split: Split = predict_split
         self.m_per_class = m_per_class
         self.datasets: dict[str, ArrayDataset] = {}
+        if self.save_init_hyperparameters:
+            self.save_hyperparameters()
 
     # -- hooks for subclasses -------------------------------------------------------------
     def build_datasets(self) -> dict[str, ArrayDataset]:
@@ -281,8 +302,7 @@ class ArrayDataModule(pl.LightningDataModule):
             self.datasets = self.build_datasets()
 
     def dataset(self, split: Split) -> ArrayDataset:
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be one of 'train', 'val', 'test', got {split!r}")
+        check_choice("split", split, SPLITS)
         self.setup()
         return self.datasets[split]
 
@@ -316,30 +336,29 @@ class ArrayDataModule(pl.LightningDataModule):
         # Only seeds the workers' global RNGs (unused here); it keeps the loader from drawing
         # from torch's global generator.
         generator = torch.Generator().manual_seed(seed)
-        epoch = self._fit_epoch()
+        order: dict[str, Any]
         if self.m_per_class is not None:
             # Same seed on every rank: all ranks must derive the same epoch plan to split it.
             sampler = MPerClassSampler(train.labels, self.m_per_class, self.batch_size, self.seed)
-            return ResumableDataLoader(
-                train,
-                batch_sampler=sampler,
-                collate_fn=collate,
-                generator=generator,
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-                epoch=epoch,
-            )
+            order = {"batch_sampler": sampler}
+        else:
+            order = {
+                "batch_size": self.batch_size,
+                "sampler": EpochShuffleSampler(train, seed=self.seed),
+                "drop_last": True,
+            }
         return ResumableDataLoader(
             train,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(train, seed=self.seed),
-            drop_last=True,
+            **order,
             collate_fn=collate,
             generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            epoch=epoch,
+            epoch=self._fit_epoch(),
+            **self._worker_arguments(),
         )
+
+    def _worker_arguments(self) -> dict[str, Any]:
+        # Workers are started once, not at every epoch (or every validation run).
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
 
     def _fit_epoch(self) -> int:
         """The epoch the trainer's fit loop is about to run (restored on resume), else 0."""
@@ -355,9 +374,8 @@ class ArrayDataModule(pl.LightningDataModule):
             self.dataset(split),
             batch_size=self.eval_batch_size,
             shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
             collate_fn=BatchCollate(None),
+            **self._worker_arguments(),
         )
 
     def val_dataloader(self) -> DataLoader:

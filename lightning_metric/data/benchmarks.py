@@ -19,15 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 from torch.utils.data import DataLoader
 
-from lightning_metric.data.base import Split
+from lightning_metric.checks import check_choice
 from lightning_metric.data.folders import (
     ImageFileDataModule,
-    Transforms,
     _label_split,
     require_dir,
     require_file,
@@ -62,41 +61,22 @@ def _int(value: str, path: Path, what: str) -> int:
 
 class _BenchmarkDataModule(ImageFileDataModule):
     """Shared constructor: the layout is read in ``__init__`` (text files only, fast) so that
-    ``num_classes`` is known at once; image files are checked in ``setup``."""
+    ``num_classes`` is known at once; image files are checked in ``setup``.
+
+    Args:
+        root: the extracted data set (see the table in this module's docstring).
+        batch_size: training batch size (also evaluation unless ``eval_batch_size``).
+        **kwargs: the arguments of :class:`~lightning_metric.data.ImageFileDataModule`
+            (``image_size``, ``transforms``, ``m_per_class``, ...).
+    """
 
     name = "benchmark"
+    save_init_hyperparameters = True
 
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 120,
-        num_workers: int = 4,
-        seed: int = 0,
-        augment: bool = True,
-        eval_batch_size: Optional[int] = None,
-        predict_split: Split = "test",
-        m_per_class: Optional[int] = None,
-        image_size: int = 224,
-        resize_size: int = 256,
-        transforms: Transforms = "standard",
-        verify_images: bool = False,
-    ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            eval_batch_size=eval_batch_size,
-            predict_split=predict_split,
-            m_per_class=m_per_class,
-            image_size=image_size,
-            resize_size=resize_size,
-            transforms=transforms,
-            verify_images=verify_images,
-        )
+    def __init__(self, root: str, batch_size: int = 120, **kwargs: Any) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
         self.root = require_dir(root, self.name)
         self.splits = self.read_layout(self.root)
-        self.save_hyperparameters()
 
     def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
         raise NotImplementedError
@@ -195,6 +175,7 @@ class SOPDataModule(_BenchmarkDataModule):
 
 
 InShopSplit = Literal["train", "query", "gallery"]
+IN_SHOP_SPLITS: tuple[InShopSplit, ...] = ("train", "query", "gallery")
 
 
 class InShopDataModule(_BenchmarkDataModule):
@@ -211,41 +192,17 @@ class InShopDataModule(_BenchmarkDataModule):
 
     name = "In-Shop"
 
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 120,
-        num_workers: int = 4,
-        seed: int = 0,
-        augment: bool = True,
-        eval_batch_size: Optional[int] = None,
-        predict_split: InShopSplit = "gallery",
-        m_per_class: Optional[int] = None,
-        image_size: int = 224,
-        resize_size: int = 256,
-        transforms: Transforms = "standard",
-        verify_images: bool = False,
-    ) -> None:
-        if predict_split not in ("train", "query", "gallery"):
-            raise ValueError(
-                f"predict_split must be 'train', 'query' or 'gallery', got {predict_split!r}"
-            )
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            eval_batch_size=eval_batch_size,
-            predict_split="test",  # the base knows train/val/test; query/gallery are ours
-            m_per_class=m_per_class,
-            image_size=image_size,
-            resize_size=resize_size,
-            transforms=transforms,
-            verify_images=verify_images,
-        )
+    def __init__(self, root: str, *, predict_split: InShopSplit = "gallery", **kwargs: Any) -> None:
+        """
+        Args:
+            root: holds ``list_eval_partition.txt`` and ``img/``.
+            predict_split: which split ``predict_dataloader`` serves.
+            **kwargs: the arguments of the other benchmark data modules.
+        """
+        check_choice("predict_split", predict_split, IN_SHOP_SPLITS)
+        # The base knows train/val/test; query/gallery are this class's own.
+        super().__init__(root, predict_split="test", **kwargs)
         self.predict_subset: InShopSplit = predict_split
-        self.save_hyperparameters()
 
     def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
         candidates = [root / "list_eval_partition.txt", root / "Eval" / "list_eval_partition.txt"]
@@ -278,8 +235,7 @@ class InShopDataModule(_BenchmarkDataModule):
         }
 
     def dataset(self, split: str) -> Any:  # type: ignore[override]
-        if split not in ("train", "query", "gallery"):
-            raise ValueError(f"In-Shop splits are 'train', 'query' and 'gallery', got {split!r}")
+        check_choice("split", split, IN_SHOP_SPLITS)
         self.setup()
         return self.datasets[split]
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from lightning_metric.checks import check_fraction
 from lightning_metric.data.augment import RandomAffineNoise
-from lightning_metric.data.base import (
-    ArrayDataModule,
-    ArrayDataset,
-    Split,
-    remap_labels,
-)
+from lightning_metric.data.base import ArrayDataModule, ArrayDataset, remap_labels
 
 
 def _check_digits(name: str, digits: Sequence[int]) -> list[int]:
@@ -33,31 +28,29 @@ class DigitsDataModule(ArrayDataModule):
     Train on ``train_classes`` (default 0-4) and evaluate retrieval on the unseen
     ``eval_classes`` (default: the other digits), whose samples are split per digit by ``seed``
     into val (``val_fraction``) and test. Pixel values are scaled to [0, 1]. Meant for smoke
-    tests and examples. ``m_per_class``: see :class:`ArrayDataModule`.
+    tests and examples.
+
+    Args:
+        batch_size: training batch size (also evaluation unless ``eval_batch_size``).
+        train_classes: the digits trained on.
+        eval_classes: the digits evaluated on; default: the other digits.
+        val_fraction: fraction of each evaluation digit's samples in val (test gets the rest).
+        **kwargs: the arguments of :class:`ArrayDataModule` (``num_workers``, ``seed``,
+            ``augment``, ``m_per_class``, ...).
     """
+
+    save_init_hyperparameters = True
 
     def __init__(
         self,
         batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
+        *,
         train_classes: Sequence[int] = (0, 1, 2, 3, 4),
         eval_classes: Optional[Sequence[int]] = None,
         val_fraction: float = 0.5,
-        augment: bool = True,
-        eval_batch_size: Optional[int] = None,
-        predict_split: Split = "test",
-        m_per_class: Optional[int] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            eval_batch_size=eval_batch_size,
-            predict_split=predict_split,
-            m_per_class=m_per_class,
-        )
+        super().__init__(batch_size=batch_size, **kwargs)
         train = _check_digits("train_classes", train_classes)
         if eval_classes is None:
             held_out = [d for d in range(10) if d not in train]
@@ -75,7 +68,6 @@ class DigitsDataModule(ArrayDataModule):
                 "evaluation is on unseen classes"
             )
         check_fraction("val_fraction", val_fraction)
-        self.save_hyperparameters()
         self.train_classes = train
         self.eval_classes = held_out
         self.val_fraction = val_fraction

@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
-from lightning_metric.checks import check_fraction
-from lightning_metric.data.base import ArrayDataModule, Split
+from lightning_metric.checks import check_choice, check_fraction, check_int
+from lightning_metric.data.base import ArrayDataModule
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -34,6 +34,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Transforms = Literal["standard", "resize"]
+TRANSFORMS: tuple[Transforms, ...] = ("standard", "resize")
 
 
 class ImageDecodeError(OSError):
@@ -88,10 +89,8 @@ def standard_transform(
     ``Normalize``. ``"resize"``: a plain resize to ``image_size`` squared and normalisation,
     without torchvision and without augmentation (pre-cropped data, quick tests).
     """
-    if kind == "resize":
+    if check_choice("transforms", kind, TRANSFORMS) == "resize":
         return _ResizeToTensor(image_size, mean, std)
-    if kind != "standard":
-        raise ValueError(f"transforms must be 'standard' or 'resize', got {kind!r}")
     try:
         from torchvision import transforms as T
     except ImportError as err:
@@ -195,6 +194,16 @@ class ImageFileDataModule(ArrayDataModule):
     Subclasses fill ``self.splits``: split name -> ``(paths, labels, classes)``, with labels in
     ``[0, len(classes))``. Per-image torchvision transforms (see :func:`standard_transform`)
     run in the dataset, so the batch-level augmentation of the in-memory data sets is off.
+
+    Args:
+        batch_size: training batch size (also evaluation unless ``eval_batch_size``).
+        num_workers: DataLoader worker processes (images are decoded in them).
+        image_size: side of the square model input, in pixels.
+        resize_size: side the evaluation images are resized to before the centre crop.
+        transforms: ``"standard"`` or ``"resize"``, see :func:`standard_transform`.
+        verify_images: decode every image in ``setup`` and report all bad files at once.
+        **kwargs: the other arguments of :class:`~lightning_metric.data.ArrayDataModule`
+            (``seed``, ``augment``, ``eval_batch_size``, ``predict_split``, ``m_per_class``).
     """
 
     in_channels = 3
@@ -203,33 +212,17 @@ class ImageFileDataModule(ArrayDataModule):
         self,
         batch_size: int = 64,
         num_workers: int = 4,
-        seed: int = 0,
-        augment: bool = True,
-        eval_batch_size: Optional[int] = None,
-        predict_split: Split = "test",
-        m_per_class: Optional[int] = None,
+        *,
         image_size: int = 224,
         resize_size: int = 256,
         transforms: Transforms = "standard",
         verify_images: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            eval_batch_size=eval_batch_size,
-            predict_split=predict_split,
-            m_per_class=m_per_class,
-        )
-        for name, value in (("image_size", image_size), ("resize_size", resize_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1 pixels, got {value!r}")
-        if transforms not in ("standard", "resize"):
-            raise ValueError(f"transforms must be 'standard' or 'resize', got {transforms!r}")
-        self.image_size = image_size
-        self.resize_size = resize_size
-        self.transforms: Transforms = transforms
+        super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
+        self.image_size = check_int("image_size", image_size, minimum=1)
+        self.resize_size = check_int("resize_size", resize_size, minimum=1)
+        self.transforms: Transforms = check_choice("transforms", transforms, TRANSFORMS)
         self.verify_images = verify_images
         self.splits: dict[str, tuple[list[str], np.ndarray, list[Any]]] = {}
 
@@ -284,50 +277,29 @@ class ImageFolderDataModule(ImageFileDataModule):
         val_classes: explicit validation class folder names.
         val_fraction: fraction of classes held out when ``val_classes`` is not given.
         extensions: file name endings counted as images (case-insensitive).
-        batch_size, num_workers, seed, augment, eval_batch_size, predict_split, m_per_class:
-            as for the built-in data modules.
-        image_size, resize_size, transforms: see :func:`standard_transform`.
-        verify_images: decode every image in ``setup`` and report all bad files at once.
+        **kwargs: the arguments of :class:`ImageFileDataModule` (``batch_size``,
+            ``image_size``, ``transforms``, ...) and of ``ArrayDataModule`` (``seed`` also
+            draws the held-out classes).
     """
+
+    save_init_hyperparameters = True
 
     def __init__(
         self,
         root: str,
-        batch_size: int = 64,
-        num_workers: int = 4,
-        seed: int = 0,
+        *,
         val_fraction: float = 0.5,
         val_classes: Optional[list[str]] = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
-        augment: bool = True,
-        eval_batch_size: Optional[int] = None,
-        predict_split: Split = "test",
-        m_per_class: Optional[int] = None,
-        image_size: int = 224,
-        resize_size: int = 256,
-        transforms: Transforms = "standard",
-        verify_images: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            eval_batch_size=eval_batch_size,
-            predict_split=predict_split,
-            m_per_class=m_per_class,
-            image_size=image_size,
-            resize_size=resize_size,
-            transforms=transforms,
-            verify_images=verify_images,
-        )
+        super().__init__(**kwargs)
         if val_classes is not None and len(val_classes) == 0:
             # An empty list would silently fall back to val_fraction or hold out nothing.
             raise ValueError(
                 "val_classes=[] names no class: list at least one class folder to hold out, "
                 "or leave val_classes unset to hold out val_fraction of the classes"
             )
-        self.save_hyperparameters()
         self.root = require_dir(root, "ImageFolderDataModule")
         exts = tuple(e.lower() for e in extensions)
         paths: list[str] = []
@@ -358,7 +330,7 @@ class ImageFolderDataModule(ImageFileDataModule):
             val = sorted(set(val_classes))
         else:
             check_fraction("val_fraction", val_fraction)
-            order = np.random.default_rng(seed).permutation(len(found))
+            order = np.random.default_rng(self.seed).permutation(len(found))
             n_val = min(max(1, round(val_fraction * len(found))), len(found) - 1)
             val = sorted(found[i] for i in order[:n_val])
         train = sorted(set(found) - set(val))

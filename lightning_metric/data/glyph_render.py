@@ -21,6 +21,8 @@ from typing import Optional
 import numpy as np
 from PIL import ImageFont
 
+from lightning_metric.checks import check_int
+
 log = logging.getLogger(__name__)
 
 # Bump when the rendering or merging logic changes so stale caches are not reused.
@@ -48,6 +50,10 @@ FONT_FILES: tuple[str, ...] = (
 )
 
 
+#: Below this canvas side the fonts' details no longer tell characters apart.
+MIN_IMAGE_SIZE = 8
+
+
 @dataclass(frozen=True)
 class RenderParams:
     """How glyphs are drawn; every field is part of the cache key."""
@@ -70,6 +76,7 @@ class RenderParams:
     @classmethod
     def for_image_size(cls, image_size: int, min_fonts: int = 12) -> RenderParams:
         """Defaults scaled from the 32-pixel design to another canvas size."""
+        image_size = check_int("image_size", image_size, minimum=MIN_IMAGE_SIZE)
         return cls(
             image_size=image_size,
             font_size=max(4, round(22 * image_size / 32)),
@@ -78,23 +85,11 @@ class RenderParams:
         )
 
     def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8 pixels, got {self.image_size}")
-        if not 4 <= self.font_size <= 4 * self.image_size:
-            raise ValueError(
-                f"font_size must be in [4, {4 * self.image_size}] for image_size "
-                f"{self.image_size}, got {self.font_size}"
-            )
-        if not 0 < self.baseline < self.image_size:
-            raise ValueError(
-                f"baseline must be a row inside the image (0, {self.image_size}), "
-                f"got {self.baseline}"
-            )
-        if not 1 <= self.min_fonts <= len(FONT_FILES):
-            raise ValueError(
-                f"min_fonts must be in [1, {len(FONT_FILES)}] (the number of fonts), "
-                f"got {self.min_fonts}"
-            )
+        size = check_int("image_size", self.image_size, minimum=MIN_IMAGE_SIZE)
+        check_int("font_size", self.font_size, minimum=4, maximum=4 * size)
+        # A row inside the image.
+        check_int("baseline", self.baseline, minimum=1, maximum=size - 1)
+        check_int("min_fonts", self.min_fonts, minimum=1, maximum=len(FONT_FILES))
         if not 0.0 <= self.merge_tolerance < 1.0:
             raise ValueError(f"merge_tolerance must be in [0, 1), got {self.merge_tolerance}")
         if not 0.0 < self.merge_min_fraction <= 1.0:

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_metric.checks import check_fraction, check_positive_int
-from lightning_metric.data.base import (
-    ArrayDataModule,
-    ArrayDataset,
-    Split,
-    remap_labels,
-)
+from lightning_metric.data.base import ArrayDataModule, ArrayDataset, remap_labels
 from lightning_metric.data.glyph_render import (
     FONT_FILES,
     GlyphTable,
@@ -35,16 +30,9 @@ def split_classes(
     ``max_classes`` first keeps a random subset of that many classes (quick experiments).
     Counts are ``round(fraction * n)`` for train and val; test gets the rest.
     """
-    check_fraction("train_fraction", train_fraction)
-    check_fraction("val_fraction", val_fraction)
-    if train_fraction + val_fraction >= 1.0:
-        raise ValueError(
-            f"train_fraction + val_fraction must be < 1 so the test split keeps some classes, "
-            f"got {train_fraction} + {val_fraction} = {train_fraction + val_fraction}"
-        )
+    _check_split_arguments(train_fraction, val_fraction, max_classes)
     order = np.random.default_rng(seed).permutation(num_classes)
     if max_classes is not None:
-        check_positive_int("max_classes", max_classes)
         order = order[:max_classes]
     n = len(order)
     n_train = round(train_fraction * n)
@@ -60,6 +48,22 @@ def split_classes(
     val = np.sort(order[n_train : n_train + n_val])
     test = np.sort(order[n_train + n_val :])
     return train, val, test
+
+
+def _check_split_arguments(
+    train_fraction: float, val_fraction: float, max_classes: Optional[int]
+) -> None:
+    """The arguments of :func:`split_classes` (also checked when the data module is built,
+    long before the class table is loaded and split)."""
+    check_fraction("train_fraction", train_fraction)
+    check_fraction("val_fraction", val_fraction)
+    if train_fraction + val_fraction >= 1.0:
+        raise ValueError(
+            f"train_fraction + val_fraction must be < 1 so the test split keeps some classes, "
+            f"got {train_fraction} + {val_fraction} = {train_fraction + val_fraction}"
+        )
+    if max_classes is not None:
+        check_positive_int("max_classes", max_classes)
 
 
 class GlyphsDataModule(ArrayDataModule):
@@ -81,66 +85,41 @@ class GlyphsDataModule(ArrayDataModule):
     val/test labels are likewise ``[0, n)`` within their split, and every split dataset has
     ``classes[label]`` = the code point.
 
+    ``seed`` draws the class split as well as the shuffle and augmentation. With
+    ``m_per_class``: every glyph class has at least ``min_fonts`` images, so m up to 12 needs
+    no padding.
+
     Args:
         batch_size: training batch size (also evaluation unless ``eval_batch_size``).
-        num_workers: DataLoader workers.
-        seed: class split, shuffling and augmentation.
         train_fraction: fraction of classes used for training.
         val_fraction: fraction of classes for validation; test gets the rest.
-        augment: small random affine + noise on training batches.
         cache_dir: where the rendered glyphs are cached.
         image_size: canvas side in pixels (font size and baseline scale with it).
-        min_fonts: a code point becomes a class if it renders in at least this many fonts.
+        min_fonts: a code point becomes a class if it renders in at least this many fonts
+            (at most the number of fonts, 16).
         max_classes: keep only this many classes (by seed) before splitting, for quick runs.
-        eval_batch_size: batch size of the val/test/predict loaders.
-        predict_split: which split ``predict_dataloader`` serves.
-        m_per_class: if set, training batches hold this many images of each of
-            ``batch_size // m_per_class`` classes (:class:`MPerClassSampler`, DDP-aware).
-            Every glyph class has at least ``min_fonts`` images, so m up to 12 needs no padding.
+        **kwargs: the arguments of :class:`ArrayDataModule` (``num_workers``, ``seed``,
+            ``augment``, ``eval_batch_size``, ``predict_split``, ``m_per_class``).
     """
+
+    save_init_hyperparameters = True
 
     def __init__(
         self,
         batch_size: int = 256,
-        num_workers: int = 0,
-        seed: int = 0,
+        *,
         train_fraction: float = 0.65,
         val_fraction: float = 0.175,
-        augment: bool = True,
         cache_dir: Optional[str] = None,
         image_size: int = 32,
         min_fonts: int = 12,
         max_classes: Optional[int] = None,
-        eval_batch_size: Optional[int] = None,
-        predict_split: Split = "test",
-        m_per_class: Optional[int] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            eval_batch_size=eval_batch_size,
-            predict_split=predict_split,
-            m_per_class=m_per_class,
-        )
-        check_fraction("train_fraction", train_fraction)
-        check_fraction("val_fraction", val_fraction)
-        if max_classes is not None:
-            check_positive_int("max_classes", max_classes)
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-            raise ValueError(f"image_size must be an integer >= 8 pixels, got {image_size!r}")
-        if not isinstance(min_fonts, int) or not 1 <= min_fonts <= len(FONT_FILES):
-            raise ValueError(
-                f"min_fonts must be an integer in [1, {len(FONT_FILES)}] (the number of fonts), "
-                f"got {min_fonts!r}"
-            )
-        if train_fraction + val_fraction >= 1.0:
-            raise ValueError(
-                "train_fraction + val_fraction must be < 1 so the test split keeps some "
-                f"classes, got {train_fraction} + {val_fraction} = {train_fraction + val_fraction}"
-            )
-        self.save_hyperparameters()
+        super().__init__(batch_size=batch_size, **kwargs)
+        _check_split_arguments(train_fraction, val_fraction, max_classes)
+        # Checks image_size and min_fonts.
+        self.render_params = RenderParams.for_image_size(image_size, min_fonts=min_fonts)
         self.train_fraction = train_fraction
         self.val_fraction = val_fraction
         self.cache_dir = cache_dir
@@ -148,7 +127,6 @@ class GlyphsDataModule(ArrayDataModule):
         self.in_channels = 1
         self.min_fonts = min_fonts
         self.max_classes = max_classes
-        self.render_params = RenderParams.for_image_size(image_size, min_fonts=min_fonts)
         self._table: Optional[GlyphTable] = None
         self._splits: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
 

@@ -132,8 +132,7 @@ class MPerClassSampler(BatchSampler):
                 f"batch_size must be a multiple of m (samples per class): batch_size "
                 f"{batch_size} is not divisible by m {m}"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        _check_int("seed", seed)
         if not drop_last:
             raise ValueError(
                 "MPerClassSampler always yields full m-per-class batches; drop_last must be True"
@@ -201,8 +200,7 @@ class MPerClassSampler(BatchSampler):
         world = num_replicas if num_replicas is not None else world
         current = rank if rank is not None else current
         _check_int("num_replicas", world, 1)
-        if isinstance(current, bool) or not isinstance(current, int) or not 0 <= current < world:
-            raise ValueError(f"rank must be an integer in [0, {world}), got {current!r}")
+        _check_int("rank", current, 0, world - 1)
         return world, current
 
     @staticmethod
