@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import lightning.pytorch as pl
 
@@ -19,8 +18,6 @@ from lightning_metric.callbacks.collect import (
     stage_loaders,
 )
 from lightning_metric.checks import check_int
-from lightning_metric.retrieval.knn import Metric
-from lightning_metric.retrieval.rerank import Reranker
 from lightning_metric.retrieval.torchmetric import RetrievalMetrics
 
 __all__ = ["RecallAtK"]
@@ -43,11 +40,12 @@ class RecallAtK(EvaluationCallback):
     out of the means).
 
     Args:
-        k, metric, map_at_r, mrr, precision, clustering, average, fast, rerank: the metrics,
-            as in :class:`~lightning_metric.retrieval.RetrievalMetrics`, with the same names
-            and defaults (``.metrics`` is that object; each evaluated set gets a copy): ``k``
-            larger than the evaluation set allows is clamped with a warning; ``precision``
-            logs ``precision@k``; ``clustering`` logs ``nmi`` / ``ami`` (k-means; slower).
+        **metric_args: ``k``, ``metric``, ``map_at_r``, ``mrr``, ``precision``,
+            ``clustering``, ``average``, ``fast``, ``rerank``: passed to
+            :class:`~lightning_metric.retrieval.RetrievalMetrics` (``.metrics`` is that
+            object; each evaluated set gets a copy): ``k`` larger than the evaluation set
+            allows is clamped with a warning; ``precision`` logs ``precision@k``;
+            ``clustering`` logs ``nmi`` / ``ami`` (k-means; slower).
         query_dataloader_idx, reference_dataloader_idx: for a query/gallery protocol, the
             dataloaders holding the queries and the gallery (both or neither). Without them,
             each dataloader is evaluated leave-one-out on its own; with several dataloaders
@@ -69,41 +67,21 @@ class RecallAtK(EvaluationCallback):
           init_args: {k1: 20, k2: 6, lambda_value: 0.3}
     """
 
-    # The signature is the LightningCLI / YAML schema, hence the metric arguments are named
-    # here (not a nested RetrievalMetrics); tests/test_retrieval_paths.py checks that they
-    # keep RetrievalMetrics' names and defaults.
     def __init__(
         self,
-        k: int | Sequence[int] = (1, 2, 4, 8),
-        metric: Metric = "cosine",
-        map_at_r: bool = True,
-        mrr: bool = True,
-        precision: bool = True,
-        clustering: bool = False,
-        average: Literal["micro", "macro"] = "micro",
         query_dataloader_idx: int | None = None,
         reference_dataloader_idx: int | None = None,
         offload_to_cpu: bool = False,
         on_validation: bool = True,
         on_test: bool = True,
         prog_bar: bool = True,
-        rerank: Reranker | None = None,
-        fast: bool | None = None,
+        **metric_args: Any,
     ) -> None:
         super().__init__()
-        # Checks every metric argument once; each evaluated set gets a clone.
-        self.metrics = RetrievalMetrics(
-            k=k,
-            metric=metric,
-            map_at_r=map_at_r,
-            mrr=mrr,
-            precision=precision,
-            clustering=clustering,
-            average=average,
-            compute_on_cpu=offload_to_cpu,
-            fast=fast,
-            rerank=rerank,
-        )
+        # The metric arguments are RetrievalMetrics' own (jsonargparse follows **metric_args
+        # into that call, so YAML and --help list them with their types and defaults). It
+        # checks them once; each evaluated set gets a clone.
+        self.metrics = RetrievalMetrics(compute_on_cpu=offload_to_cpu, **metric_args)
         for name, idx in (
             ("query_dataloader_idx", query_dataloader_idx),
             ("reference_dataloader_idx", reference_dataloader_idx),
@@ -184,7 +162,8 @@ class RecallAtK(EvaluationCallback):
                 # every rank (a mean over ranks could move them by an ulp). Silenced for
                 # exactly these keys, so the advice still reaches the user's own logs.
                 warnings.filterwarnings(
-                    "ignore", message=rf"It is recommended to use `self\.log\('{re.escape(logged)}',"
+                    "ignore",
+                    message=rf"It is recommended to use `self\.log\('{re.escape(logged)}',",
                 )
                 pl_module.log(
                     logged,
