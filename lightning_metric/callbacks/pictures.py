@@ -111,11 +111,25 @@ class _ValidationPicture(EvaluationCallback):
     key: str
     stages: tuple[Stage, ...] = ("val",)
 
-    def __init__(self, every_n_epochs: int, dataloader_idx: int, save_dir: Optional[str]) -> None:
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        seed: int = 0,
+        dataloader_idx: int = 0,
+        save_dir: Optional[str] = None,
+    ) -> None:
+        """
+        Args:
+            every_n_epochs: draw on epochs 0, n, 2n, ...
+            seed: the random choices of the picture.
+            dataloader_idx: which validation dataloader to draw.
+            save_dir: also write each picture as a PNG here.
+        """
         super().__init__()
         check_int("every_n_epochs", every_n_epochs, minimum=1)
         check_int("dataloader_idx", dataloader_idx, minimum=0)
         self.every_n_epochs = every_n_epochs
+        self.seed = seed
         self.dataloader_idx = dataloader_idx
         self.save_dir = save_dir
         self._collector = EmbeddingCollector(type(self).__name__)
@@ -192,10 +206,8 @@ class EmbeddingProjection(_ValidationPicture):
             ``"umap"`` (needs ``umap-learn``).
         max_classes: draw this many classes (chosen by ``seed``); colours stay tellable apart.
         max_points: at most this many points (chosen by ``seed``) of those classes.
-        every_n_epochs: draw on epochs 0, n, 2n, ...
-        seed: the class/point choice and t-SNE/UMAP.
-        dataloader_idx: which validation dataloader to draw.
-        save_dir: also write each picture as a PNG here.
+        **kwargs: ``every_n_epochs``, ``seed`` (the class/point choice and t-SNE/UMAP),
+            ``dataloader_idx``, ``save_dir``: see ``_ValidationPicture``.
     """
 
     key = "val/embedding_projection"
@@ -205,12 +217,9 @@ class EmbeddingProjection(_ValidationPicture):
         method: Method = "pca",
         max_classes: int = 20,
         max_points: int = 2000,
-        every_n_epochs: int = 1,
-        seed: int = 0,
-        dataloader_idx: int = 0,
-        save_dir: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(every_n_epochs, dataloader_idx, save_dir)
+        super().__init__(**kwargs)
         check_choice("method", method, _METHODS)
         if method == "umap":
             try:
@@ -224,7 +233,6 @@ class EmbeddingProjection(_ValidationPicture):
         self.method: Method = method
         self.max_classes = max_classes
         self.max_points = max_points
-        self.seed = seed
 
     def draw(self, data: Collected, trainer: pl.Trainer) -> Optional[Figure]:
         index, embeddings, labels = (t.numpy() for t in data[:3])
@@ -306,10 +314,8 @@ class RetrievalGallery(_ValidationPicture):
         num_random: random queries (fixed by ``seed`` across epochs).
         num_worst: worst queries.
         metric: ``"cosine"``, ``"ip"`` or ``"l2"``.
-        every_n_epochs: draw on epochs 0, n, 2n, ...
-        seed: the random queries.
-        dataloader_idx: which validation dataloader to draw.
-        save_dir: also write each picture as a PNG here.
+        **kwargs: ``every_n_epochs``, ``seed`` (the random queries), ``dataloader_idx``,
+            ``save_dir``: see ``_ValidationPicture``.
     """
 
     key = "val/retrieval_gallery"
@@ -320,12 +326,9 @@ class RetrievalGallery(_ValidationPicture):
         num_random: int = 4,
         num_worst: int = 4,
         metric: Metric = "cosine",
-        every_n_epochs: int = 1,
-        seed: int = 0,
-        dataloader_idx: int = 0,
-        save_dir: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(every_n_epochs, dataloader_idx, save_dir)
+        super().__init__(**kwargs)
         check_int("k", k, minimum=1)
         check_int("num_random", num_random, minimum=0)
         check_int("num_worst", num_worst, minimum=0)
@@ -336,7 +339,6 @@ class RetrievalGallery(_ValidationPicture):
         self.num_random = num_random
         self.num_worst = num_worst
         self.metric: Metric = metric
-        self.seed = seed
 
     def select_queries(
         self, labels: np.ndarray, neighbours: np.ndarray, scores: np.ndarray
