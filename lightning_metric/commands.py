@@ -281,14 +281,24 @@ def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
         loader = getattr(datamodule, f"{args.split}_dataloader")()
         embeddings, query_labels, query_ids = _embed_loader(model, loader)
         names = [f"{args.split}[{int(i)}]" for i in query_ids]
-    k = min(args.k, len(index))
+    # Queries read from the split the index was built from are indexed items themselves:
+    # like --evaluate, their lists leave out their own entry (always the top hit otherwise).
+    own = query_ids.numpy() if _same_split(index, args, query_ids) else None
+    extra = 1 if own is not None else 0
+    k = min(args.k, len(index) - extra)
     result = index.search(
-        embeddings, k=k, inputs=False, nprobe=args.nprobe, ef_search=args.ef_search
+        embeddings, k=k + extra, inputs=False, nprobe=args.nprobe, ef_search=args.ef_search
     )
+    found_ids, found_scores = result.ids, result.scores
+    if own is not None:
+        # Each row's own id (if found) moves to the end, stably; then the first k are kept.
+        order = np.argsort(found_ids == own[:, None], axis=1, kind="stable")[:, :k]
+        found_ids = np.take_along_axis(found_ids, order, axis=1)
+        found_scores = np.take_along_axis(found_scores, order, axis=1)
     output: dict[str, Any] = {"index": str(args.index), "k": k, "results": []}
     label_of = dict(zip(index.ids.tolist(), index.labels.tolist(), strict=True))
     path_of = dict(zip(index.ids.tolist(), index.paths, strict=True)) if index.paths else {}
-    for name, ids, scores in zip(names, result.ids, result.scores, strict=True):
+    for name, ids, scores in zip(names, found_ids, found_scores, strict=True):
         output["results"].append(
             {
                 "query": name,
@@ -312,6 +322,14 @@ def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
         output["metrics"] = _evaluate(index, embeddings, query_labels, query_ids, args.split)
     _report(output, args.output)
     return output
+
+
+def _same_split(index: Any, args: argparse.Namespace, query_ids: Tensor) -> bool:
+    """Whether the queries are items of the index: read from the split it was built from."""
+    if args.query or not len(query_ids):
+        return False
+    same = index.info.get("data", {}).get("predict_split") == args.split
+    return bool(same and np.isin(query_ids.numpy(), index.ids).any())
 
 
 def _evaluate(

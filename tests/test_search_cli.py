@@ -152,3 +152,24 @@ def test_queries_without_a_dataset_index_get_id_minus_one() -> None:
         torch.testing.assert_close(got_labels, labels)
         assert ids.tolist() == [-1] * 10
     assert _embed_loader(model, indexed)[2].tolist() == list(range(10))
+
+
+def test_queries_from_the_indexed_split_do_not_list_themselves(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "hits.json"
+    main(
+        ["search", "--index", str(trained["index"]), "--config", CONFIG, "--ckpt_path",
+         str(trained["ckpt"]), "--k", "3", "--output", str(out), "--trainer.precision=32-true"]
+    )  # fmt: skip
+    results = json.loads(out.read_text())["results"]
+    index = EmbeddingIndex.load(trained["index"])
+    own = np.array([int(r["query"].removeprefix("test[").rstrip("]")) for r in results])
+    assert np.isin(own, index.ids).all()  # the queries are indexed items
+    got = np.array([[n["id"] for n in r["neighbours"]] for r in results])
+    assert got.shape == (len(own), 3) and not (got == own[:, None]).any()
+    # The same lists as a plain search of the stored vectors, with each query's own id left out.
+    rows = np.searchsorted(index.ids, own)  # ids are sorted: they are dataset indexes
+    raw = index.search(index.embeddings[rows], k=4).ids
+    want = np.array([[i for i in row if i != q][:3] for row, q in zip(raw, own, strict=True)])
+    assert (got == want).all()
