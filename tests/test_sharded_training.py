@@ -18,7 +18,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_metric import MetricLearningModule
-from lightning_metric.heads import ArcFaceHead, ShardingError
+from lightning_metric.heads import (
+    AdaFaceHead,
+    ArcFaceHead,
+    CombinedMarginHead,
+    CosFaceHead,
+    CurricularFaceHead,
+    NormSoftmaxHead,
+    ShardingError,
+    SubCenterArcFaceHead,
+)
 from lightning_metric.heads.sharding import shard_bounds
 
 F_IN, D, C, N, B = 12, 8, 7, 96, 8  # B per rank
@@ -52,14 +61,29 @@ class _Data(pl.LightningDataModule):
         return DataLoader(items, batch_size=self.batch_size)
 
 
-def _module(head: Any = ArcFaceHead, optimizer: Any = None) -> MetricLearningModule:
+class EvenClassesArcFace(ArcFaceHead):
+    """Partial FC with a pick that is the same sharded or not: the batch's classes and every
+    even class id (the default pick is random, so two runs could not be compared)."""
+
+    def select_classes(self, labels: torch.Tensor, num_classes: int) -> Any:
+        start = self.class_shard.start if self.class_shard is not None else 0
+        ids = torch.arange(num_classes, device=labels.device)
+        keep = (ids + start) % 2 == 0
+        keep[labels] = True
+        index = ids[keep]
+        return index, torch.searchsorted(index, labels)
+
+
+def _module(
+    head: Any = ArcFaceHead, optimizer: Any = None, num_classes: int = C, **head_args: Any
+) -> MetricLearningModule:
     torch.manual_seed(0)
     return MetricLearningModule(
         backbone=nn.Sequential(nn.Linear(F_IN, 16), nn.ReLU()),
         neck=nn.Linear(16, D),  # no BatchNorm: its statistics are per rank, not global
         embedding_dim=D,
-        head=partial(head, scale=16.0, shard_classes=True),
-        num_classes=C,
+        head=partial(head, scale=16.0, shard_classes=True, **head_args),
+        num_classes=num_classes,
         optimizer=optimizer or partial(torch.optim.SGD, lr=0.5),
     )
 
@@ -100,6 +124,10 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: f
         assert err <= tol * scale, f"{key}: max difference {err:.3g}"
 
 
+def without(args: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if k != key}
+
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
@@ -109,20 +137,37 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.mark.ddp
-def test_one_ddp_step_equals_one_process(tmp_path: Path) -> None:
-    # (Every head, 2 and 3 ranks, with sampling: tests/test_sharded_heads.py.)
-    head = ArcFaceHead
-    sharded = _fit(tmp_path / "ddp", 2, 1, _module(head))
-    whole = _fit(tmp_path / "one", 1, 1, _module(head))
+@pytest.mark.parametrize(
+    ("head", "head_args"),
+    [
+        (NormSoftmaxHead, {}),
+        (CosFaceHead, {}),
+        (ArcFaceHead, {}),
+        (SubCenterArcFaceHead, {"sub_centers": 2}),
+        (CombinedMarginHead, {}),
+        (CurricularFaceHead, {"momentum": 0.5}),
+        (AdaFaceHead, {"momentum": 0.5}),
+        # Partial FC, per shard; the data use classes 0-6 only, so odd classes 7-11 are out.
+        (EvenClassesArcFace, {"sample_rate": 0.5, "num_classes": 12}),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "",
+)
+def test_one_ddp_step_equals_one_process(
+    head: Any, head_args: dict[str, Any], tmp_path: Path
+) -> None:
+    # (Every head with random sampling, on 2 and 3 ranks: tests/test_sharded_heads.py.)
+    sharded = _fit(tmp_path / "ddp", 2, 1, _module(head, **head_args))
+    whole = _fit(tmp_path / "one", 1, 1, _module(head, **head_args))
     # The checkpoint of the sharded run holds every centre, gathered from the two ranks.
-    assert sharded["state_dict"]["head.weight"].shape == (C, D)
+    rows = head_args.get("num_classes", C) * head_args.get("sub_centers", 1)
+    assert sharded["state_dict"]["head.weight"].shape == (rows, D)
     _assert_close(sharded["state_dict"], whole["state_dict"], 1e-5)
     # ... and loads in one process (2 -> 1), with the weights of the run.
     loaded = MetricLearningModule.load_from_checkpoint(
         tmp_path / "ddp" / "last.ckpt",
         backbone=nn.Sequential(nn.Linear(F_IN, 16), nn.ReLU()),
         neck=nn.Linear(16, D),
-        head=partial(head, scale=16.0, shard_classes=True),
+        head=partial(head, scale=16.0, shard_classes=True, **without(head_args, "num_classes")),
     )
     torch.testing.assert_close(loaded.head.weight, sharded["state_dict"]["head.weight"])
 

@@ -149,6 +149,17 @@ class MarginHead(nn.Module):
         :meth:`batch_mean` so every DDP rank keeps the same value.
         """
 
+    def select_classes(self, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+        """The classes in one training step's softmax when ``sample_rate < 1`` (partial FC).
+
+        ``labels`` are the step's target classes among ``num_classes`` candidates (with
+        sharded centres: this rank's classes, ids relative to ``class_shard.start``).
+        Returns the sorted class ids to keep (int64, every class of ``labels`` included) and
+        ``labels`` remapped to positions in them. Default: the positives plus a uniform
+        sample of the others, :func:`~lightning_metric.heads.sampling.sample_classes`.
+        """
+        return sample_classes(labels, num_classes, self.sample_rate)
+
     def batch_mean(self, values: Tensor) -> Tensor:
         """Mean over dim 0 and over DDP ranks; with sharded classes the batch is already
         every rank's (gathered), so no collective is needed."""
@@ -286,7 +297,7 @@ class MarginHead(nn.Module):
             return self._sharded_loss(x, norms, finite, labels)
         local, class_index, n = labels, None, self.num_classes
         if self.training and self.sample_rate < 1.0:
-            class_index, local = sample_classes(labels, self.num_classes, self.sample_rate)
+            class_index, local = self.select_classes(labels, self.num_classes)
             n = class_index.numel()
         chunk = self.chunk_size
         if chunk is None and n * self.sub_centers > AUTO_STREAM_ROWS:
@@ -323,9 +334,7 @@ class MarginHead(nn.Module):
         local, class_index, n = target_class, None, shard.num_classes
         if self.training and self.sample_rate < 1.0:
             # Partial FC per shard: this shard's positives plus a uniform sample of the rest.
-            class_index, picked = sample_classes(
-                target_class[here], shard.num_classes, self.sample_rate
-            )
+            class_index, picked = self.select_classes(target_class[here], shard.num_classes)
             local = torch.full_like(labels, -1)
             local[here] = picked
             n = class_index.numel()
