@@ -353,7 +353,8 @@ class MetricLearningModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The checkpoint holds every class centre (gathered from the shards), so it loads in
-        any world size."""
+        any world size. With sharded centres this is a collective: every rank saves together
+        (Lightning's ``ModelCheckpoint`` and ``trainer.save_checkpoint`` do)."""
         if self.head is not None:
             optimizers = self.trainer.optimizers if self._trainer is not None else []
             consolidate_centres(checkpoint, self.head, self._head_weight_key(), optimizers)
