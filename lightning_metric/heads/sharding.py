@@ -17,8 +17,6 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_metric.distributed import gather_uneven
-
 __all__ = [
     "CHECKPOINT_KEY",
     "ClassShard",
@@ -122,9 +120,10 @@ def _map_state(
 def consolidate_centres(
     checkpoint: dict[str, Any], head: Any, key: str, optimizers: Sequence[Optimizer]
 ) -> None:
-    """``on_save_checkpoint`` (every rank at once): the checkpoint gets the whole matrix and
-    the whole optimizer state of the centres, gathered from the shards, so it loads in any
-    world size; ``key`` is the weight's name in ``checkpoint["state_dict"]``."""
+    """``on_save_checkpoint`` (every rank at once): rank 0's checkpoint, the one Lightning
+    writes, gets the whole matrix and the whole optimizer state of the centres, gathered from
+    the shards into CPU memory, so it loads in any world size; ``key`` is the weight's name
+    in ``checkpoint["state_dict"]``."""
     keys = _optimizer_keys(head.weight, optimizers)
     shard = head.class_shard
     checkpoint[CHECKPOINT_KEY] = {
@@ -134,8 +133,32 @@ def consolidate_centres(
     }
     if shard is None:
         return
-    checkpoint["state_dict"][key] = gather_uneven(checkpoint["state_dict"][key])
-    _map_state(checkpoint, keys, head.weight.shape, gather_uneven)
+    k = head.sub_centers
+    rows = [(b - a) * k for a, b in shard_bounds(head.num_classes, shard.world_size)]
+
+    def gather(t: Tensor) -> Tensor:
+        return _gather_to_rank0(t, rows)
+
+    checkpoint["state_dict"][key] = gather(checkpoint["state_dict"][key])
+    _map_state(checkpoint, keys, head.weight.shape, gather)
+
+
+def _gather_to_rank0(t: Tensor, rows: list[int]) -> Tensor:
+    """Every rank's rows of ``t``, in rank order, on rank 0 and in CPU memory; the other ranks
+    keep their own rows (only rank 0 writes the checkpoint). One shard travels at a time, so
+    no device ever holds more than its own shard plus one other."""
+    if dist.get_rank() != 0:
+        dist.send(t.detach().contiguous(), dst=0)
+        return t
+    full = torch.empty((sum(rows), *t.shape[1:]), dtype=t.dtype)
+    full[: rows[0]] = t.detach().cpu()
+    start = rows[0]
+    for r in range(1, len(rows)):
+        part = t.new_empty((rows[r], *t.shape[1:]))
+        dist.recv(part, src=r)
+        full[start : start + rows[r]] = part.cpu()
+        start += rows[r]
+    return full
 
 
 def shard_centres(checkpoint: dict[str, Any], head: Any, key: str, source: str) -> None:
