@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "all_reduce_sum",
     "dedupe_by_index",
     "gather_for_loss",
     "gather_uneven",
@@ -236,16 +237,20 @@ def _gather_padded(tensor: Tensor, counts: list[int]) -> Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
 
 
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of ``x`` over DDP ranks, as a new detached tensor (the caller's is untouched)."""
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
 def sync_mean(x: Tensor) -> Tensor:
     """Mean of ``x`` over DDP ranks, detached (``x`` itself when not distributed).
 
     What the margin heads' running statistics use, so every rank keeps the same value.
     """
-    if world_size() > 1:
-        x = x.detach().clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
+    world = world_size()
+    return all_reduce_sum(x) / world if world > 1 else x
 
 
 class _GatherSumGrad(torch.autograd.Function):

@@ -14,15 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_metric.checks import check_int, check_labels, check_num_classes, check_range
-from lightning_metric.distributed import gather_uneven, gather_with_grad, sync_mean
+from lightning_metric.distributed import (
+    all_reduce_sum,
+    gather_uneven,
+    gather_with_grad,
+    sync_mean,
+)
 from lightning_metric.heads.functional import l2_normalize, normalize_embeddings
 from lightning_metric.heads.sampling import class_rows, sample_classes
-from lightning_metric.heads.sharding import (
-    ClassShard,
-    ShardingError,
-    all_reduce_sum,
-    shard_bounds,
-)
+from lightning_metric.heads.sharding import ClassShard, ShardingError, shard_bounds
 from lightning_metric.heads.streaming import streaming_margin_cross_entropy
 
 __all__ = ["MarginHead", "ShardingError"]
@@ -172,6 +172,10 @@ class MarginHead(nn.Module):
         """Whether the subclass re-weights non-target cosines (``negative_logits``)."""
         return type(self).negative_logits is not MarginHead.negative_logits
 
+    @property
+    def _keeps_statistics(self) -> bool:
+        return type(self).update_statistics is not MarginHead.update_statistics
+
     def class_cosine(self, x: Tensor, rows: Tensor) -> Tensor:
         """Cosines ``[B, n]`` of unit ``x [B, D]`` to ``n`` classes' rows ``[n * K, D]``."""
         cos = x @ l2_normalize(rows)[0].T
@@ -195,6 +199,12 @@ class MarginHead(nn.Module):
 
     def _prepare(self, embeddings: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Unit rows, norms and the finite-row mask (see ``functional.normalize_embeddings``)."""
+        self._check_embeddings(embeddings)
+        if labels is not None:
+            check_labels("labels", labels, self.num_classes, length=embeddings.shape[0])
+        return normalize_embeddings(embeddings)
+
+    def _check_embeddings(self, embeddings: Tensor) -> None:
         if not isinstance(embeddings, Tensor):
             raise TypeError(
                 f"embeddings must be a torch.Tensor [batch, embedding_dim={self.embedding_dim}], "
@@ -205,9 +215,6 @@ class MarginHead(nn.Module):
                 f"embeddings must have shape [batch, embedding_dim={self.embedding_dim}], "
                 f"got {tuple(embeddings.shape)} (width {embeddings.shape[-1]})"
             )
-        if labels is not None:
-            check_labels("labels", labels, self.num_classes, length=embeddings.shape[0])
-        return normalize_embeddings(embeddings)
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
         """Scaled cosine logits ``[B, C]``; a row with a NaN/Inf embedding gets NaN logits
@@ -245,7 +252,7 @@ class MarginHead(nn.Module):
         The rows were zeroed by ``_prepare``, so the update itself stays finite; restoring the
         buffers (no host sync) keeps a poisoned batch out of the running statistics.
         """
-        if type(self).update_statistics is MarginHead.update_statistics:
+        if not self._keeps_statistics:
             return
         if finite is None:
             self.update_statistics(cos_target, norms)
@@ -284,7 +291,10 @@ class MarginHead(nn.Module):
             )
         with torch.autocast(embeddings.device.type, enabled=False):
             if self.class_shard is not None:
-                self._prepare(embeddings, labels)  # this rank's inputs, checked before gathering
+                # The shape before gathering; the labels after, where every rank sees all of
+                # them and a bad one stops every rank at once (not one, leaving the rest
+                # waiting in the next collective).
+                self._check_embeddings(embeddings)
                 embeddings, labels = gather_with_grad(embeddings), gather_uneven(labels)
             x, norms, finite = self._prepare(embeddings, labels)
             poison = torch.where(finite.all(), 0.0, float("nan"))
@@ -306,7 +316,7 @@ class MarginHead(nn.Module):
             cos = self.class_cosine(x, self._rows(class_index))
             logits = self._margin_logits(cos, local, norms, finite)
             return F.cross_entropy(logits, local, label_smoothing=self.label_smoothing)
-        if self.training:
+        if self.training and self._keeps_statistics:
             with torch.no_grad():
                 rows = self.weight[class_rows(labels, self.sub_centers)]
                 cos_t = self.target_cosine(x, rows)
@@ -338,7 +348,7 @@ class MarginHead(nn.Module):
             local = torch.full_like(labels, -1)
             local[here] = picked
             n = class_index.numel()
-        if self.training:
+        if self.training and self._keeps_statistics:
             with torch.no_grad():
                 cos_t = torch.zeros_like(norms)
                 rows = self.weight[class_rows(target_class[here], self.sub_centers)]
@@ -375,7 +385,7 @@ class MarginHead(nn.Module):
                 f"{type(self).__name__} overrides loss() or forward(), so its class centres "
                 f"cannot be sharded across the {world_size} DDP ranks; shard_classes=True needs "
                 "a head that customises only the hooks target_logit / negative_logits / "
-                "update_statistics"
+                "update_statistics / select_classes"
             )
         if self.num_classes < world_size:
             raise ShardingError(

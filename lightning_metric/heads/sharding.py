@@ -17,11 +17,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_metric.distributed import all_reduce_sum
+
 __all__ = [
     "CHECKPOINT_KEY",
     "ClassShard",
     "ShardingError",
-    "all_reduce_sum",
     "consolidate_centres",
     "logsumexp_across_ranks",
     "shard_bounds",
@@ -61,13 +62,6 @@ def shard_bounds(num_classes: int, world_size: int) -> list[tuple[int, int]]:
         bounds.append((start, stop))
         start = stop
     return bounds
-
-
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum over ranks (a new tensor, no gradient)."""
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t
 
 
 def logsumexp_across_ranks(lse: Tensor) -> Tensor:

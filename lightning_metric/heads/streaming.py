@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_metric.distributed import all_reduce_sum
 from lightning_metric.heads.functional import l2_normalize
 from lightning_metric.heads.sampling import class_rows
-from lightning_metric.heads.sharding import ClassShard, all_reduce_sum, logsumexp_across_ranks
+from lightning_metric.heads.sharding import ClassShard, logsumexp_across_ranks
 
 __all__ = ["StreamingHead", "chunk_logits", "plain_negatives", "streaming_margin_cross_entropy"]
 
@@ -153,7 +154,10 @@ class _StreamingMarginCE(torch.autograd.Function):
         shard: ClassShard | None,
     ) -> Tensor:
         plan = _Plan(head, class_index, chunk_size)
-        n_total = plan.n
+        # Classes in the softmax over all ranks; None when sharded without label smoothing, the
+        # one use of the exact count (which costs a collective and a host sync per step): a
+        # sharded softmax always has several classes, every rank holding at least one.
+        n_total: int | None = plan.n
         if shard is None:
             owned = None
             z_t = _target_logits(head, x, weight, norms, target_class)
@@ -162,7 +166,9 @@ class _StreamingMarginCE(torch.autograd.Function):
             z_t = x.new_zeros(x.shape[0])
             z_t[owned] = _target_logits(head, x[owned], weight, norms[owned], target_class[owned])
             z_t = all_reduce_sum(z_t)
-            n_total = int(all_reduce_sum(torch.tensor(plan.n, device=x.device)))
+            n_total = None
+            if smoothing > 0:
+                n_total = int(all_reduce_sum(torch.tensor(plan.n, device=x.device)))
         target = z_t / head.scale
         # A fixed per-row shift instead of a running max: it rides inside the chunk GEMM.
         # Non-target logits lie in [-s, top], so with this shift every exp() argument is
@@ -172,7 +178,8 @@ class _StreamingMarginCE(torch.autograd.Function):
         top = head.scale * head.max_negative_cos  # no non-target logit exceeds this
         floor = min(top - _HEADROOM, 80.0 - head.scale)
         # (With a single class there are no negatives to keep the sum above zero.)
-        shift = torch.maximum(z_t, z_t.new_tensor(floor)) if n_total > 1 else z_t.clone()
+        several = n_total is None or n_total > 1
+        shift = torch.maximum(z_t, z_t.new_tensor(floor)) if several else z_t.clone()
         may_overflow = floor < top - _HEADROOM
         run_sum = torch.zeros_like(z_t)
         z_sum = torch.zeros_like(z_t) if smoothing > 0 else None
@@ -197,11 +204,12 @@ class _StreamingMarginCE(torch.autograd.Function):
                 z_sum = all_reduce_sum(z_sum)
         lse = torch.logaddexp(lse_negatives, z_t)
         per_row = lse - (1.0 - smoothing) * z_t
+        off = smoothing / n_total if n_total else 0.0  # label smoothing's uniform part
         if z_sum is not None:
-            per_row = per_row - smoothing / n_total * (z_sum + z_t)
+            per_row = per_row - off * (z_sum + z_t)
         ctx.save_for_backward(x, weight, norms, target_class, local, lse, target)
         ctx.plan, ctx.head, ctx.smoothing = plan, head, smoothing
-        ctx.owned, ctx.n_total = owned, n_total
+        ctx.owned, ctx.off = owned, off
         return per_row.mean()
 
     @staticmethod
@@ -215,7 +223,7 @@ class _StreamingMarginCE(torch.autograd.Function):
         # d loss / d z = g * (softmax - (1 - eps) onehot - eps / n); g is applied to the small
         # [B, D] / [chunk, D] gradients, not to the [B, chunk] block.
         g = float(grad_out) / x.shape[0]
-        off = smoothing / ctx.n_total
+        off: float = ctx.off
         need_w = ctx.needs_input_grad[1]
         grad_x = torch.zeros_like(x)
         grad_w = None
