@@ -23,6 +23,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny models: a second only adds synchronisation, and
+    thrashes when the machine is busy (~10x slower on a shared 2-core machine). Modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp_path(tmp_path, monkeypatch) -> None:
     """Example configs write outputs/ relative to the working directory: keep it per test."""

@@ -119,14 +119,7 @@ def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     return worst
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: one intra-op thread is ~10x faster than two on a shared 2-core
-    machine (same numbers: resume is compared within one thread setting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ any world size (2 -> 1, 1 -> 3, 2 -> 3); resume is exact."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pytest
 import torch
 from ddp_harness import FileRendezvousDDP
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_sharded_heads import close
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -119,21 +119,14 @@ def _fit(
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        scale = max(1.0, float(b[key].abs().max()))
-        err = float((a[key].double() - b[key].double()).abs().max())
-        assert err <= tol * scale, f"{key}: max difference {err:.3g}"
+        close(a[key], b[key], key, tol)
 
 
 def without(args: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k != key}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread
 
 
 @pytest.mark.ddp
