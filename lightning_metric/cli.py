@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -19,6 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_metric.callbacks.prediction_writer import EmbeddingIndexWriter
+from lightning_metric.checkpoint_settings import reconcile_checkpoint_settings
 from lightning_metric.commands import COMMANDS, run_command
 from lightning_metric.module import MetricLearningModule
 from lightning_metric.precision import bf16_is_emulated, default_precision
@@ -50,6 +52,27 @@ class LightningMetricCLI(LightningCLI):
         parser.link_arguments(
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path``, Lightning parses the checkpoint's saved model settings over
+        the given ones; a given setting that differs is applied or refused, never dropped
+        (:mod:`lightning_metric.checkpoint_settings` has the rule)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return super()._parse_ckpt_path()
+        given = copy.deepcopy(self.config[subcommand])
+        super()._parse_ckpt_path()
+        merged = self.config[subcommand]
+        if given.get("model") is None or merged.get("model") is None:
+            return None
+        _fill_pml_sizes(given)  # the checkpoint's hyper-parameters hold the filled sizes
+        applied = reconcile_checkpoint_settings(
+            given["model"], merged["model"], subcommand, str(ckpt_path)
+        )
+        for key, (old, new) in applied.items():
+            rank_zero_info(f"--ckpt_path: {key}={new!r} applied (the checkpoint has {old!r})")
+        return None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
