@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -37,6 +36,12 @@ from lightning_metric.distributed import world_size
 from lightning_metric.heads import MarginHead
 from lightning_metric.heads.sharding import ShardingError, consolidate_centres, shard_centres
 from lightning_metric.necks import EmbeddingNeck
+from lightning_metric.nonfinite import (
+    CAUSES,
+    NonFiniteError,
+    first_nonfinite_gradient,
+    nonfinite_flags,
+)
 from lightning_metric.pml import (
     check_modules,
     check_objective,
@@ -86,13 +91,21 @@ class MetricLearningModule(LightningModule):
             embeddings of all ranks, so pairs cross GPUs and the loss and model gradients are
             those of one big batch on one device. Required for ``CrossBatchMemory``, whose
             memory must be identical on every rank. No effect with a head or on one device.
-        nonfinite: what a training step whose loss or embeddings hold NaN/Inf does.
-            ``"raise"`` (default) stops with a ``FloatingPointError`` naming the global step,
-            the epoch, the non-finite values and the likely causes. ``"skip"`` drops the
-            step instead: no weight update, buffers (BatchNorm statistics, head statistics)
-            restored to before the step, a warning, and the running count logged as
+        nonfinite: what a training step whose loss, embeddings or gradients hold NaN/Inf
+            does. The loss and embeddings are checked after the forward pass, the gradients
+            after backward and before the optimizer step (after gradient accumulation: the
+            window's summed gradients). ``"raise"`` (default) stops with a
+            :class:`~lightning_metric.nonfinite.NonFiniteError` (a ``FloatingPointError``)
+            naming the global step, the epoch, the non-finite values (for gradients the
+            first parameter holding NaN/Inf) and the likely causes. ``"skip"`` drops the
+            step instead: no weight update and no optimizer-state change, buffers (BatchNorm
+            statistics, head statistics, a ``CrossBatchMemory`` queue) restored to before
+            the step, a warning, and the running count logged as
             ``train/skipped_nonfinite_steps``. The learning-rate schedule still advances.
-            Under DDP every rank takes the same decision (the flag is reduced across ranks).
+            Under DDP every rank takes the same decision (the flags are reduced across
+            ranks). With ``precision="16-mixed"`` the gradients are left to the GradScaler,
+            which skips steps with Inf/NaN gradients and lowers its scale by design (an
+            overflow there is routine, not an error); loss and embeddings are still checked.
     """
 
     def __init__(
@@ -144,6 +157,9 @@ class MetricLearningModule(LightningModule):
         # step was kept (its gradients are used) or every one was skipped (no update at all).
         self.skipped_nonfinite_steps = 0
         self._kept_since_step = False
+        # "skip": the state before the accumulation window's first batch, restored when the
+        # window's gradients are not finite (its forward passes changed buffers).
+        self._window_restore: Optional[Callable[[], None]] = None
 
     # -- embedding -------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,9 +193,11 @@ class MetricLearningModule(LightningModule):
         # Forward passes update state (BatchNorm statistics, a memory queue): a skipped step
         # must not, so "skip" takes a snapshot to restore.
         restore = self._snapshot_state() if self.nonfinite == "skip" else None
+        if self._window_restore is None:
+            self._window_restore = restore
         embeddings = self.embed(x)
         loss = self.compute_loss(embeddings, labels)
-        if any(_nonfinite_flags(loss, embeddings)):
+        if any(nonfinite_flags(loss, embeddings)):
             report = self._nonfinite_report(x, embeddings, loss, batch_idx)
             return self._skip_nonfinite(report, restore, len(labels))
         self._kept_since_step = True
@@ -206,13 +224,7 @@ class MetricLearningModule(LightningModule):
     ) -> torch.Tensor:
         """Raise (``nonfinite="raise"``, no ``restore``), or undo the step and return a zero loss."""
         if restore is None:
-            raise FloatingPointError(
-                f"{report}. Likely causes: a learning rate too high (lower it, add warm-up "
-                "or Trainer(gradient_clip_val=...)); float16 overflow (use "
-                "precision='bf16-mixed' or '32-true'); bad input rows (NaN/Inf in the "
-                "data, check the dataset). To skip such steps instead, pass "
-                "MetricLearningModule(nonfinite='skip')."
-            )
+            raise NonFiniteError(f"{report}. {CAUSES}", self.global_step)
         restore()
         self.skipped_nonfinite_steps += 1
         rank_zero_warn(f"{report}; skipped (nonfinite='skip'): no weight update")
@@ -303,23 +315,50 @@ class MetricLearningModule(LightningModule):
         optimizer: Any,
         optimizer_closure: Optional[Callable[[], Any]] = None,
     ) -> None:
-        """With ``nonfinite="skip"``: when every batch since the last step was skipped, the
-        gradients are dropped (set to None) so the optimizer changes no weight and no state."""
-        if self.nonfinite != "skip" or optimizer_closure is None:
+        """After backward, before the update: non-finite gradients raise or (``"skip"``) are
+        dropped, and so are the gradients of a window whose every batch was skipped. Dropped
+        gradients are set to None, so the optimizer changes no weight and no state."""
+        if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         closure = optimizer_closure
+        # A GradScaler (16-mixed) skips Inf/NaN gradient steps itself and lowers its scale:
+        # overflow is how it finds the scale, so it is not ours to raise or count.
+        check_gradients = getattr(self.trainer.precision_plugin, "scaler", None) is None
 
         def guarded_closure() -> Any:
             result = closure()
-            if not self._kept_since_step:
+            if self.nonfinite == "skip" and not self._kept_since_step:
                 optimizer.zero_grad(set_to_none=True)
                 return None  # AMP's GradScaler then skips its step as well
-            return result
+            bad = first_nonfinite_gradient(self.named_parameters()) if check_gradients else None
+            if bad is None:
+                return result
+            self._skip_nonfinite_gradients(bad, batch_idx)
+            optimizer.zero_grad(set_to_none=True)
+            return None
 
         try:
             return super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
         finally:
             self._kept_since_step = False
+            self._window_restore = None
+
+    def _skip_nonfinite_gradients(self, parameter: str, batch_idx: int) -> None:
+        """Raise naming ``parameter`` (``"raise"``), or undo the window's buffer changes and
+        count the step (``"skip"``); the caller drops the gradients."""
+        report = (
+            f"non-finite gradient at global step {self.global_step} (epoch "
+            f"{self.current_epoch}, batch {batch_idx}): the gradient of {parameter!r} holds "
+            f"NaN/Inf{' on at least one rank' if world_size() > 1 else ''}, while the loss and "
+            "embeddings are finite"
+        )
+        if self.nonfinite == "raise":
+            raise NonFiniteError(f"{report}. {CAUSES}", self.global_step, parameter)
+        if self._window_restore is not None:
+            self._window_restore()
+        self.skipped_nonfinite_steps += 1
+        rank_zero_warn(f"{report}; skipped (nonfinite='skip'): no weight update")
+        self._log_skipped(1)
 
     def configure_callbacks(self) -> list[Callback]:
         """A DDP run that fails because a rank died names that rank (:class:`LostRankReport`)."""
@@ -524,21 +563,6 @@ def _qualified_name(obj: object) -> str:
     func = obj.func if isinstance(obj, functools.partial) else obj
     cls = func if inspect.isclass(func) else type(func)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _nonfinite_flags(loss: torch.Tensor, embeddings: torch.Tensor) -> tuple[bool, bool]:
-    """Whether the loss / the embeddings hold NaN or Inf, on any rank (one host sync).
-
-    Reduced across DDP ranks so that every rank raises, or skips, together: a rank that
-    went on to backward alone would wait forever in the gradient all-reduce.
-    """
-    flags = torch.stack(
-        [~torch.isfinite(loss.detach()).all(), ~torch.isfinite(embeddings.detach()).all()]
-    ).to(torch.int32)
-    if world_size() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad_loss, bad_embeddings = flags.tolist()
-    return bool(bad_loss), bool(bad_embeddings)
 
 
 def _under_lightning_cli() -> bool:
