@@ -29,13 +29,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_metric.checks import check_int, check_k, check_real, check_top_k
+from lightning_metric.checks import (
+    ArgumentTypeError,
+    check_finite_rows,
+    check_int,
+    check_k,
+    check_labels,
+    check_range,
+    check_top_k,
+)
 from lightning_metric.retrieval.knn import Metric
 
 __all__ = [
@@ -43,6 +51,7 @@ __all__ = [
     "QueryExpansion",
     "Reranker",
     "alpha_query_expansion",
+    "check_reranked",
     "database_side_augmentation",
     "k_reciprocal",
     "k_reciprocal_all",
@@ -56,8 +65,13 @@ def _np(x: ArrayLike, name: str) -> np.ndarray:
     arr = x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x, float)
     if arr.ndim != 2:
         raise ValueError(f"`{name}` must be a 2-D distance matrix, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"`{name}` holds NaN or Inf distances")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"`{name}` holds {int(bad.sum())} NaN/Inf distances (first at [{row}, {col}]: "
+            f"{arr[row, col]}); check the embeddings they were computed from"
+        )
     if (arr < 0).any():
         raise ValueError(
             f"`{name}` holds negative values ({arr.min():.3g}): pass distances (e.g. squared "
@@ -69,10 +83,29 @@ def _np(x: ArrayLike, name: str) -> np.ndarray:
 def _check_params(k1: int, k2: int, lambda_value: float) -> tuple[int, int, float]:
     k1 = check_int("k1", k1, minimum=1)
     k2 = check_int("k2", k2, minimum=1)
-    lam = check_real("lambda_value", lambda_value)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"`lambda_value` must be in [0, 1], got {lambda_value!r}")
-    return k1, k2, lam
+    return k1, k2, check_range("lambda_value", lambda_value, 0.0, 1.0)
+
+
+def _check_expansion(k: int, alpha: float) -> tuple[int, float]:
+    """``k`` >= 1 neighbours; ``alpha`` finite and >= 0 (a negative power of a zero
+    similarity is Inf, and the expanded vector NaN)."""
+    return check_int("k", k, minimum=1), check_range("alpha", alpha, 0.0)
+
+
+def _check_vectors(name: str, x: Any, dim: Optional[int] = None) -> Tensor:
+    """A non-empty, finite ``[N, D]`` float tensor (``D == dim`` when given)."""
+    if not isinstance(x, Tensor):
+        raise ArgumentTypeError(f"`{name}` must be a torch.Tensor [N, D], got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(
+            f"`{name}` must be a non-empty 2-D tensor [N, D], got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ArgumentTypeError(f"`{name}` must hold floating-point embeddings, got {x.dtype}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"`{name}` has dimension {x.shape[1]}, but the queries have {dim}")
+    check_finite_rows(name, x)
+    return x
 
 
 def k_reciprocal(
@@ -118,7 +151,7 @@ def k_reciprocal_all(
     n = d.shape[0]
     if d.shape != (n, n):
         raise ValueError(f"`dist` must be square [N, N], got {d.shape}")
-    nq = n if num_query is None else check_int("num_query", num_query, minimum=1)
+    nq = n if num_query is None else check_int("num_query", num_query, minimum=1, maximum=n)
     if n < 2:
         raise ValueError("k-reciprocal re-ranking needs at least 2 items")
     scale = d.max(axis=1, keepdims=True)
@@ -175,9 +208,12 @@ def alpha_query_expansion(query: Tensor, gallery: Tensor, k: int = 2, alpha: flo
     """alpha-QE (Radenović et al., "Fine-tuning CNN Image Retrieval with No Human
     Annotation", TPAMI 2018): each unit-norm query ``q`` becomes
     ``normalize(q + sum_{i<=k} max(q.g_i, 0)^alpha g_i)`` over its ``k`` most similar
-    gallery vectors ``g_i`` (``alpha = 0``: average query expansion). Returns ``[Q, D]``."""
+    gallery vectors ``g_i`` (``alpha = 0``: average query expansion; a ``k`` above the
+    gallery size uses the whole gallery). Returns ``[Q, D]``."""
     k = check_int("k", k, minimum=1)
-    alpha = check_real("alpha", alpha)
+    k, alpha = _check_expansion(k, alpha)
+    query = _check_vectors("query", query)
+    gallery = _check_vectors("gallery", gallery, query.shape[1])
     return _topk_weighted_sum(query.float(), gallery.float(), k, alpha, exclude_self=False)
 
 
@@ -185,8 +221,8 @@ def database_side_augmentation(gallery: Tensor, k: int = 2, alpha: float = 3.0) 
     """DBA: every unit-norm gallery vector ``g`` becomes
     ``normalize(g + sum_{i<=k} max(g.g_i, 0)^alpha g_i)`` over its ``k`` most similar
     *other* gallery vectors. Returns ``[G, D]``."""
-    k = check_int("k", k, minimum=1)
-    alpha = check_real("alpha", alpha)
+    k, alpha = _check_expansion(k, alpha)
+    gallery = _check_vectors("gallery", gallery)
     if gallery.shape[0] < 2:
         raise ValueError("database_side_augmentation needs at least 2 gallery vectors")
     g = gallery.float()
@@ -224,10 +260,12 @@ class KReciprocal(Reranker):
         self.k1, self.k2, self.lambda_value = _check_params(k1, k2, lambda_value)
 
     def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Metric) -> Tensor:
+        query = _check_vectors("query", query)
         if reference is None:
             d = _distances(query, query, metric).cpu().numpy()
             out = k_reciprocal_all(d, self.k1, self.k2, self.lambda_value)
         else:
+            reference = _check_vectors("reference", reference, query.shape[1])
             out = k_reciprocal(
                 _distances(query, reference, metric).cpu().numpy(),
                 _distances(query, query, metric).cpu().numpy(),
@@ -247,9 +285,10 @@ class QueryExpansion(Reranker):
     reference set, as a :class:`Reranker` (for unit-norm embeddings: cosine / ip)."""
 
     def __init__(self, k: int = 2, alpha: float = 3.0, dba: bool = False) -> None:
-        self.k = check_int("k", k, minimum=1)
-        self.alpha = check_real("alpha", alpha)
-        self.dba = bool(dba)
+        self.k, self.alpha = _check_expansion(k, alpha)
+        if not isinstance(dba, bool):
+            raise ArgumentTypeError(f"`dba` must be True or False, got {dba!r}")
+        self.dba = dba
 
     def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Metric) -> Tensor:
         if reference is None:  # one set: DBA of it is also its leave-one-out QE
@@ -265,6 +304,34 @@ class QueryExpansion(Reranker):
         return f"QueryExpansion(k={self.k}, alpha={self.alpha}, dba={self.dba})"
 
 
+def check_reranked(distances: Any, num_query: int, num_reference: int, source: str) -> Tensor:
+    """What a re-ranker returned, as a float64 CPU tensor: ``[num_query, num_reference]``
+    finite distances. A NaN would sort last and an Inf tie with the excluded self-matches,
+    so either would give a silently wrong recall; ``source`` names the re-ranker."""
+    if not isinstance(distances, Tensor | np.ndarray):
+        raise ArgumentTypeError(
+            f"{source} must return a [Q, R] tensor of distances, got {type(distances).__name__}"
+        )
+    dist = torch.as_tensor(distances)
+    if dist.is_complex() or dist.dtype == torch.bool:
+        raise ArgumentTypeError(f"{source} must return real distances, got dtype {dist.dtype}")
+    if tuple(dist.shape) != (num_query, num_reference):
+        raise ValueError(
+            f"{source} returned distances of shape {tuple(dist.shape)}; expected "
+            f"({num_query}, {num_reference}) = (queries, reference items)"
+        )
+    dist = dist.detach().double().cpu()
+    bad = ~torch.isfinite(dist)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{source} returned {int(bad.sum())} NaN/Inf distances (first at [{row}, {col}]: "
+            f"{float(dist[row, col])}); re-ranked metrics would be silently wrong. Check its "
+            "parameters and inputs (use a large finite distance for 'never')"
+        )
+    return dist
+
+
 def ranking_metrics(
     distances: ArrayLike,
     query_labels: Tensor,
@@ -277,15 +344,18 @@ def ranking_metrics(
     definitions of :func:`lightning_metric.retrieval.retrieval_metrics`. ``exclude [Q]``:
     the reference row of each query itself (``-1``: none), never retrieved."""
     ks = check_k(k)
-    dist = torch.as_tensor(
-        np.asarray(distances) if not isinstance(distances, Tensor) else distances
-    )
-    dist = dist.double().cpu().clone()
-    nq, nr = dist.shape
-    qlab = query_labels.cpu().long()
-    rlab = reference_labels.cpu().long()
+    qlab = check_labels("query_labels", query_labels).cpu()
+    rlab = check_labels("reference_labels", reference_labels).cpu()
+    nq, nr = len(qlab), len(rlab)
+    dist = check_reranked(distances, nq, nr, "`distances`").clone()
     if exclude is not None:
-        ex = exclude.cpu().long()
+        ex = check_labels("exclude", exclude, length=nq).cpu()
+        if bool(((ex < -1) | (ex >= nr)).any()):
+            bad = int(ex[(ex < -1) | (ex >= nr)][0])
+            raise ValueError(
+                f"`exclude` holds {bad}: each entry must be a reference row in [0, {nr}) or "
+                "-1 (no own entry)"
+            )
         rows = (ex >= 0).nonzero()[:, 0]
         dist[rows, ex[rows]] = float("inf")
     candidates = nr - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)

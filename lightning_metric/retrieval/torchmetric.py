@@ -13,7 +13,7 @@ from lightning_metric.checks import ArgumentTypeError, check_choice, check_k, ch
 from lightning_metric.retrieval.accumulator import ROLE_CODES, EmbeddingAccumulator
 from lightning_metric.retrieval.knn import Metric, prepare, same_rows
 from lightning_metric.retrieval.ranking import retrieval_metrics
-from lightning_metric.retrieval.rerank import Reranker, ranking_metrics
+from lightning_metric.retrieval.rerank import Reranker, check_reranked, ranking_metrics
 
 __all__ = ["RetrievalMetrics"]
 
@@ -177,6 +177,8 @@ class RetrievalMetrics(EmbeddingAccumulator):
             exclude = torch.arange(x.shape[0], device=x.device)
             dist = self.rerank(x, None, self.metric)
             qlab = rlab = labels
+        # Checked here to name the re-ranker (a user's may return NaN or the wrong shape).
+        dist = check_reranked(dist, len(qlab), len(rlab), f"the re-ranker {self.rerank!r}")
         result = ranking_metrics(
             dist, qlab, rlab, tuple(sorted(set(ks.values()))), exclude=exclude.cpu()
         )
