@@ -12,6 +12,7 @@ from lightning_metric.retrieval import retrieval_metrics
 from lightning_metric.retrieval.rerank import (
     KReciprocal,
     QueryExpansion,
+    Reranker,
     alpha_query_expansion,
     database_side_augmentation,
     k_reciprocal,
@@ -227,3 +228,31 @@ def test_recall_callback_logs_reranked_metrics_in_a_fit() -> None:
     logged = trainer.callback_metrics
     assert {"val/recall@1", "val/rerank/recall@1", "val/rerank/map@r"} <= set(logged)
     assert 0.0 <= float(logged["val/rerank/recall@1"]) <= 1.0
+
+
+class _NaNReranker(Reranker):
+    """A user's re-ranker gone wrong: NaN where it should give a distance."""
+
+    def __call__(self, query: torch.Tensor, reference, metric: str) -> torch.Tensor:
+        out = 2 - 2 * query.double() @ (query if reference is None else reference).double().T
+        out[:, 0] = float("nan")
+        return out
+
+
+def test_a_re_ranker_returning_nan_is_an_error_not_a_perfect_recall() -> None:
+    from lightning_metric.retrieval import RetrievalMetrics
+
+    torch.manual_seed(4)
+    emb = _unit(torch.randn(20, 8))
+    labels = torch.randint(0, 4, (20,))
+    metric = RetrievalMetrics(k=1, rerank=_NaNReranker())
+    metric.update(emb, labels, torch.arange(20))
+    with pytest.raises(ValueError, match=r"re-ranker .*_NaNReranker.* 20 NaN/Inf distances"):
+        metric.compute()
+
+
+def test_query_expansion_with_k_above_the_gallery_uses_the_whole_gallery() -> None:
+    torch.manual_seed(5)
+    q, g = _unit(torch.randn(3, 4)), _unit(torch.randn(5, 4))
+    expected = q + ((q @ g.T).clamp(min=0) ** 2.0) @ g  # every gallery vector, by formula
+    torch.testing.assert_close(alpha_query_expansion(q, g, k=50, alpha=2.0), _unit(expected))
