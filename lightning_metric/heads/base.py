@@ -378,6 +378,9 @@ class MarginHead(nn.Module):
         weights a single process would hold. ``MetricLearningModule.setup`` calls this under
         DDP; a world of one leaves the head whole.
         """
+        # A negative rank would index the shard list from its end: a silently wrong shard.
+        world_size = check_int("world_size", world_size, minimum=1)
+        rank = check_int("rank", rank, minimum=0, maximum=world_size - 1)
         if world_size == 1 or self.class_shard is not None:
             return
         if type(self).loss is not MarginHead.loss or type(self).forward is not MarginHead.forward:
