@@ -515,3 +515,24 @@ def test_ddp_rank_local_nan_gradient_raises_on_every_rank(tmp_path) -> None:
         _ddp_fit(model, _batches(n=6), str(tmp_path))
     # Rank 0, whose own gradients are finite, raised the same error (no hang, no drift).
     assert sorted(p.name for p in tmp_path.glob("raised*")) == ["raised0", "raised1"]
+
+
+def test_under_a_grad_scaler_nan_gradients_are_left_to_the_scaler() -> None:
+    # 16-mixed: overflow is how the GradScaler finds its scale; it skips the step and halves
+    # the scale. Raising there would stop every fp16 run at its first overflow.
+    from lightning.pytorch.plugins import MixedPrecision
+
+    model = _gradient_module(calls=(1,))  # nonfinite="raise"
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
+    trainer.fit(model, DataLoader(_Batches(_batches(n=3)), batch_size=None))
+    assert trainer.global_step == 3 and scaler.get_scale() == 512.0  # one skip, by the scaler
+    assert all(torch.isfinite(p).all() for p in model.parameters())
