@@ -11,16 +11,18 @@ given model settings with the merged ones and never lets one be dropped:
   ``gather_across_ranks``; under ``validate`` / ``test`` / ``predict`` also every
   training-only setting (``optimizer``, ``lr_scheduler``, ``objective_lr``,
   ``lr_scheduler_interval``), which evaluation does not use.
-* **refused** (:class:`CheckpointSettingsError`), every other model setting: the backbone,
-  neck, head (class or arguments), loss, miner, ``embedding_dim`` and ``num_classes`` describe
-  the weights (they would not load, or would load and be read with another meaning, e.g. a
-  head's margin); the optimizer (class or arguments such as ``lr``), ``objective_lr``, the
-  LR scheduler and its interval are restored from the checkpoint's optimizer and scheduler
-  state, which would overwrite or reinterpret the new value.
+* **refused** (:class:`CheckpointSettingsError`): the model class (``--model=...``) and
+  every other model setting. The backbone, neck, head (class or arguments), loss, miner,
+  ``embedding_dim`` and ``num_classes`` describe the weights (they would not load, or would
+  load and be read with another meaning, e.g. a head's margin); the optimizer (class or
+  arguments such as ``lr``), ``objective_lr``, the LR scheduler and its interval are
+  restored from the checkpoint's optimizer and scheduler state, which would overwrite or
+  reinterpret the new value.
 
-A refused setting is changed by starting a new run without ``--ckpt_path``, or by loading the
-weights into a new model in Python (``MetricLearningModule.load_from_checkpoint(path,
-**changes)`` or ``load_state_dict``) and training that.
+To change a refused setting, start a new run without ``--ckpt_path``; or, where the weights
+still fit the new settings (optimizer, learning rate, scheduler, a head's margin), load them
+in Python with ``MetricLearningModule.load_from_checkpoint(path, **changes)`` and fit that
+model, which starts a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ def reconcile_checkpoint_settings(
     before, after = _init_args(given), _init_args(merged)
     applied: dict[str, tuple[Any, Any]] = {}
     refused: list[str] = []
+    model_class = getattr(merged, "class_path", None), getattr(given, "class_path", None)
+    if None not in model_class and model_class[0] != model_class[1]:
+        refused.append(
+            f"--model.class_path: checkpoint {model_class[0]!r}, given {model_class[1]!r}"
+        )
     for name in sorted(before.keys() | after.keys()):
         old, new = after.get(name), before.get(name)
         if name == "num_classes" and new is None:

@@ -18,6 +18,7 @@ import torch
 from test_nan_guard import _batches, _fit, _gradient_module, _module
 from test_resume_flags import tiny_args, tiny_checkpoint
 
+from lightning_metric import MetricLearningModule
 from lightning_metric.checkpoint_settings import CheckpointSettingsError
 from lightning_metric.checks import ArgumentTypeError
 from lightning_metric.cli import main
@@ -60,6 +61,10 @@ def resume(tmp_path: Path, *flags: str, command: str = "fit") -> Any:
     return main(
         [command, *tiny_args(tmp_path / "run", 2), f"--ckpt_path={_CHECKPOINT['path']}", *flags]
     )
+
+
+class SubModule(MetricLearningModule):
+    """A user's subclass, given as ``--model`` to resume a MetricLearningModule checkpoint."""
 
 
 def gather_applied(tmp_path: Path) -> None:
@@ -183,6 +188,12 @@ ROWS: list[Row] = [
         lambda t: resume(t, "--model.head.margin=0.1", command="validate"),
         CheckpointSettingsError,
         r"validate --ckpt_path.*margin: checkpoint 0\.3, given 0\.1",
+    ),
+    (
+        "resume with another model class",
+        lambda t: resume(t, f"--model={__name__}.SubModule"),
+        CheckpointSettingsError,
+        r"--model\.class_path: checkpoint 'lightning_metric\.MetricLearningModule', given '.*SubModule'",
     ),
     ("resume gather_across_ranks applied", gather_applied, None, ""),
     # non-finite steps
