@@ -24,7 +24,7 @@ from lightning_metric.checks import ArgumentTypeError
 from lightning_metric.cli import main
 from lightning_metric.heads import ArcFaceHead, ShardingError
 from lightning_metric.heads.sharding import shard_centres
-from lightning_metric.nonfinite import NonFiniteError
+from lightning_metric.nonfinite import NonFiniteError, first_nonfinite_gradient
 from lightning_metric.retrieval import RetrievalMetrics
 from lightning_metric.retrieval.rerank import (
     KReciprocal,
@@ -105,6 +105,26 @@ def every_step_skipped_leaves_the_model_as_built() -> None:
     assert model.skipped_nonfinite_steps == 3 and trainer.global_step == 3
     for name, value in before.items():
         assert torch.equal(value, model.state_dict()[name]), name
+
+
+def gradient_check_equals_brute_force() -> None:
+    cases = {
+        "huge": torch.full((3,), 3e38),
+        "empty": torch.zeros(0),
+        "none": None,
+        "minus_inf": torch.tensor([1.0, -float("inf")]),
+        "nan": torch.tensor([float("nan"), 1.0]),
+        "half": torch.tensor([65504.0], dtype=torch.float16),
+    }
+    params = []
+    for name, grad in cases.items():
+        dtype = torch.float32 if grad is None else grad.dtype
+        p = torch.nn.Parameter(torch.zeros(1 if grad is None else grad.shape, dtype=dtype))
+        p.grad = grad
+        params.append((name, p))
+    brute = [n for n, p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert first_nonfinite_gradient(params) == brute[0] == "minus_inf"
+    assert first_nonfinite_gradient(params[:3] + params[5:]) is None  # all finite or absent
 
 
 # --- re-ranking ----------------------------------------------------------------------------------
@@ -217,6 +237,7 @@ ROWS: list[Row] = [
         r"global step 0 .*gradient of 'backbone\..*' holds NaN/Inf",
     ),
     ("skip on a clean run", skip_on_a_clean_run_changes_nothing, None, ""),
+    ("gradient check vs isfinite", gradient_check_equals_brute_force, None, ""),
     ("every step skipped", every_step_skipped_leaves_the_model_as_built, None, ""),
     # re-ranking parameters: refused at construction
     (
