@@ -342,7 +342,7 @@ class ArrayDataModule(pl.LightningDataModule):
                 # Said once, where the splits are made: a checkpoint picked on val is then
                 # picked on the test set, and test figures are optimistic.
                 rank_zero_warn(
-                    f"{type(self).__name__}: val and test serve the same items ({shared}); "
+                    f"{type(self).__name__}: val and test serve {shared}; "
                     "checkpoints chosen on val are chosen on the test set"
                 )
 

@@ -87,7 +87,7 @@ class _BenchmarkDataModule(ImageFileDataModule):
         shared = super().shared_eval_splits()
         if shared is None:
             return None
-        return f"{shared}; the {self.name} protocol has no validation split"
+        return f"{shared} (the {self.name} protocol has no validation split)"
 
 
 def _train_test_by_class(
@@ -250,8 +250,8 @@ class InShopDataModule(_BenchmarkDataModule):
     def shared_eval_splits(self) -> Optional[str]:
         query, gallery = self.datasets["query"], self.datasets["gallery"]
         return (
-            f"[query, gallery] = [{len(query)}, {len(gallery)}] images for both; the In-Shop "
-            "protocol has no validation split"
+            f"the same [query, gallery] = [{len(query)}, {len(gallery)}] images (the In-Shop "
+            "protocol has no validation split)"
         )
 
     def _loader(self, split: str) -> DataLoader:
