@@ -24,6 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_metric.checks import check_int, check_metric
+from lightning_metric.data.preprocess import PreprocessingError, record_of_input
+
 __all__ = ["FORMATS", "ExportError", "describe_input", "export", "sidecar_path"]
 
 FORMATS = {".onnx": "onnx", ".pt": "torchscript"}
@@ -63,8 +66,6 @@ def describe_input(datamodule: Any, example_input: Tensor) -> dict[str, Any]:
     make ``example_input``'s shape), ``preprocessing`` is ``None`` and ``preprocessing_unknown``
     says why; ``search --query`` then refuses with that reason.
     """
-    from lightning_metric.data.preprocess import PreprocessingError
-
     shape = [int(s) for s in example_input.shape[1:]]
     info: dict[str, Any] = {"shape": shape, "dtype": str(example_input.dtype).split(".")[-1]}
     reason = None
@@ -175,6 +176,17 @@ def export(
             "example_input must be a batch tensor [B, ...] (e.g. a sample batch's 'x'), got "
             f"{type(example_input).__name__} of shape {tuple(getattr(example_input, 'shape', ()))}"
         )
+    check_metric(metric)
+    check_int("opset", opset, minimum=7)
+    info = dict(input_info) if input_info is not None else describe_input(datamodule, example_input)
+    if info.get("preprocessing") is not None:
+        # A record handed in is read back by `search --query`: refuse one that cannot be.
+        pre = record_of_input(info, "input_info")
+        if list(pre.shape) != list(example_input.shape[1:]):
+            raise PreprocessingError(
+                f"input_info's preprocessing makes {list(pre.shape)} tensors but example_input "
+                f"is {list(example_input.shape[1:])} per item; it does not describe this model"
+            )
     example = example_input.detach().float().cpu()
     was_training = module.training
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -203,7 +215,6 @@ def export(
             _check_parity(path, fmt, probe, probe_reference)
     finally:
         module.to(device).train(was_training)
-    info = dict(input_info) if input_info is not None else describe_input(datamodule, example)
     if info.get("preprocessing") is None:
         warnings.warn(
             f"{str(sidecar_path(path))!r} records no preprocessing, so image files cannot be "
