@@ -200,35 +200,12 @@ def image_paths(queries: Sequence[str]) -> list[Path]:
 
 
 def load_images(paths: Sequence[Path], input_info: dict[str, Any]) -> Tensor:
-    """``[N, C, H, W]`` float32: each image converted, resized and scaled (then normalised
-    by mean/std where recorded) as ``input_info['preprocessing']`` says."""
-    from PIL import Image
+    """``[N, C, H, W]`` float32: the image files read as ``input_info`` (an index manifest's
+    or export sidecar's input description) records; see
+    :func:`lightning_metric.data.preprocess.load_images`."""
+    from lightning_metric.data.preprocess import load_images as load
 
-    from lightning_metric.data.folders import load_image
-
-    pre = input_info.get("preprocessing", {})
-    shape = input_info.get("shape")
-    if not shape or len(shape) != 3:
-        raise ValueError(
-            f"the index records input shape {shape!r}, not an image [C, H, W]: search it with "
-            "--config/--ckpt_path and the data module's loader instead of --query"
-        )
-    channels, height, width = (int(s) for s in shape)
-    mode = pre.get("mode") or {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise ValueError(f"cannot load images for {channels}-channel inputs (needs 1 or 3)")
-    scale = float(pre.get("scale", 1.0 / 255.0))
-    images = []
-    for path in paths:
-        img = load_image(path).convert(mode).resize((width, height), Image.Resampling.BILINEAR)
-        x = np.asarray(img, dtype=np.float32) * scale
-        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-        if "mean" in pre and "std" in pre:
-            mean = np.asarray(pre["mean"], np.float32)[:, None, None]
-            std = np.asarray(pre["std"], np.float32)[:, None, None]
-            x = (x - mean) / std
-        images.append(torch.from_numpy(np.ascontiguousarray(x)))
-    return torch.stack(images)
+    return load(paths, input_info)
 
 
 @torch.no_grad()
