@@ -497,8 +497,13 @@ def _evaluate(
     scored = relevant > 0
     need = max(ks[-1], int(relevant[scored].max()) if scored.any() else 0)
     depth = min(len(index), need + extra)
-    found = index.search(q, k=depth, inputs=False).ids
+    result = index.search(q, k=depth, inputs=False)
+    found = result.ids
     rows = _rows_of(index, found)
+    # Equal scores in the order exact search gives them (lower row first): an IVF or HNSW
+    # index lists ties in its own order, which would move hits across the k cut-offs.
+    best_first = result.scores if index.metric == "l2" else -result.scores
+    rows = np.take_along_axis(rows, np.lexsort((rows, best_first), axis=-1), axis=1)
     # The own entry leaves the list (the rest move up) and the freed last place is empty.
     is_own = (rows == own[:, None]) & inside[:, None]
     rows = np.take_along_axis(rows, np.argsort(is_own, axis=1, kind="stable"), axis=1)

@@ -244,7 +244,7 @@ def _match_values(
     if o.mrr:
         m = match[:, :r_max]
         first = m.double().argmax(1)
-        out["mrr"] = torch.where(m.any(1), 1.0 / (first + 1.0), 0.0)
+        out["mrr"] = torch.where(m.any(1), 1.0 / (first + 1.0), 0.0).double()
     return out
 
 
