@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_metric.batch import split_batch
-from lightning_metric.checks import METRICS, check_int, check_top_k
+from lightning_metric.checks import METRICS, check_top_k
 
 __all__ = ["COMMANDS", "run_command"]
 
@@ -260,7 +260,15 @@ def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             "lightning-metric search: pass --query (images / folders) or --config with "
             "--ckpt_path (queries from the data module's loader)"
         )
-    check_int("--k", args.k, minimum=1)
+    # Checked before a model is built and the queries embedded: these need only the index.
+    check_top_k(args.k, len(index), "indexed items")
+    if args.evaluate and args.query:
+        raise SystemExit(
+            "lightning-metric search --evaluate needs labelled queries: use --config/"
+            "--ckpt_path (the data module's --split loader) instead of --query"
+        )
+    if args.output and Path(args.output).suffix.lower() not in (".json", ".csv"):
+        raise ValueError(f"--output must end in .json or .csv, got {args.output!r}")
     # Every search of this run, --evaluate's included, uses them; a parameter the index does
     # not have (nprobe on a Flat index) is refused here, before a model is built.
     index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
@@ -299,11 +307,7 @@ def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     output: dict[str, Any] = {"index": str(args.index), **_search_description(index, args)}
     output.update(_neighbour_lists(index, embeddings, own, names, args.k))
     if args.evaluate:
-        if query_labels is None:
-            raise SystemExit(
-                "lightning-metric search --evaluate needs labelled queries: use --config/"
-                "--ckpt_path (the data module's --split loader) instead of --query"
-            )
+        assert query_labels is not None  # --query with --evaluate was refused above
         output["metrics"], output["evaluation"] = _evaluate(index, embeddings, query_labels, own)
     _report(output, args.output)
     return output

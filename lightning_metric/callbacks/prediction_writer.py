@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_metric.callbacks.collect import EmbeddingCollector, EvaluationCallback, Stage, Step
-from lightning_metric.checks import check_choice, check_factory_string, check_int, check_metric
+from lightning_metric.checks import check_factory_string, check_int, check_metric
 from lightning_metric.provenance import checkpoint_mismatch, checkpoint_record
 from lightning_metric.retrieval.index import MANIFEST, EmbeddingIndex
 from lightning_metric.retrieval.knn import Metric
@@ -80,8 +80,10 @@ class EmbeddingIndexWriter(EvaluationCallback):
         check_metric(metric)
         self.output_dir = Path(output_dir)
         self.metric: Metric = metric
-        if not isinstance(overwrite, bool):
-            check_choice("overwrite", overwrite, ("same_checkpoint",))
+        if not isinstance(overwrite, bool) and overwrite != "same_checkpoint":
+            raise ValueError(
+                f"overwrite must be True, False or 'same_checkpoint', got {overwrite!r}"
+            )
         if not isinstance(allow_untrained, bool):
             raise ValueError(f"allow_untrained must be True or False, got {allow_untrained!r}")
         self.overwrite: Overwrite = overwrite
