@@ -98,9 +98,9 @@ def test_ivf_probing_every_list_equals_flat(built: dict[str, Path], tmp_path: Pa
     _close(full["metrics"], flat["metrics"], list(flat["metrics"]))
 
 
-def _brute_force(index: EmbeddingIndex, depth: int, nprobe: int) -> dict[str, float]:
+def brute_force(index: EmbeddingIndex, depth: int, **params: int) -> dict[str, float]:
     """recall@k and MAP@R counted by hand from ``index.search`` of its own items."""
-    found = index.search(index.embeddings, k=depth, nprobe=nprobe)
+    found = index.search(index.embeddings, k=depth, **params)
     assert (index.ids == np.arange(len(index))).all()  # ids are rows: ties go to the lower
     label_of = dict(zip(index.ids.tolist(), index.labels.tolist(), strict=True))
     recall: dict[int, list[bool]] = {k: [] for k in (1, 2, 4, 8)}
@@ -130,7 +130,7 @@ def test_ivf_one_probe_equals_brute_force_over_its_own_lists(
     index = EmbeddingIndex.load(built["ivf"])
     depth = got["evaluation"]["depth"]
     assert depth == int(np.bincount(index.labels).max())  # R_max + 1 (the own entry)
-    expected = _brute_force(index, depth, nprobe=1)
+    expected = brute_force(index, depth, nprobe=1)
     _close(got["metrics"], expected, list(expected))
     full = _search(built["ivf"], built["ckpt"], tmp_path, "--nprobe", "4")
     # one list of four misses neighbours: the index is scored as it searches
