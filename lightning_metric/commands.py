@@ -566,6 +566,11 @@ def _report(output: dict[str, Any], destination: Optional[str]) -> None:
             f"({e['queries_in_index']} are indexed items, their own entries left out; "
             f"{e['not_found']} neighbour slots not found)"
         )
+        if e["not_found"]:
+            print(
+                "search/evaluate: the index returned fewer neighbours than asked; the missing "
+                "ones count as misses (raise --nprobe for IVF, --ef_search for HNSW)"
+            )
         line = "  ".join(f"{k}={v:.4f}" for k, v in output["metrics"].items())
         print(f"search/evaluate: {line}")
     sys.stdout.flush()
