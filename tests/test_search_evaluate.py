@@ -313,3 +313,12 @@ def test_own_entries_are_matched_by_source_path() -> None:
     expected = retrieval_metrics(x, labels, k=(1, 2, 4, 8), query_mask=keep)
     _close(metrics, expected, list(expected))
     assert details["queries_in_index"] == 4
+
+
+def test_search_refuses_data_whose_split_differs_from_the_indexed_one(
+    built: dict[str, Path], tmp_path: Path
+) -> None:
+    """Another val_fraction gives another test split: the same ids name other images, so
+    queries would be matched to the wrong indexed items."""
+    with pytest.raises(SystemExit, match=r"built from 448 items of the 'test' split, the "):
+        _search(built["flat"], built["ckpt"], tmp_path, "--data.val_fraction=0.3")
