@@ -13,6 +13,16 @@ The directory holds only FAISS and NumPy files plus JSON, all read without pickl
     labels.npy       int64 [N], class labels (-1 where unknown)
     paths.txt        optional, one source file per item (image-folder data sets)
 
+The manifest records the SHA-256 of every other file (``"sha256"``: file name -> hex digest;
+``sha256sum index.faiss`` prints the same), and :meth:`EmbeddingIndex.load` checks them all
+before answering, so a file changed, truncated or copied from another save after it was
+written raises :class:`IndexFormatError` naming it. The manifest cannot hash itself: its
+``factory`` and ``faiss_index`` are checked against the structure of ``index.faiss``, and its
+count, dimension and metric against every file. ``load(directory, verify=False)`` skips only
+the hashes (reading every byte once more: about as long again as loading, see
+``benchmarks/index.py``), for large indexes whose storage is trusted. Indexes saved before
+hashes existed (format version 1) still load, with a warning, until saved again.
+
 Example::
 
     index = EmbeddingIndex.load("outputs/digits_arcface/index")
@@ -25,13 +35,16 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
@@ -53,7 +66,15 @@ from lightning_metric.retrieval.knn import Metric, prepare, search_complete
 __all__ = ["FORMAT", "VERSION", "EmbeddingIndex", "IndexFormatError", "SearchResult", "embed"]
 
 FORMAT = "lightning-metric-index"
-VERSION = 1
+# 2: the manifest records a SHA-256 per file. 1 (no hashes) still loads, with a warning.
+VERSION = 2
+_UNHASHED_VERSION = 1
+# Manifest key of the file hashes. SHA-256: with the SHA extensions of current x86 and ARM
+# CPUs hashlib (OpenSSL) hashes ~1.3 GB/s per core, 3x blake2b (which wins only on CPUs
+# without them), and ``sha256sum`` checks a file by hand.
+HASH = "sha256"
+# Bytes read per hash update: large enough to amortise the call, small enough to stay in cache.
+_HASH_CHUNK = 1 << 22
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -179,9 +200,20 @@ class EmbeddingIndex:
 
     @classmethod
     def load(
-        cls, directory: Union[str, os.PathLike[str]], model: Optional[nn.Module] = None
+        cls,
+        directory: Union[str, os.PathLike[str]],
+        model: Optional[nn.Module] = None,
+        *,
+        verify: bool = True,
     ) -> EmbeddingIndex:
-        """Read an index directory, checking that its files agree with the manifest."""
+        """Read an index directory, checking that its files agree with the manifest.
+
+        Every file's SHA-256 must be the one the manifest recorded when it was saved
+        (``verify=False`` skips only this, for large indexes on trusted storage: it reads
+        every byte once more). Whatever ``verify``, the FAISS index must have the structure
+        the manifest's ``factory`` builds and the count, dimension and metric it states.
+        Raises :class:`IndexFormatError` naming the file that disagrees.
+        """
         import faiss
 
         root = Path(directory)
@@ -195,6 +227,8 @@ class EmbeddingIndex:
             )
             raise FileNotFoundError(f"index directory {str(root)!r} does not exist{hint}")
         manifest = _read_manifest(root / MANIFEST)
+        if verify:
+            _verify_hashes(root, manifest)
         n, dim, metric = manifest["count"], manifest["embedding_dim"], manifest["metric"]
         embeddings = _load_npy(root / EMBEDDINGS_FILE, np.float32, (n, dim))
         bad = ~np.isfinite(embeddings).all(axis=1)
@@ -232,6 +266,7 @@ class EmbeddingIndex:
                 f"(FAISS metric type {index.metric_type}), but {MANIFEST} says {n} vectors of "
                 f"dimension {dim} with metric {metric!r} (FAISS metric type {expected_type})"
             )
+        _check_structure(index, factory, dim, metric, manifest.get("faiss_index"), index_path)
         if _lossless(factory):
             _check_same_vectors(index, embeddings, metric, index_path)
         paths = None
@@ -435,6 +470,9 @@ class EmbeddingIndex:
         if self.paths is not None:
             text = "".join(f"{p}\n" for p in self.paths)
             (root / PATHS_FILE).write_text(text, encoding="utf-8")
+        listed = [INDEX_FILE, EMBEDDINGS_FILE, IDS_FILE, LABELS_FILE]
+        listed += [PATHS_FILE] if self.paths is not None else []
+        # Hashed from disk, so the manifest vouches for the bytes actually written.
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -451,6 +489,7 @@ class EmbeddingIndex:
                 "labels": LABELS_FILE,
                 **({"paths": PATHS_FILE} if self.paths is not None else {}),
             },
+            HASH: _file_hashes([root / name for name in listed]),
             "info": _jsonable(self.info),
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
@@ -667,10 +706,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise IndexFormatError(f"{str(path)!r} is not valid JSON: {err}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexFormatError(f"{str(path)!r} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in (VERSION, _UNHASHED_VERSION):
         raise IndexFormatError(
             f"{str(path)!r} has version {manifest.get('version')!r}; this release reads "
-            f"version {VERSION}"
+            f"versions {_UNHASHED_VERSION} and {VERSION}"
         )
     for key, kind in (("count", int), ("embedding_dim", int), ("metric", str)):
         if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
@@ -685,6 +724,157 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             f"{str(path)!r}: metric {manifest['metric']!r} is not one of {METRICS}"
         )
     return manifest
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(_HASH_CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            digest.update(buffer[:size])
+    return digest.hexdigest()
+
+
+def _file_hashes(paths: Sequence[Path]) -> dict[str, str]:
+    """``{file name: hex digest}``; hashlib releases the GIL while hashing, so the large
+    files (index, embeddings) are read and hashed in parallel."""
+    workers = max(1, min(len(paths), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip((p.name for p in paths), pool.map(_file_hash, paths), strict=True))
+
+
+def _verify_hashes(root: Path, manifest: dict[str, Any]) -> None:
+    """Every index file must hash to what the manifest recorded when it was saved."""
+    path = root / MANIFEST
+    if manifest["version"] == _UNHASHED_VERSION:
+        # Loaded, not refused: refusing would strand every index the previous release
+        # wrote (rebuilding means predicting over the data again), and its files cannot be
+        # verified whether it is refused or not; a save adds the hashes.
+        warnings.warn(
+            f"{str(path)!r} is format version {_UNHASHED_VERSION}, written before indexes "
+            "recorded content hashes: a file changed since it was saved cannot be detected "
+            "(only shapes and a few rows are compared). Save it again to record them: "
+            "EmbeddingIndex.load(directory).save(); load(..., verify=False) skips this check "
+            "and this warning",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    recorded = manifest.get(HASH)
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise IndexFormatError(
+            f"{str(path)!r}: {HASH!r} must map each index file to its hex digest, got {recorded!r}"
+        )
+    expected = {INDEX_FILE, EMBEDDINGS_FILE, IDS_FILE, LABELS_FILE}
+    if PATHS_FILE in manifest.get("files", {}).values() or (root / PATHS_FILE).exists():
+        expected.add(PATHS_FILE)
+    for name in sorted(expected | set(recorded)):
+        if name not in expected | {PATHS_FILE}:
+            raise IndexFormatError(
+                f"{str(path)!r} records a {HASH} for {name!r}, which is not an index file "
+                f"(expected {sorted(expected)})"
+            )
+        if not (root / name).is_file():
+            raise IndexFormatError(f"missing {str(root / name)!r} (listed in {MANIFEST})")
+        if name not in recorded:
+            raise IndexFormatError(
+                f"{str(root / name)!r} has no {HASH} in {MANIFEST} (it records "
+                f"{sorted(recorded)}): the file was not written by the save that wrote the "
+                "manifest"
+            )
+    found = _file_hashes([root / name for name in sorted(recorded)])
+    for name, digest in found.items():
+        if digest != recorded[name]:
+            raise IndexFormatError(
+                f"{str(root / name)!r} changed after it was saved (edited, truncated or copied "
+                f"from another save): its {HASH} is {digest}, but {MANIFEST} recorded "
+                f"{recorded[name]}. If the change was intended, load(..., verify=False) and "
+                "save() to record the new hash"
+            )
+
+
+# Children an index keeps its vectors or coarse assignment in, by FAISS attribute name.
+_PARTS = ("quantizer", "storage", "index", "base_index", "refine_index")
+
+
+# Classes FAISS writes as (or reads back as) another: IndexFlatIP / IndexFlatL2 are IndexFlat
+# with a metric (compared apart), a Refine(Flat) reads back as an IndexRefineFlat, a trained
+# OPQ rotation as a LinearTransform.
+_SAME_CLASS = {
+    "IndexFlatIP": "IndexFlat",
+    "IndexFlatL2": "IndexFlat",
+    "IndexRefineFlat": "IndexRefine",
+    "OPQMatrix": "LinearTransform",
+}
+
+
+def _kind(name: str) -> str:
+    return _SAME_CLASS.get(name, name)
+
+
+def _structure(index: Any, where: str = "index") -> dict[str, Any]:
+    """What a factory string decides about ``index``, part by part: classes, dimension,
+    metric, IVF lists, PQ / SQ / HNSW sizes, transforms, bytes per code."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    out: dict[str, Any] = {
+        f"{where} class": _kind(type(index).__name__),
+        f"{where} d": int(index.d),
+        f"{where} metric": int(index.metric_type),
+    }
+    for attr in ("nlist", "code_size", "by_residual"):
+        value = getattr(index, attr, None)
+        if isinstance(value, bool | int):
+            out[f"{where} {attr}"] = value
+    pq = getattr(index, "pq", None)
+    if pq is not None:
+        out[f"{where} PQ M"], out[f"{where} PQ nbits"] = int(pq.M), int(pq.nbits)
+    sq = getattr(index, "sq", None)
+    if sq is not None:
+        out[f"{where} SQ qtype"] = int(sq.qtype)
+    hnsw = getattr(index, "hnsw", None)
+    if hnsw is not None:
+        out[f"{where} HNSW M"] = int(hnsw.nb_neighbors(1))
+    if isinstance(index, faiss.IndexPreTransform):
+        chain: Any = index.chain  # a SWIG std::vector, whatever the stubs say
+        for i in range(chain.size()):
+            step = faiss.downcast_VectorTransform(chain.at(i))
+            out[f"{where} transform {i}"] = (_kind(type(step).__name__), step.d_in, step.d_out)
+    for part in _PARTS:
+        child = getattr(index, part, None)
+        if child is not None and hasattr(child, "ntotal"):
+            out.update(_structure(child, f"{where}.{part}"))
+    return out
+
+
+def _check_structure(
+    index: Any, factory: str, dim: int, metric: str, recorded_type: Any, path: Path
+) -> None:
+    """``index.faiss`` must be what the manifest's factory string builds: the manifest has
+    no hash of its own, so an edited factory (or ``faiss_index``) is caught here."""
+    manifest = path.parent / MANIFEST
+    try:
+        # Kept in a name: the wrapper _structure downcasts to does not own the index.
+        built = _new_faiss_index(dim, metric, factory)
+        expected = _structure(built)
+    except ValueError as err:
+        raise IndexFormatError(f"{str(manifest)!r}: factory {factory!r}: {err}") from err
+    found = _structure(index)
+    for key in dict.fromkeys([*expected, *found]):
+        if expected.get(key) != found.get(key):
+            raise IndexFormatError(
+                f"{str(path)!r} is not the index the factory {factory!r} in {MANIFEST} builds: "
+                f"{key} is {found.get(key)!r} in the file, {expected.get(key)!r} from the "
+                "factory (the manifest was edited or the file comes from another index)"
+            )
+    if recorded_type is not None and (
+        not isinstance(recorded_type, str) or _kind(recorded_type) != found["index class"]
+    ):
+        raise IndexFormatError(
+            f"{str(manifest)!r} says 'faiss_index' {recorded_type!r}, but {str(path)!r} holds "
+            f"a {type(index).__name__}"
+        )
 
 
 def _load_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
