@@ -217,6 +217,10 @@ class EmbeddingIndex:
         import faiss
 
         root = Path(directory)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(
+                f"{str(root)!r} is a file; an index is the directory EmbeddingIndex.save wrote"
+            )
         if not root.is_dir():
             left = sorted(root.parent.glob(f".{root.name}{_PREVIOUS}*/{MANIFEST}"))
             hint = (
@@ -407,6 +411,11 @@ class EmbeddingIndex:
             new_ids = np.arange(start, start + n, dtype=np.int64)
         else:
             new_ids = _as_int_vector(ids, "ids", n)
+            if (new_ids == -1).any():
+                raise ValueError(
+                    f"ids must not be -1 (row {int(np.flatnonzero(new_ids == -1)[0])}): search "
+                    "returns -1 where an approximate index found fewer than k items"
+                )
         new_labels = (
             np.full(n, -1, dtype=np.int64)
             if labels is None
@@ -544,7 +553,7 @@ def _new_faiss_index(dim: int, metric: str, factory: str = DEFAULT_FACTORY) -> A
     if factory == DEFAULT_FACTORY:
         return faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
     try:
-        return faiss.index_factory(dim, factory, _faiss_metric(metric))
+        index = faiss.index_factory(dim, factory, _faiss_metric(metric))
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[-1].split(": ")[-1]
         raise ValueError(
@@ -552,6 +561,27 @@ def _new_faiss_index(dim: int, metric: str, factory: str = DEFAULT_FACTORY) -> A
             f"{dim}-d vectors ({reason}); use e.g. 'Flat', 'HNSW32', 'IVF1024,Flat' or "
             "'IVF1024,PQ16'"
         ) from err
+    _check_usable(index, factory)
+    return index
+
+
+# Sizes FAISS accepts in a factory string but cannot work with: IVF0 fails in search, HNSW0
+# and HNSW1 abort the process while adding, SQ0 / PQ8x0 store nothing and answer nonsense.
+_LEAST = {
+    "nlist": (1, "IVF lists"),
+    "HNSW M": (2, "HNSW links per vector (M)"),
+    "code_size": (1, "bytes per stored vector"),
+}
+
+
+def _check_usable(index: Any, factory: str) -> None:
+    for key, value in _structure(index).items():
+        for size, (least, what) in _LEAST.items():
+            if key.endswith(f" {size}") and value < least:
+                raise ValueError(
+                    f"`factory` {factory!r} gives {value} {what}, FAISS needs at least "
+                    f"{least}; use e.g. 'Flat', 'HNSW32', 'IVF1024,Flat', 'IVF1024,PQ16', 'SQ8'"
+                )
 
 
 def _training_size(index: Any) -> int:
@@ -835,7 +865,9 @@ def _structure(index: Any, where: str = "index") -> dict[str, Any]:
         out[f"{where} SQ qtype"] = int(sq.qtype)
     hnsw = getattr(index, "hnsw", None)
     if hnsw is not None:
-        out[f"{where} HNSW M"] = int(hnsw.nb_neighbors(1))
+        # M: links per vector above level 0; FAISS sets no upper levels for M < 2.
+        levels = hnsw.cum_nneighbor_per_level.size()
+        out[f"{where} HNSW M"] = int(hnsw.nb_neighbors(1)) if levels > 2 else 0
     if isinstance(index, faiss.IndexPreTransform):
         chain: Any = index.chain  # a SWIG std::vector, whatever the stubs say
         for i in range(chain.size()):
