@@ -1,50 +1,13 @@
-"""EmbeddingIndex: a searchable directory of embeddings written by ``EmbeddingIndexWriter``.
-
-The directory holds only FAISS and NumPy files plus JSON, all read without pickle:
-
-    manifest.json    format, version, embedding size, metric, count, FAISS factory string and
-                     search parameters (nprobe, efSearch), model / data description
-    index.faiss      FAISS index built by ``faiss.index_factory(factory)`` ("Flat" = exact;
-                     "HNSW32", "IVF1024,Flat", "IVF1024,PQ16", ... approximate), inner
-                     product for cosine/ip, L2 for l2
-    embeddings.npy   float32 [N, D], as the model produced them
-                     (index.faiss holds them L2-normalised for the cosine metric)
-    ids.npy          int64 [N], the item ids search returns (dataset index by default)
-    labels.npy       int64 [N], class labels (-1 where unknown)
-    paths.txt        optional, one source file per item (image-folder data sets)
-
-The manifest records the SHA-256 of every other file (``"sha256"``: file name -> hex digest;
-``sha256sum index.faiss`` prints the same), and :meth:`EmbeddingIndex.load` checks them all
-before answering, so a file changed, truncated or copied from another save after it was
-written raises :class:`IndexFormatError` naming it. The manifest cannot hash itself: its
-``factory`` and ``faiss_index`` are checked against the structure of ``index.faiss``, and its
-count, dimension and metric against every file. ``load(directory, verify=False)`` skips only
-the hashes (reading every byte once more: about as long again as loading, see
-``benchmarks/index.py``), for large indexes whose storage is trusted. Indexes saved before
-hashes existed (format version 1) still load, with a warning, until saved again.
-
-Example::
-
-    index = EmbeddingIndex.load("outputs/digits_arcface/index")
-    ids, scores = index.search(query_embeddings, k=5)
-    approx = EmbeddingIndex(embeddings, factory="IVF1024,Flat", nprobe=16)  # trained on them
-    index.add(new_embeddings, ids=new_ids)
-    index.save()
-"""
+"""EmbeddingIndex: search over stored embeddings; :mod:`.files` is the directory format,
+:mod:`.backend` the FAISS index."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
-import uuid
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
@@ -53,48 +16,51 @@ import torch
 from torch import Tensor, nn
 
 from lightning_metric.checks import (
-    METRICS,
     check_factory_string,
     check_finite_rows,
     check_int,
     check_metric,
     check_top_k,
-    check_training_size,
 )
-from lightning_metric.retrieval.knn import Metric, prepare, search_complete
+from lightning_metric.retrieval.index.backend import (
+    _SEARCH_PARAMS,
+    DEFAULT_FACTORY,
+    _add_in_chunks,
+    _check_same_vectors,
+    _check_structure,
+    _faiss_metric,
+    _given,
+    _lossless,
+    _new_faiss_index,
+    _prepared,
+    _reset_search_params,
+    _set_faiss_param,
+    _train,
+)
+from lightning_metric.retrieval.index.files import (
+    _PREVIOUS,
+    EMBEDDINGS_FILE,
+    FORMAT,
+    HASH,
+    IDS_FILE,
+    INDEX_FILE,
+    LABELS_FILE,
+    MANIFEST,
+    PATHS_FILE,
+    VERSION,
+    IndexFormatError,
+    _file_hashes,
+    _jsonable,
+    _load_npy,
+    _read_manifest,
+    _swap_in,
+    _verify_hashes,
+)
+from lightning_metric.retrieval.knn import Metric, search_complete
 
-__all__ = ["FORMAT", "VERSION", "EmbeddingIndex", "IndexFormatError", "SearchResult", "embed"]
-
-FORMAT = "lightning-metric-index"
-# 2: the manifest records a SHA-256 per file. 1 (no hashes) still loads, with a warning.
-VERSION = 2
-_UNHASHED_VERSION = 1
-# Manifest key of the file hashes. SHA-256: with the SHA extensions of current x86 and ARM
-# CPUs hashlib (OpenSSL) hashes ~1.3 GB/s per core, 3x blake2b (which wins only on CPUs
-# without them), and ``sha256sum`` checks a file by hand.
-HASH = "sha256"
-# Bytes read per hash update: large enough to amortise the call, small enough to stay in cache.
-_HASH_CHUNK = 1 << 22
-MANIFEST = "manifest.json"
-INDEX_FILE = "index.faiss"
-EMBEDDINGS_FILE = "embeddings.npy"
-IDS_FILE = "ids.npy"
-LABELS_FILE = "labels.npy"
-PATHS_FILE = "paths.txt"
-_INDEX_FILES = {MANIFEST, INDEX_FILE, EMBEDDINGS_FILE, IDS_FILE, LABELS_FILE, PATHS_FILE}
-# Name part of the folder the previous index is moved to while a save swaps the new one in.
-_PREVIOUS = ".previous-"
-DEFAULT_FACTORY = "Flat"
-# Manifest key of each search parameter and the FAISS ParameterSpace name it sets.
-_SEARCH_PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch"}
-# Rows added to FAISS per call: bounds the temporary float32 copy and gives progress steps.
-_ADD_CHUNK = 65536
+__all__ = ["EmbeddingIndex", "SearchResult", "embed"]
 
 ArrayLike = Union[Tensor, np.ndarray]
-
-
-class IndexFormatError(ValueError):
-    """The index directory is missing a file, or its files disagree with each other."""
 
 
 class SearchResult(NamedTuple):
@@ -515,9 +481,6 @@ class EmbeddingIndex:
         return f"EmbeddingIndex(count={len(self)}, dim={self.dim}, metric={self.metric!r}{extra})"
 
 
-# ---------------------------------------------------------------------- helpers
-
-
 @torch.no_grad()
 def embed(model: nn.Module, x: Any, batch_size: Optional[int] = None) -> Tensor:
     """``model(x)`` in eval mode as float32 on CPU, ``batch_size`` rows per call (all at once
@@ -547,150 +510,6 @@ def embed(model: nn.Module, x: Any, batch_size: Optional[int] = None) -> Tensor:
     return torch.cat([out.detach().float().cpu() for out in outputs])
 
 
-def _new_faiss_index(dim: int, metric: str, factory: str = DEFAULT_FACTORY) -> Any:
-    import faiss
-
-    if factory == DEFAULT_FACTORY:
-        return faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
-    try:
-        index = faiss.index_factory(dim, factory, _faiss_metric(metric))
-    except RuntimeError as err:
-        reason = str(err).strip().splitlines()[-1].split(": ")[-1]
-        raise ValueError(
-            f"`factory` {factory!r} is not a FAISS index-factory string FAISS can build for "
-            f"{dim}-d vectors ({reason}); use e.g. 'Flat', 'HNSW32', 'IVF1024,Flat' or "
-            "'IVF1024,PQ16'"
-        ) from err
-    _check_usable(index, factory)
-    return index
-
-
-# Sizes FAISS accepts in a factory string but cannot work with: IVF0 fails in search, HNSW0
-# and HNSW1 abort the process while adding, SQ0 / PQ8x0 store nothing and answer nonsense.
-_LEAST = {
-    "nlist": (1, "IVF lists"),
-    "HNSW M": (2, "HNSW links per vector (M)"),
-    "code_size": (1, "bytes per stored vector"),
-}
-
-
-def _check_usable(index: Any, factory: str) -> None:
-    for key, value in _structure(index).items():
-        for size, (least, what) in _LEAST.items():
-            if key.endswith(f" {size}") and value < least:
-                raise ValueError(
-                    f"`factory` {factory!r} gives {value} {what}, FAISS needs at least "
-                    f"{least}; use e.g. 'Flat', 'HNSW32', 'IVF1024,Flat', 'IVF1024,PQ16', 'SQ8'"
-                )
-
-
-def _training_size(index: Any) -> int:
-    """Fewest training vectors ``index`` accepts: IVF lists, PQ / SQ codebook sizes."""
-    import faiss
-
-    need = 1
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
-        ivf = None
-    if ivf is not None:
-        need = max(need, int(ivf.nlist))
-    for part in (index, ivf):
-        pq = getattr(faiss.downcast_index(part), "pq", None) if part is not None else None
-        if pq is not None:
-            need = max(need, int(pq.ksub))
-    return need
-
-
-def _skip_polysemous_training(index: Any) -> None:
-    """The factory turns on polysemous training for PQ (minutes: annealing over the codebook
-    order). It only serves Hamming-threshold filtering (``polysemous_ht``), which search
-    leaves off, so the neighbours are the same without it."""
-    import faiss
-
-    parts = [index]
-    with contextlib.suppress(RuntimeError):
-        parts.append(faiss.extract_index_ivf(index))
-    for part in parts:
-        part = faiss.downcast_index(part)
-        if hasattr(part, "do_polysemous_training"):
-            part.do_polysemous_training = False
-
-
-def _train(
-    index: Any, emb: np.ndarray, factory: str, show_progress: bool, size: Optional[int] = None
-) -> None:
-    if size is not None and size < emb.shape[0]:
-        rows = np.random.default_rng(0).choice(emb.shape[0], size, replace=False)
-        emb = emb[np.sort(rows)]
-    check_training_size(factory, emb.shape[0], _training_size(index))
-    _skip_polysemous_training(index)
-    if show_progress and emb.shape[0] > _ADD_CHUNK:
-        from rich.console import Console
-
-        with Console(stderr=True).status(f"training FAISS index {factory!r} on {len(emb)} vectors"):
-            index.train(emb)
-    else:
-        index.train(emb)
-
-
-# FAISS's own values, put back after a search that overrode them.
-_FAISS_DEFAULTS = {"nprobe": 1, "ef_search": 16}
-
-
-def _set_faiss_param(index: Any, name: str, value: int, factory: str) -> None:
-    import faiss
-
-    try:
-        faiss.ParameterSpace().set_index_parameter(index, _SEARCH_PARAMS[name], value)
-    except RuntimeError as err:
-        kind = "IVF indexes (e.g. 'IVF1024,Flat')" if name == "nprobe" else "HNSW indexes"
-        raise ValueError(
-            f"`{name}`={value} applies to {kind}; this index is {factory!r}, which has no "
-            f"{name}: leave it unset"
-        ) from err
-
-
-def _reset_search_params(index: Any, names: set[str]) -> None:
-    import faiss
-
-    for name in names:
-        # A parameter this index does not have (a refused override) is left alone.
-        with contextlib.suppress(RuntimeError):
-            faiss.ParameterSpace().set_index_parameter(
-                index, _SEARCH_PARAMS[name], _FAISS_DEFAULTS[name]
-            )
-
-
-def _given(nprobe: Optional[int], ef_search: Optional[int]) -> set[str]:
-    return {n for n, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
-
-
-_LOSSLESS_PART = re.compile(r"(IVF\d+(_HNSW\d+)?|HNSW\d+|Flat|IDMap2?)")
-
-
-def _lossless(factory: str) -> bool:
-    """Whether the index stores the vectors unchanged (so they can be compared on load)."""
-    return all(_LOSSLESS_PART.fullmatch(p.strip()) for p in factory.split(","))
-
-
-def _faiss_metric(metric: str) -> int:
-    import faiss
-
-    return int(faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
-
-
-def _add_in_chunks(index: Any, emb: np.ndarray, show_progress: bool) -> None:
-    starts = range(0, emb.shape[0], _ADD_CHUNK)
-    steps: Iterable[int] = starts
-    if show_progress and emb.shape[0] > _ADD_CHUNK:
-        from rich.progress import track
-
-        steps = track(starts, description="building FAISS index", total=len(starts))
-    for start in steps:
-        index.add(emb[start : start + _ADD_CHUNK])
-
-
 def _as_embeddings(x: Any, name: str, metric: str, dim: Optional[int] = None) -> np.ndarray:
     if isinstance(x, Tensor):
         x = x.detach().float().cpu().numpy()
@@ -710,11 +529,6 @@ def _as_embeddings(x: Any, name: str, metric: str, dim: Optional[int] = None) ->
     return x
 
 
-def _prepared(x: np.ndarray, metric: str) -> np.ndarray:
-    # The very normalisation retrieval.knn applies, so both find the same neighbours.
-    return prepare(torch.from_numpy(x), metric).numpy()  # type: ignore[arg-type]
-
-
 def _as_int_vector(x: ArrayLike, name: str, n: int) -> np.ndarray:
     arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
     if arr.shape != (n,):
@@ -722,254 +536,3 @@ def _as_int_vector(x: ArrayLike, name: str, n: int) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
     return arr.astype(np.int64)
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise IndexFormatError(
-            f"missing {str(path)!r}: not an index directory written by EmbeddingIndex.save / "
-            "EmbeddingIndexWriter"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise IndexFormatError(f"{str(path)!r} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexFormatError(f"{str(path)!r} is not a {FORMAT} manifest")
-    if manifest.get("version") not in (VERSION, _UNHASHED_VERSION):
-        raise IndexFormatError(
-            f"{str(path)!r} has version {manifest.get('version')!r}; this release reads "
-            f"versions {_UNHASHED_VERSION} and {VERSION}"
-        )
-    for key, kind in (("count", int), ("embedding_dim", int), ("metric", str)):
-        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
-            raise IndexFormatError(f"{str(path)!r}: {key!r} missing or not {kind.__name__}")
-    for key, least in (("count", 0), ("embedding_dim", 1)):
-        if manifest[key] < least:
-            raise IndexFormatError(f"{str(path)!r}: {key!r} is {manifest[key]}, must be >= {least}")
-    if not isinstance(manifest.get("files", {}), dict):
-        raise IndexFormatError(f"{str(path)!r}: 'files' must be a mapping")
-    if manifest["metric"] not in METRICS:
-        raise IndexFormatError(
-            f"{str(path)!r}: metric {manifest['metric']!r} is not one of {METRICS}"
-        )
-    return manifest
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = memoryview(bytearray(_HASH_CHUNK))
-    with open(path, "rb", buffering=0) as f:
-        while size := f.readinto(buffer):
-            digest.update(buffer[:size])
-    return digest.hexdigest()
-
-
-def _file_hashes(paths: Sequence[Path]) -> dict[str, str]:
-    """``{file name: hex digest}``; hashlib releases the GIL while hashing, so the large
-    files (index, embeddings) are read and hashed in parallel."""
-    workers = max(1, min(len(paths), os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip((p.name for p in paths), pool.map(_file_hash, paths), strict=True))
-
-
-def _verify_hashes(root: Path, manifest: dict[str, Any]) -> None:
-    """Every index file must hash to what the manifest recorded when it was saved."""
-    path = root / MANIFEST
-    if manifest["version"] == _UNHASHED_VERSION:
-        # Loaded, not refused: refusing would strand every index the previous release
-        # wrote (rebuilding means predicting over the data again), and its files cannot be
-        # verified whether it is refused or not; a save adds the hashes.
-        warnings.warn(
-            f"{str(path)!r} is format version {_UNHASHED_VERSION}, written before indexes "
-            "recorded content hashes: a file changed since it was saved cannot be detected "
-            "(only shapes and a few rows are compared). Save it again to record them: "
-            "EmbeddingIndex.load(directory).save(); load(..., verify=False) skips this check "
-            "and this warning",
-            UserWarning,
-            stacklevel=3,
-        )
-        return
-    recorded = manifest.get(HASH)
-    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
-        raise IndexFormatError(
-            f"{str(path)!r}: {HASH!r} must map each index file to its hex digest, got {recorded!r}"
-        )
-    expected = {INDEX_FILE, EMBEDDINGS_FILE, IDS_FILE, LABELS_FILE}
-    if PATHS_FILE in manifest.get("files", {}).values() or (root / PATHS_FILE).exists():
-        expected.add(PATHS_FILE)
-    for name in sorted(expected | set(recorded)):
-        if name not in expected | {PATHS_FILE}:
-            raise IndexFormatError(
-                f"{str(path)!r} records a {HASH} for {name!r}, which is not an index file "
-                f"(expected {sorted(expected)})"
-            )
-        if not (root / name).is_file():
-            raise IndexFormatError(f"missing {str(root / name)!r} (listed in {MANIFEST})")
-        if name not in recorded:
-            raise IndexFormatError(
-                f"{str(root / name)!r} has no {HASH} in {MANIFEST} (it records "
-                f"{sorted(recorded)}): the file was not written by the save that wrote the "
-                "manifest"
-            )
-    found = _file_hashes([root / name for name in sorted(recorded)])
-    for name, digest in found.items():
-        if digest != recorded[name]:
-            raise IndexFormatError(
-                f"{str(root / name)!r} changed after it was saved (edited, truncated or copied "
-                f"from another save): its {HASH} is {digest}, but {MANIFEST} recorded "
-                f"{recorded[name]}. If the change was intended, load(..., verify=False) and "
-                "save() to record the new hash"
-            )
-
-
-# Children an index keeps its vectors or coarse assignment in, by FAISS attribute name.
-_PARTS = ("quantizer", "storage", "index", "base_index", "refine_index")
-
-
-# Classes FAISS writes as (or reads back as) another: IndexFlatIP / IndexFlatL2 are IndexFlat
-# with a metric (compared apart), a Refine(Flat) reads back as an IndexRefineFlat, a trained
-# OPQ rotation as a LinearTransform.
-_SAME_CLASS = {
-    "IndexFlatIP": "IndexFlat",
-    "IndexFlatL2": "IndexFlat",
-    "IndexRefineFlat": "IndexRefine",
-    "OPQMatrix": "LinearTransform",
-}
-
-
-def _kind(name: str) -> str:
-    return _SAME_CLASS.get(name, name)
-
-
-def _structure(index: Any, where: str = "index") -> dict[str, Any]:
-    """What a factory string decides about ``index``, part by part: classes, dimension,
-    metric, IVF lists, PQ / SQ / HNSW sizes, transforms, bytes per code."""
-    import faiss
-
-    index = faiss.downcast_index(index)
-    out: dict[str, Any] = {
-        f"{where} class": _kind(type(index).__name__),
-        f"{where} d": int(index.d),
-        f"{where} metric": int(index.metric_type),
-    }
-    for attr in ("nlist", "code_size", "by_residual"):
-        value = getattr(index, attr, None)
-        if isinstance(value, bool | int):
-            out[f"{where} {attr}"] = value
-    pq = getattr(index, "pq", None)
-    if pq is not None:
-        out[f"{where} PQ M"], out[f"{where} PQ nbits"] = int(pq.M), int(pq.nbits)
-    sq = getattr(index, "sq", None)
-    if sq is not None:
-        out[f"{where} SQ qtype"] = int(sq.qtype)
-    hnsw = getattr(index, "hnsw", None)
-    if hnsw is not None:
-        # M: links per vector above level 0; FAISS sets no upper levels for M < 2.
-        levels = hnsw.cum_nneighbor_per_level.size()
-        out[f"{where} HNSW M"] = int(hnsw.nb_neighbors(1)) if levels > 2 else 0
-    if isinstance(index, faiss.IndexPreTransform):
-        chain: Any = index.chain  # a SWIG std::vector, whatever the stubs say
-        for i in range(chain.size()):
-            step = faiss.downcast_VectorTransform(chain.at(i))
-            out[f"{where} transform {i}"] = (_kind(type(step).__name__), step.d_in, step.d_out)
-    for part in _PARTS:
-        child = getattr(index, part, None)
-        if child is not None and hasattr(child, "ntotal"):
-            out.update(_structure(child, f"{where}.{part}"))
-    return out
-
-
-def _check_structure(
-    index: Any, factory: str, dim: int, metric: str, recorded_type: Any, path: Path
-) -> None:
-    """``index.faiss`` must be what the manifest's factory string builds: the manifest has
-    no hash of its own, so an edited factory (or ``faiss_index``) is caught here."""
-    manifest = path.parent / MANIFEST
-    try:
-        # Kept in a name: the wrapper _structure downcasts to does not own the index.
-        built = _new_faiss_index(dim, metric, factory)
-        expected = _structure(built)
-    except ValueError as err:
-        raise IndexFormatError(f"{str(manifest)!r}: factory {factory!r}: {err}") from err
-    found = _structure(index)
-    for key in dict.fromkeys([*expected, *found]):
-        if expected.get(key) != found.get(key):
-            raise IndexFormatError(
-                f"{str(path)!r} is not the index the factory {factory!r} in {MANIFEST} builds: "
-                f"{key} is {found.get(key)!r} in the file, {expected.get(key)!r} from the "
-                "factory (the manifest was edited or the file comes from another index)"
-            )
-    if recorded_type is not None and (
-        not isinstance(recorded_type, str) or _kind(recorded_type) != found["index class"]
-    ):
-        raise IndexFormatError(
-            f"{str(manifest)!r} says 'faiss_index' {recorded_type!r}, but {str(path)!r} holds "
-            f"a {type(index).__name__}"
-        )
-
-
-def _load_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-    if not path.is_file():
-        raise IndexFormatError(f"missing {str(path)!r}")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise IndexFormatError(f"cannot read {str(path)!r} as a NumPy array: {err}") from err
-    if arr.shape != shape or arr.dtype != dtype:
-        raise IndexFormatError(
-            f"{str(path)!r} holds {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape} "
-            f"(from {MANIFEST})"
-        )
-    return arr
-
-
-def _check_same_vectors(index: Any, embeddings: np.ndarray, metric: str, path: Path) -> None:
-    """A few rows of the FAISS file must be the stored embeddings (catches files from
-    different saves mixed together)."""
-    n = embeddings.shape[0]
-    if n == 0:
-        return
-    rows = sorted({0, n // 2, n - 1})
-    try:
-        stored = np.stack([index.reconstruct(i) for i in rows])
-    except RuntimeError:  # index types that cannot reconstruct vectors: nothing to compare
-        return
-    expected = _prepared(np.ascontiguousarray(embeddings[rows]), metric)
-    if not np.allclose(stored, expected, rtol=1e-5, atol=1e-6):
-        raise IndexFormatError(
-            f"{str(path)!r} holds other vectors than {EMBEDDINGS_FILE} (compared rows {rows}): "
-            "the files come from different saves"
-        )
-
-
-def _swap_in(staging: Path, root: Path) -> None:
-    """Replace ``root`` by the complete ``staging`` folder; other files in ``root`` move over."""
-    if not root.exists():
-        os.rename(staging, root)
-        return
-    # Two renames: between them ``root`` is missing and the old index sits complete in
-    # ``previous`` (load points there if a crash leaves it so).
-    previous = root.parent / f".{root.name}{_PREVIOUS}{uuid.uuid4().hex[:8]}"
-    os.rename(root, previous)
-    try:
-        os.rename(staging, root)
-    except BaseException:
-        os.rename(previous, root)
-        raise
-    for entry in previous.iterdir():
-        if entry.name not in _INDEX_FILES:
-            os.rename(entry, root / entry.name)
-    shutil.rmtree(previous)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool | int | float | str) or value is None:
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return repr(value)
