@@ -77,6 +77,7 @@ ERRORS: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
     ("factory HNSW1", lambda: flat(factory="HNSW1"), ValueError, r"'HNSW1' gives 0 HNSW links"),
     ("factory SQ0", lambda: flat(factory="SQ0"), ValueError, r"'SQ0' gives 0 bytes per stored"),
     ("factory PQ8x0", lambda: flat(factory="PQ8x0"), ValueError, r"'PQ8x0' gives 0 bytes"),
+    ("factory IDMap", lambda: flat(factory="IDMap,Flat"), ValueError, r"drop the 'IDMap' part"),
     ("factory PQ3 of 8-d", lambda: flat(factory="PQ3"), ValueError, r"dimension 8 .*by 3"),
     ("IVF too many lists", lambda: flat(factory="IVF512,Flat"), ValueError, r"at least 512"),
     ("IVF on no vectors", lambda: EmbeddingIndex(EMPTY, factory="IVF4,Flat"), ValueError, r"0 emb"),

@@ -51,7 +51,13 @@ _LEAST = {
 
 
 def _check_usable(index: Any, factory: str) -> None:
-    for key, value in _structure(index).items():
+    structure = _structure(index)
+    if structure["index class"].startswith("IndexIDMap"):
+        raise ValueError(
+            f"`factory` {factory!r}: EmbeddingIndex keeps the ids itself (ids.npy) and adds "
+            "vectors without ids, which an IDMap refuses; drop the 'IDMap' part"
+        )
+    for key, value in structure.items():
         for size, (least, what) in _LEAST.items():
             if key.endswith(f" {size}") and value < least:
                 raise ValueError(
