@@ -18,10 +18,12 @@ The manifest records the SHA-256 of every other file (``"sha256"``: file name ->
 before answering, so a file changed, truncated or copied from another save after it was
 written raises :class:`IndexFormatError` naming it. The manifest cannot hash itself: its
 ``factory`` and ``faiss_index`` are checked against the structure of ``index.faiss``, and its
-count, dimension and metric against every file. ``load(directory, verify=False)`` skips only
-the hashes (reading every byte once more: about as long again as loading, see
-``benchmarks/index.py``), for large indexes whose storage is trusted. Indexes saved before
-hashes existed (format version 1) still load, with a warning, until saved again.
+count, dimension and metric against every file; its search parameters and ``info`` are
+settings and a description, not stored data, and are taken as they are.
+``load(directory, verify=False)`` skips only the hashes, which read every byte once more, for
+large indexes whose storage is trusted (``python benchmarks/index.py --load-only`` measures
+both). Indexes saved before hashes existed (format version 1) still load, with a warning,
+until saved again.
 
 Example::
 
