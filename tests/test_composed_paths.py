@@ -62,7 +62,7 @@ def _config(case: str, root: Path) -> str:
     config = {
         "seed_everything": 0,
         "trainer": {
-            "max_epochs": 2,
+            "max_epochs": 3,
             "accelerator": "cpu",
             "devices": 1,
             "precision": "32-true",
@@ -98,7 +98,7 @@ def _config(case: str, root: Path) -> str:
                     "class_path": "lightning_metric.heads.ArcFaceHead",
                     "init_args": {"scale": 16.0, "margin": 0.3},
                 },  # fmt: skip
-                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.03}},
             },
         },
         "data": data,
@@ -135,6 +135,8 @@ def shipped(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     cli = main(["test", "--config", config, f"--ckpt_path={ckpt}"])
     assert cli is not None
     tested = {k.removeprefix("test/"): float(v) for k, v in cli.trainer.callback_metrics.items()}
+    # A trained model, so that ranking checks below compare meaningful lists (chance: <= 0.2).
+    assert tested["recall@1"] >= 0.6, tested
     writer = "--trainer.callbacks+=lightning_metric.callbacks.EmbeddingIndexWriter"
     for name, factory, extra in (
         ("flat", "Flat", []),
@@ -155,9 +157,24 @@ def test_evaluate_equals_test(shipped: dict[str, Any], name: str, tmp_path: Path
     main(["search", "--index", str(shipped["root"] / name), "--config", shipped["config"],
           "--ckpt_path", str(shipped["ckpt"]), "--split", "test", "--evaluate",
           "--output", str(out)])  # fmt: skip
-    metrics = json.loads(out.read_text())["metrics"]
+    result = json.loads(out.read_text())
+    assert result["factory"] == {"flat": "Flat", "ivf": "IVF4,Flat"}[name]
+    metrics = result["metrics"]
+    if name == "flat":
+        for key in METRIC_KEYS:
+            assert metrics[key] == pytest.approx(shipped["tested"][key], abs=1e-6), key
+        return
+    # IVF with every list probed scores each list with its own kernel: the score at every rank
+    # equals Flat's, so the lists can differ only in the order of equal scores (duplicate
+    # items), which moves the metrics by at most a few such swaps.
+    assert result["search_params"] == {"nprobe": 4}
+    flat = EmbeddingIndex.load(shipped["root"] / "flat")
+    ivf = EmbeddingIndex.load(shipped["root"] / name)
+    depth = min(len(flat), 32)
+    a, b = flat.search(flat.embeddings, k=depth), ivf.search(flat.embeddings, k=depth)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
     for key in METRIC_KEYS:
-        assert metrics[key] == pytest.approx(shipped["tested"][key], abs=1e-6), key
+        assert metrics[key] == pytest.approx(shipped["tested"][key], abs=2e-3), key
 
 
 def test_stored_items_search_as_brute_force(shipped: dict[str, Any], tmp_path: Path) -> None:
@@ -187,18 +204,21 @@ def test_raw_files_find_themselves_and_export_agrees(
     shipped: dict[str, Any], tmp_path: Path
 ) -> None:
     index = EmbeddingIndex.load(shipped["root"] / "flat")
+    # Same-class neighbours sit within cosine 1e-3 or closer, so "finds itself" means the
+    # item itself (or an exact duplicate of it) ranks first, not just a score near 1.
+    gram = index.embeddings @ index.embeddings.T
+    equivalent = gram >= 1 - 1e-6  # an item and its exact duplicates
     files = _item_files(shipped["datamodule"], index, tmp_path / "items")
     out = tmp_path / "raw.json"
     main(["search", "--index", str(index.directory), "--query", *map(str, files), "--k", "3",
           "--output", str(out)])  # fmt: skip
     results = json.loads(out.read_text())["results"]
     assert [r["query"] for r in results] == [str(f) for f in files]
-    for own, result in zip(index.ids.tolist(), results, strict=True):
-        top = result["neighbours"]
-        assert top[0]["score"] == pytest.approx(1.0, abs=1e-4)
-        # Identical items (duplicate digits) tie at 1.0: the file's own item is among them.
-        tied = [n["id"] for n in top if n["score"] >= top[0]["score"] - 1e-4]
-        assert own in tied or len(tied) == len(top)
+    row_of = {int(i): r for r, i in enumerate(index.ids.tolist())}
+    for row, result in enumerate(results):
+        top = result["neighbours"][0]
+        assert equivalent[row, row_of[top["id"]]], (result["query"], top)
+        assert top["score"] == pytest.approx(1.0, abs=1e-4)
     # The exported model reads the same files, preprocessed from its own sidecar.
     import onnxruntime as ort
 

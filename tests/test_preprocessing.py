@@ -268,7 +268,7 @@ def test_indexed_files_find_themselves_through_the_record(tmp_path: Path) -> Non
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[EmbeddingIndexWriter(str(out))],
+        callbacks=[EmbeddingIndexWriter(str(out), allow_untrained=True)],
     )
     trainer.predict(model, datamodule=dm, return_predictions=False)
     index = EmbeddingIndex.load(out)
