@@ -42,7 +42,9 @@ def _parser(name: str) -> argparse.ArgumentParser:
             description=(
                 "Write the trained model (input -> unit-norm embedding) as ONNX (.onnx) or "
                 "TorchScript (.pt), with a dynamic batch axis, and <output>.json beside it: "
-                "input shape [C, H, W], dtype, preprocessing (pixel scale, mean/std), "
+                "input shape [C, H, W], dtype, the data module's preprocessing record (colour "
+                "mode, resize and centre crop, pixel scale, inversion, mean/std: what "
+                "lightning_metric.data.preprocess.Preprocessing.from_dict reads back), "
                 "embedding_dim and metric. The exported file is checked against the model."
             ),
         )
