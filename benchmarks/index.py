@@ -9,12 +9,18 @@ recall@10 is the fraction of the exact top 10 (the ``Flat`` index) it returns.
     python benchmarks/index.py --n 100000         # quick
     python benchmarks/index.py --ckpt outputs/glyphs_arcface/checkpoints/best.ckpt
                                                   # + the glyph test embeddings of a model
+    python benchmarks/index.py --load-only        # only the load-verification table
 
 Columns: ``build s`` (train + add), ``RSS MB`` (peak resident-memory increase while
 building: includes the float32 copy of the embeddings EmbeddingIndex keeps, N*D*4 bytes),
 ``index MB`` (the serialised FAISS index), ``QPS`` (queries per second, one batch of all
 queries), ``x Flat`` (QPS ratio to exact search in the same run), ``recall@10``.
 IVF uses nlist = 4*sqrt(N) rounded to a power of two, trained on 40 vectors per list.
+
+A second table times ``EmbeddingIndex.load`` of the saved ``Flat`` and IVF-PQ indexes with
+the SHA-256 verification of every file (the default) and with ``verify=False``: best of
+``--load-repeats`` loads each, files in the page cache (just written; a cold read from disk
+adds the same read time to both). ``files MB`` is the directory's size, ``x`` the ratio.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import gc
 import math
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -139,6 +146,43 @@ def run_table(
     return rows
 
 
+def load_table(
+    name: str, base: np.ndarray, configs: list[dict[str, Any]], repeats: int
+) -> list[str]:
+    """Load time with and without the content-hash verification, per saved index."""
+    from lightning_metric.retrieval import EmbeddingIndex
+
+    rows = []
+    for config in configs:
+        index = EmbeddingIndex(base, factory=config["factory"], train_size=config.get("train_size"))
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+            directory = index.save(Path(tmp) / "index")
+            del index
+            gc.collect()
+            size_mb = sum(p.stat().st_size for p in directory.iterdir()) / 2**20
+            best = {}
+            for verify in (True, False):
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    loaded = EmbeddingIndex.load(directory, verify=verify)
+                    times.append(time.perf_counter() - start)
+                    del loaded
+                    gc.collect()
+                best[verify] = min(times)
+        rows.append(
+            f"| {name} | {config['factory']} | {size_mb:.0f} | {best[True]:.2f} | "
+            f"{best[False]:.2f} | {best[True] / best[False]:.2f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def load_configs(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flat and the IVF-PQ index (lossy: its index.faiss is small next to embeddings.npy)."""
+    return [c for c in configs if c["factory"] == "Flat" or ",PQ" in c["factory"]]
+
+
 def configs_for(n: int, dim: int) -> list[dict[str, Any]]:
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
     pq_m = dim // 4 if dim % 4 == 0 else dim
@@ -167,6 +211,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ckpt", help="main-job checkpoint: also benchmark glyph embeddings")
     parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--load-only", action="store_true", help="only the load table")
+    parser.add_argument("--load-repeats", type=int, default=3)
     args = parser.parse_args()
 
     import faiss
@@ -177,13 +223,22 @@ def main() -> None:
         "| data | index | build s | RSS MB | index MB | QPS | x Flat | recall@10 |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    print("\n".join(header), flush=True)
+    load_header = [
+        "| data | index | files MB | load s (verify) | load s (verify=False) | x |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     rows: list[str] = []
+    load_rows: list[str] = []
     if not args.skip_synthetic:
         base = clustered(args.n, args.dim, args.clusters, seed=0)
         queries = clustered(args.queries, args.dim, args.clusters, seed=1)
         name = f"clustered {args.n:,}x{args.dim}"
-        rows += run_table(name, base, queries, configs_for(args.n, args.dim))
+        configs = configs_for(args.n, args.dim)
+        if not args.load_only:
+            print("\n".join(header), flush=True)
+            rows += run_table(name, base, queries, configs)
+        print("\n".join(load_header), flush=True)
+        load_rows += load_table(name, base, load_configs(configs), args.load_repeats)
         del base
     if args.ckpt:
         emb, _ = glyph_embeddings(args.ckpt)
@@ -193,7 +248,10 @@ def main() -> None:
         queries, base = emb[order[:nq]], emb[order[nq:]]
         name = f"glyphs test {len(base):,}x{emb.shape[1]}"
         rows += run_table(name, base, queries, configs_for(len(base), emb.shape[1]))
-    print("\n" + "\n".join(header + rows))
+    if rows:
+        print("\n" + "\n".join(header + rows))
+    if load_rows:
+        print("\n" + "\n".join(load_header + load_rows))
 
 
 if __name__ == "__main__":

@@ -90,11 +90,13 @@ class LightningMetricCLI(LightningCLI):
 
     def before_predict(self) -> None:
         """`predict` always leaves a searchable index: ``<default_root_dir>/index`` unless the
-        config has an EmbeddingIndexWriter of its own."""
+        config has an EmbeddingIndexWriter of its own. That default index is replaced by a
+        later predict of the same checkpoint only (sha256 compared), never by another
+        model's embeddings; without ``--ckpt_path`` the writer refuses the untrained model."""
         callbacks = _callbacks(self.trainer)
         if not any(isinstance(c, EmbeddingIndexWriter) for c in callbacks):
             output = Path(self.trainer.default_root_dir) / INDEX_DIR
-            callbacks.append(EmbeddingIndexWriter(str(output), overwrite=True))
+            callbacks.append(EmbeddingIndexWriter(str(output), overwrite="same_checkpoint"))
 
     def after_fit(self) -> None:
         """One summary at the end of `fit`: the final metrics and where everything went."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_metric.batch import split_batch
-from lightning_metric.checks import METRICS
+from lightning_metric.checks import METRICS, check_top_k
 
 __all__ = ["COMMANDS", "run_command"]
 
@@ -41,7 +42,9 @@ def _parser(name: str) -> argparse.ArgumentParser:
             description=(
                 "Write the trained model (input -> unit-norm embedding) as ONNX (.onnx) or "
                 "TorchScript (.pt), with a dynamic batch axis, and <output>.json beside it: "
-                "input shape [C, H, W], dtype, preprocessing (pixel scale, mean/std), "
+                "input shape [C, H, W], dtype, the data module's preprocessing record (colour "
+                "mode, resize and centre crop, pixel scale, inversion, mean/std: what "
+                "lightning_metric.data.preprocess.Preprocessing.from_dict reads back), "
                 "embedding_dim and metric. The exported file is checked against the model."
             ),
         )
@@ -76,6 +79,11 @@ def _parser(name: str) -> argparse.ArgumentParser:
         "--evaluate",
         action="store_true",
         help="recall@k / MAP@R of the labelled queries (--split) against the index",
+    )
+    p.add_argument(
+        "--allow_other_checkpoint",
+        action="store_true",
+        help="search although the checkpoint's sha256 differs from the one the index records",
     )
     p.add_argument("--batch_size", type=int, default=256)
     return p
@@ -200,35 +208,12 @@ def image_paths(queries: Sequence[str]) -> list[Path]:
 
 
 def load_images(paths: Sequence[Path], input_info: dict[str, Any]) -> Tensor:
-    """``[N, C, H, W]`` float32: each image converted, resized and scaled (then normalised
-    by mean/std where recorded) as ``input_info['preprocessing']`` says."""
-    from PIL import Image
+    """``[N, C, H, W]`` float32: the image files read as ``input_info`` (an index manifest's
+    or export sidecar's input description) records; see
+    :func:`lightning_metric.data.preprocess.load_images`."""
+    from lightning_metric.data.preprocess import load_images as load
 
-    from lightning_metric.data.folders import load_image
-
-    pre = input_info.get("preprocessing", {})
-    shape = input_info.get("shape")
-    if not shape or len(shape) != 3:
-        raise ValueError(
-            f"the index records input shape {shape!r}, not an image [C, H, W]: search it with "
-            "--config/--ckpt_path and the data module's loader instead of --query"
-        )
-    channels, height, width = (int(s) for s in shape)
-    mode = pre.get("mode") or {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise ValueError(f"cannot load images for {channels}-channel inputs (needs 1 or 3)")
-    scale = float(pre.get("scale", 1.0 / 255.0))
-    images = []
-    for path in paths:
-        img = load_image(path).convert(mode).resize((width, height), Image.Resampling.BILINEAR)
-        x = np.asarray(img, dtype=np.float32) * scale
-        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-        if "mean" in pre and "std" in pre:
-            mean = np.asarray(pre["mean"], np.float32)[:, None, None]
-            std = np.asarray(pre["std"], np.float32)[:, None, None]
-            x = (x - mean) / std
-        images.append(torch.from_numpy(np.ascontiguousarray(x)))
-    return torch.stack(images)
+    return load(paths, input_info)
 
 
 @torch.no_grad()
@@ -254,9 +239,23 @@ def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             "lightning-metric search: pass --query (images / folders) or --config with "
             "--ckpt_path (queries from the data module's loader)"
         )
+    # Checked before a model is built and the queries embedded: these need only the index.
+    check_top_k(args.k, len(index), "indexed items")
+    if args.evaluate and args.query:
+        raise SystemExit(
+            "lightning-metric search --evaluate needs labelled queries: use --config/"
+            "--ckpt_path (the data module's --split loader) instead of --query"
+        )
+    if args.output and Path(args.output).suffix.lower() not in (".json", ".csv"):
+        raise ValueError(f"--output must end in .json or .csv, got {args.output!r}")
+    # Every search of this run, --evaluate's included, uses them; a parameter the index does
+    # not have (nprobe on a Flat index) is refused here, before a model is built.
+    index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
+    ckpt = args.ckpt_path or index.info.get("model", {}).get("checkpoint")
+    if ckpt:
+        _check_checkpoint(index, ckpt, args.allow_other_checkpoint)
     datamodule = None
     if args.config:
-        ckpt = args.ckpt_path or index.info.get("model", {}).get("checkpoint")
         if not ckpt:
             raise SystemExit("lightning-metric search: --config needs --ckpt_path")
         model, datamodule = _build(args.config, ckpt, overrides)
@@ -264,7 +263,7 @@ def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
         model = _model_from_manifest(index, args.ckpt_path)
     index.attach_model(model)
     query_labels: Optional[Tensor] = None
-    query_ids = torch.empty(0, dtype=torch.int64)
+    own = np.empty(0, dtype=np.int64)
     if args.query:
         paths = image_paths(args.query)
         input_info = index.info.get("input")
@@ -275,31 +274,153 @@ def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             )
         embeddings = embed(model, load_images(paths, input_info), args.batch_size)
         names = [str(p) for p in paths]
+        own = np.full(len(names), -1, dtype=np.int64)  # an image query keeps its duplicates
     else:
         assert datamodule is not None
-        datamodule.setup(args.split if args.split != "val" else "validate")
-        loader = getattr(datamodule, f"{args.split}_dataloader")()
-        embeddings, query_labels, query_ids = _embed_loader(model, loader)
+        embeddings, query_labels, query_ids, dataset = _split_queries(model, datamodule, args.split)
         names = [f"{args.split}[{int(i)}]" for i in query_ids]
-    # Queries read from the split the index was built from are indexed items themselves:
-    # like --evaluate, their lists leave out their own entry (always the top hit otherwise).
-    own = query_ids.numpy() if _same_split(index, args, query_ids) else None
-    extra = 1 if own is not None else 0
-    k = min(args.k, len(index) - extra)
-    result = index.search(
-        embeddings, k=k + extra, inputs=False, nprobe=args.nprobe, ef_search=args.ef_search
-    )
-    found_ids, found_scores = result.ids, result.scores
-    if own is not None:
-        # Each row's own id (if found) moves to the end, stably; then the first k are kept.
-        order = np.argsort(found_ids == own[:, None], axis=1, kind="stable")[:, :k]
-        found_ids = np.take_along_axis(found_ids, order, axis=1)
-        found_scores = np.take_along_axis(found_scores, order, axis=1)
-    output: dict[str, Any] = {"index": str(args.index), "k": k, "results": []}
+        own, matched_by = _own_rows(index, datamodule, args.split, query_ids, dataset)
+        print(f"lightning-metric search: {len(names)} queries from the {args.split!r} split; "
+              f"{int((own >= 0).sum())} of them are indexed items ({matched_by}), whose own "
+              "entries are left out of their neighbour lists")  # fmt: skip
+    output: dict[str, Any] = {"index": str(args.index), **_search_description(index, args)}
+    output.update(_neighbour_lists(index, embeddings, own, names, args.k))
+    if args.evaluate:
+        assert query_labels is not None  # --query with --evaluate was refused above
+        output["metrics"], output["evaluation"] = _evaluate(index, embeddings, query_labels, own)
+    _report(output, args.output)
+    return output
+
+
+def _search_description(index: Any, args: argparse.Namespace) -> dict[str, Any]:
+    given = {n for n in ("nprobe", "ef_search") if getattr(args, n) is not None}
+    return {
+        "factory": index.factory,
+        "search_params": dict(index.search_params),
+        "search_params_from": {
+            n: ("--" + n if n in given else "manifest") for n in index.search_params
+        },
+    }
+
+
+def _check_checkpoint(index: Any, ckpt: str, allow: bool) -> None:
+    """The checkpoint that embeds the queries must be the one that produced the index
+    (compared by sha256): another model's queries score like noise against it."""
+    from lightning_metric.provenance import checkpoint_mismatch, checkpoint_record, unverified
+
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(
+            f"checkpoint {ckpt!r} does not exist"
+            + ("" if ckpt != index.info.get("model", {}).get("checkpoint") else
+               " (the index manifest records it; pass --ckpt_path where it is now, and "
+               "--config if it was not trained with the lightning-metric CLI)")
+        )  # fmt: skip
+    recorded = index.info.get("model", {})
+    given = checkpoint_record(ckpt, "checkpoint")
+    reason = checkpoint_mismatch(recorded, given)
+    if reason is None:
+        if unverified(recorded, given):
+            print(
+                f"lightning-metric search: the index records checkpoint {ckpt!r} without a "
+                "sha256 (an older release): the file is assumed unchanged",
+                file=sys.stderr,
+            )
+        return
+    if not allow:
+        raise SystemExit(
+            f"lightning-metric search: {reason}. Queries embedded by another model than the "
+            "one that built the index score like noise. Search with the index's checkpoint, "
+            f"rebuild the index with `lightning-metric predict --ckpt_path {ckpt}`, or pass "
+            "--allow_other_checkpoint to search anyway"
+        )
+    print(f"lightning-metric search: WARNING (--allow_other_checkpoint): {reason}",
+          file=sys.stderr)  # fmt: skip
+
+
+def _split_queries(
+    model: nn.Module, datamodule: Any, split: str
+) -> tuple[Tensor, Tensor, Tensor, Any]:
+    """Embeddings, labels and dataset ids of the ``split`` loader, and its dataset."""
+    datamodule.setup(split if split != "val" else "validate")
+    loader_fn = getattr(datamodule, f"{split}_dataloader", None)
+    loader = loader_fn() if callable(loader_fn) else None
+    if loader is None:
+        raise SystemExit(
+            f"lightning-metric search: {type(datamodule).__name__} has no {split!r} loader; "
+            "pick another --split"
+        )
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise SystemExit(
+            f"lightning-metric search: the {split!r} split of {type(datamodule).__name__} "
+            "holds no items: there is nothing to query"
+        )
+    embeddings, labels, ids = _embed_loader(model, loader)
+    return embeddings, labels, ids, dataset
+
+
+def _own_rows(
+    index: Any, datamodule: Any, split: str, query_ids: Tensor, dataset: Any
+) -> tuple[np.ndarray, str]:
+    """The index row of each query that is itself an indexed item (-1 elsewhere), and how
+    they were matched: by source path when both sides have paths, else by dataset id when
+    the index records the same data module class and split (ids of another split or data
+    set name other items)."""
+    none = np.full(len(query_ids), -1, dtype=np.int64)
+    ids = query_ids.numpy()
+    paths = getattr(dataset, "paths", None)
+    if index.paths is not None and paths is not None and (ids >= 0).all():
+        where = {_norm(p): row for row, p in enumerate(index.paths)}
+        found = [where.get(_norm(str(paths[i])), -1) for i in ids.tolist()]
+        return np.asarray(found, dtype=np.int64), "matched by source path"
+    data = index.info.get("data") or {}
+    cls = type(datamodule)
+    resolved = getattr(datamodule, "predict_split", None) if split == "predict" else split
+    same_data = data.get("class_path") == f"{cls.__module__}.{cls.__qualname__}"
+    if not data or not same_data or data.get("predict_split") != resolved:
+        recorded = f"{data.get('class_path')} split {data.get('predict_split')!r}"
+        return none, (
+            f"none: the index records {recorded}" if data
+            else "none: the index records no data module, so none can be matched"
+        )  # fmt: skip
+    size = data.get("dataset_size")
+    if size is not None and dataset is not None and size != len(dataset):
+        raise SystemExit(
+            f"lightning-metric search: the index was built from {size} items of the "
+            f"{resolved!r} split, the config's has {len(dataset)}: its ids name other items. "
+            "Use the data configuration the index was built with"
+        )
+    rows = _rows_of(index, np.where(ids >= 0, ids, -1))
+    return rows, "matched by dataset id"
+
+
+def _rows_of(index: Any, ids: np.ndarray) -> np.ndarray:
+    """The row of each id in the index, -1 for an id it does not hold (a -1 of FAISS)."""
+    if not len(index):
+        return np.full(ids.shape, -1, dtype=np.int64)
+    sorter = np.argsort(index.ids, kind="stable")
+    pos = np.clip(np.searchsorted(index.ids, ids, sorter=sorter), 0, len(index) - 1)
+    rows = sorter[pos]
+    return np.where(index.ids[rows] == ids, rows, -1).astype(np.int64)
+
+
+def _norm(path: str) -> str:
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _neighbour_lists(
+    index: Any, embeddings: Tensor, own: np.ndarray, names: list[str], k: int
+) -> dict[str, Any]:
+    # Queries that are indexed items never list themselves: one more is searched.
+    extra = 1 if (own >= 0).any() else 0
+    k = check_top_k(k, len(index) - extra, "indexed items a query can retrieve")
+    result = index.search(embeddings, k=k + extra, inputs=False)
+    found_ids, found_scores = _without_own(index, result.ids, result.scores, own, k)
     label_of = dict(zip(index.ids.tolist(), index.labels.tolist(), strict=True))
     path_of = dict(zip(index.ids.tolist(), index.paths, strict=True)) if index.paths else {}
+    results = []
     for name, ids, scores in zip(names, found_ids, found_scores, strict=True):
-        output["results"].append(
+        results.append(
             {
                 "query": name,
                 "neighbours": [
@@ -313,58 +434,77 @@ def _search(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
                 ],
             }
         )
-    if args.evaluate:
-        if query_labels is None:
-            raise SystemExit(
-                "lightning-metric search --evaluate needs labelled queries: use --config/"
-                "--ckpt_path (the data module's --split loader) instead of --query"
-            )
-        output["metrics"] = _evaluate(index, embeddings, query_labels, query_ids, args.split)
-    _report(output, args.output)
-    return output
+    return {"k": k, "results": results}
 
 
-def _same_split(index: Any, args: argparse.Namespace, query_ids: Tensor) -> bool:
-    """Whether the queries are items of the index: read from the split it was built from."""
-    if args.query or not len(query_ids):
-        return False
-    same = index.info.get("data", {}).get("predict_split") == args.split
-    return bool(same and np.isin(query_ids.numpy(), index.ids).any())
+def _without_own(
+    index: Any, ids: np.ndarray, scores: np.ndarray, own: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's own entry (if found) moved to the end, stably; then the first k kept."""
+    is_own = (_rows_of(index, ids) == own[:, None]) & (own[:, None] >= 0)
+    order = np.argsort(is_own, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
 def _evaluate(
-    index: Any, embeddings: Tensor, labels: Tensor, query_ids: Tensor, split: str
-) -> dict[str, float]:
-    """recall@k / MAP@R of the queries against the index. Queries that are indexed items
-    themselves (the index holds the same split) never retrieve their own entry."""
-    from lightning_metric.retrieval import retrieval_metrics
+    index: Any, embeddings: Tensor, labels: Tensor, own: np.ndarray
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """recall@k / MAP@R of the labelled queries, from the neighbour lists ``index.search``
+    returns with its current search parameters (an approximate index is scored as it
+    searches), deep enough for every query's ``R``. ``own`` is each query's own row in the
+    index (-1 if it is no item of it): that entry counts neither in its list nor in its
+    ``R``. Ids of -1 (not found) and unlabelled indexed items are never relevant. Also
+    returns how it searched."""
+    from lightning_metric.retrieval.ranking import neighbour_list_metrics
 
-    same_split = index.info.get("data", {}).get("predict_split") == split
-    known = index.labels >= 0
-    ref = torch.from_numpy(index.embeddings[known])
-    ref_labels = torch.from_numpy(index.labels[known])
-    ref_ids = torch.from_numpy(index.ids[known])
-    inside = (
-        torch.isin(query_ids, ref_ids) if same_split else torch.zeros_like(labels, dtype=torch.bool)
+    all_labels = labels.numpy().astype(np.int64)
+    labelled = all_labels >= 0
+    if not labelled.any():
+        raise SystemExit(
+            f"lightning-metric search --evaluate: none of the {len(all_labels)} queries has a "
+            "label (all are -1): there is nothing to score"
+        )
+    q, lab, own = embeddings[torch.from_numpy(labelled)], all_labels[labelled], own[labelled]
+    inside = own >= 0
+    classes, counts = np.unique(index.labels[index.labels >= 0], return_counts=True)
+    count_of = dict(zip(classes.tolist(), counts.tolist(), strict=True))
+    relevant = np.array([count_of.get(c, 0) for c in lab.tolist()], dtype=np.int64)
+    relevant -= inside & (index.labels[np.maximum(own, 0)] == lab)
+    extra = 1 if inside.any() else 0
+    ks = tuple(k for k in (1, 2, 4, 8) if k <= len(index) - extra)
+    if not ks:
+        raise SystemExit(
+            f"lightning-metric search --evaluate: the index holds {len(index)} item(s) and a "
+            "query never retrieves itself: nothing to rank"
+        )
+    scored = relevant > 0
+    need = max(ks[-1], int(relevant[scored].max()) if scored.any() else 0)
+    depth = min(len(index), need + extra)
+    result = index.search(q, k=depth, inputs=False)
+    found = result.ids
+    rows = _rows_of(index, found)
+    # Equal scores in the order exact search gives them (lower row first): an IVF or HNSW
+    # index lists ties in its own order, which would move hits across the k cut-offs.
+    best_first = result.scores if index.metric == "l2" else -result.scores
+    rows = np.take_along_axis(rows, np.lexsort((rows, best_first), axis=-1), axis=1)
+    # The own entry leaves the list (the rest move up) and the freed last place is empty.
+    is_own = (rows == own[:, None]) & inside[:, None]
+    rows = np.take_along_axis(rows, np.argsort(is_own, axis=1, kind="stable"), axis=1)
+    rows[np.sort(is_own, axis=1)] = -1
+    neighbour_labels = np.where(rows >= 0, index.labels[np.maximum(rows, 0)], -1)
+    metrics = neighbour_list_metrics(
+        torch.from_numpy(neighbour_labels), torch.from_numpy(lab), torch.from_numpy(relevant), ks
     )
-    extra_emb, extra_labels = embeddings[~inside], labels[~inside]
-    all_emb = torch.cat([ref, extra_emb])
-    all_labels = torch.cat([ref_labels, extra_labels.to(torch.int64)])
-    query_mask = torch.cat(
-        [torch.isin(ref_ids, query_ids[inside]), torch.ones(len(extra_emb), dtype=torch.bool)]
-    )
-    reference_mask = torch.cat(
-        [torch.ones(len(ref), dtype=torch.bool), torch.zeros(len(extra_emb), dtype=torch.bool)]
-    )
-    candidates = len(ref) - (1 if bool(inside.any()) else 0)
-    return retrieval_metrics(
-        all_emb,
-        all_labels,
-        k=tuple(k for k in (1, 2, 4, 8) if k <= candidates),
-        query_mask=query_mask,
-        reference_mask=reference_mask,
-        metric=index.metric,
-    )
+    details = {
+        "factory": index.factory,
+        "search_params": dict(index.search_params),
+        "depth": depth,
+        "queries": len(all_labels),
+        "labelled_queries": int(labelled.sum()),
+        "queries_in_index": int(inside.sum()),
+        "not_found": int((found < 0).sum()),
+    }
+    return metrics, details
 
 
 def _report(output: dict[str, Any], destination: Optional[str]) -> None:
@@ -394,6 +534,22 @@ def _report(output: dict[str, Any], destination: Optional[str]) -> None:
         if len(output["results"]) > len(shown):
             print(f"... {len(output['results']) - len(shown)} more queries (use --output)")
     if "metrics" in output:
+        e = output["evaluation"]
+        params = ", ".join(
+            f"{n}={v} ({output['search_params_from'][n]})" for n, v in e["search_params"].items()
+        )
+        print(
+            f"search/evaluate: searched index {e['factory']!r}"
+            f"{' with ' + params if params else ''}, {e['depth']} neighbours deep, for "
+            f"{e['labelled_queries']} labelled queries of {e['queries']} "
+            f"({e['queries_in_index']} are indexed items, their own entries left out; "
+            f"{e['not_found']} neighbour slots not found)"
+        )
+        if e["not_found"]:
+            print(
+                "search/evaluate: the index returned fewer neighbours than asked; the missing "
+                "ones count as misses (raise --nprobe for IVF, --ef_search for HNSW)"
+            )
         line = "  ".join(f"{k}={v:.4f}" for k, v in output["metrics"].items())
         print(f"search/evaluate: {line}")
     sys.stdout.flush()

@@ -2,8 +2,9 @@
 
 ``export(module, "model.onnx", example_input)`` (or ``"model.pt"`` for TorchScript) writes
 the model with a dynamic batch axis and, beside it, ``model.onnx.json``: the input shape
-``[C, H, W]``, dtype and preprocessing (pixel scale, mean/std, colour mode) the model
-expects, ``embedding_dim`` and the metric to compare embeddings with. The exported file is
+``[C, H, W]``, dtype and preprocessing record the model expects (the data module's own
+evaluation transform, see :func:`describe_input`), ``embedding_dim`` and the metric to
+compare embeddings with. The exported file is
 run once on ``example_input`` and must reproduce the module's embeddings.
 
 Command line: ``lightning-metric export --config CFG --ckpt_path CKPT --output model.onnx``.
@@ -22,6 +23,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from lightning_metric.checks import check_int, check_metric
+from lightning_metric.data.preprocess import PreprocessingError, record_of_input
 
 __all__ = ["FORMATS", "ExportError", "describe_input", "export", "sidecar_path"]
 
@@ -51,31 +55,43 @@ def sidecar_path(path: Union[str, os.PathLike[str]]) -> Path:
 
 
 def describe_input(datamodule: Any, example_input: Tensor) -> dict[str, Any]:
-    """Input shape, dtype and preprocessing of ``datamodule`` (what ``search`` applies to
-    image files): pixels scaled by ``scale`` (``1/255`` default), then ``(x - mean) / std``
-    where the data module normalises, resized to ``[H, W]`` in PIL mode ``L`` (1 channel)
-    or ``RGB``."""
+    """Input shape, dtype and preprocessing of ``datamodule``: what the index manifest and the
+    export sidecar record, and what ``search --query`` applies to image files.
+
+    ``preprocessing`` is the data module's own record
+    (:meth:`~lightning_metric.data.ArrayDataModule.input_preprocessing`, a
+    :class:`~lightning_metric.data.preprocess.Preprocessing` as a dict), the very object its
+    evaluation loaders read images with. Where there is none (no data module, a data module
+    without ``input_preprocessing``, a custom evaluation transform, a record that does not
+    make ``example_input``'s shape), ``preprocessing`` is ``None`` and ``preprocessing_unknown``
+    says why; ``search --query`` then refuses with that reason.
+    """
     shape = [int(s) for s in example_input.shape[1:]]
     info: dict[str, Any] = {"shape": shape, "dtype": str(example_input.dtype).split(".")[-1]}
-    pre: dict[str, Any] = {}
-    if len(shape) == 3:
-        pre["mode"] = {1: "L", 3: "RGB"}.get(shape[0])
-        pre["size"] = shape[1:]
-    scale = None
-    for split in ("predict", "test", "val", "train"):
-        dataset = getattr(datamodule, "datasets", {}).get(split) if datamodule else None
-        if dataset is not None and getattr(dataset, "scale", None) is not None:
-            scale = float(dataset.scale)
-            break
-    pre["scale"] = scale if scale is not None else 1.0 / 255.0
-    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-    if mean is not None and std is not None:
-        pre["mean"] = [float(v) for v in mean]
-        pre["std"] = [float(v) for v in std]
+    reason = None
+    record = None
+    describe = getattr(datamodule, "input_preprocessing", None)
+    if datamodule is None:
+        reason = "no data module was given to describe the preprocessing"
+    elif not callable(describe):
+        reason = f"{type(datamodule).__name__} has no input_preprocessing() to describe it"
+    else:
+        try:
+            pre = describe()
+            if list(pre.shape) != shape:
+                raise PreprocessingError(
+                    f"{type(datamodule).__name__}'s preprocessing makes {list(pre.shape)} "
+                    f"tensors but the model input is {shape}"
+                )
+            record = pre.to_dict()
+        except PreprocessingError as err:
+            reason = str(err)
+    info["preprocessing"] = record
+    if reason is not None:
+        info["preprocessing_unknown"] = reason
     if datamodule is not None:
         cls = type(datamodule)
-        pre["data"] = f"{cls.__module__}.{cls.__qualname__}"
-    info["preprocessing"] = pre
+        info["data"] = f"{cls.__module__}.{cls.__qualname__}"
     return info
 
 
@@ -123,6 +139,7 @@ def export(
     example_input: Tensor,
     *,
     input_info: Optional[Mapping[str, Any]] = None,
+    datamodule: Any = None,
     metric: str = "cosine",
     opset: int = 17,
     check: bool = True,
@@ -135,8 +152,11 @@ def export(
         module: the embedding model, e.g. a :class:`MetricLearningModule` (``forward``
             returns the embeddings). Exported in eval mode on CPU, float32.
         example_input: a batch of inputs ``[B, C, H, W]`` (a sample batch's ``x``).
-        input_info: description written to the sidecar JSON (default: from the example's
-            shape, see :func:`describe_input`).
+        input_info: description written to the sidecar JSON (default:
+            ``describe_input(datamodule, example_input)``).
+        datamodule: the data module the model was trained with, whose preprocessing record
+            the sidecar stores; without it (or ``input_info``) the sidecar records none and
+            a warning says so.
         metric: how the embeddings are compared (``cosine``, ``ip``, ``l2``), recorded.
         opset: ONNX opset.
         check: run the exported file on a batch of another size derived from
@@ -156,6 +176,17 @@ def export(
             "example_input must be a batch tensor [B, ...] (e.g. a sample batch's 'x'), got "
             f"{type(example_input).__name__} of shape {tuple(getattr(example_input, 'shape', ()))}"
         )
+    check_metric(metric)
+    check_int("opset", opset, minimum=7)
+    info = dict(input_info) if input_info is not None else describe_input(datamodule, example_input)
+    if info.get("preprocessing") is not None:
+        # A record handed in is read back by `search --query`: refuse one that cannot be.
+        pre = record_of_input(info, "input_info")
+        if list(pre.shape) != list(example_input.shape[1:]):
+            raise PreprocessingError(
+                f"input_info's preprocessing makes {list(pre.shape)} tensors but example_input "
+                f"is {list(example_input.shape[1:])} per item; it does not describe this model"
+            )
     example = example_input.detach().float().cpu()
     was_training = module.training
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -184,7 +215,13 @@ def export(
             _check_parity(path, fmt, probe, probe_reference)
     finally:
         module.to(device).train(was_training)
-    info = dict(input_info) if input_info is not None else describe_input(None, example)
+    if info.get("preprocessing") is None:
+        warnings.warn(
+            f"{str(sidecar_path(path))!r} records no preprocessing, so image files cannot be "
+            f"fed to {path.name} from it: {info.get('preprocessing_unknown', 'none given')}",
+            UserWarning,
+            stacklevel=2,
+        )
     sidecar = {
         "format": SIDECAR_FORMAT,
         "file": path.name,

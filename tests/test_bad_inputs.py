@@ -57,7 +57,7 @@ def load_with_nan_row(tmp_path: Path) -> None:
     emb = np.load(directory / "embeddings.npy")
     emb[3] = np.nan
     np.save(directory / "embeddings.npy", emb)
-    EmbeddingIndex.load(directory)
+    EmbeddingIndex.load(directory, verify=False)
 
 
 def load_with_bad_manifest_dim(tmp_path: Path) -> None:
@@ -74,14 +74,14 @@ def load_with_mixed_files(tmp_path: Path) -> None:
     directory = index().save(tmp_path / "index")
     other = EmbeddingIndex((X + 1).numpy(), labels=Y.numpy()).save(tmp_path / "other")
     (directory / "embeddings.npy").write_bytes((other / "embeddings.npy").read_bytes())
-    EmbeddingIndex.load(directory)
+    EmbeddingIndex.load(directory, verify=False)
 
 
 def load_with_faiss_of_other_size(tmp_path: Path) -> None:
     directory = index().save(tmp_path / "index")
     other = EmbeddingIndex(X[:4].numpy()).save(tmp_path / "other")
     (directory / "index.faiss").write_bytes((other / "index.faiss").read_bytes())
-    EmbeddingIndex.load(directory)
+    EmbeddingIndex.load(directory, verify=False)
 
 
 # (id, call, exception, message regex); a call taking an argument gets pytest's tmp_path.

@@ -51,16 +51,24 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_image_folder_class_disjoint_split(folder: Path) -> None:
-    dm = ImageFolderDataModule(str(folder), val_fraction=0.5, seed=1, **FAST)
-    assert dm.num_classes == 3  # known right after __init__
+    dm = ImageFolderDataModule(str(folder), val_fraction=1 / 3, test_fraction=1 / 3, seed=1, **FAST)
+    assert dm.num_classes == 2  # known right after __init__
     train, val, test = (dm.splits[s] for s in ("train", "val", "test"))
-    assert set(train[2]).isdisjoint(val[2]) and len(val[2]) == 3
-    assert len(train[0]) + len(val[0]) == 18 and test is val
-    again = ImageFolderDataModule(str(folder), val_fraction=0.5, seed=1, **FAST)
-    assert again.splits["val"][2] == val[2]  # seeded
+    # three class-disjoint splits of two classes each, covering every image once
+    assert len(train[2]) == len(val[2]) == len(test[2]) == 2
+    assert set(train[2]).isdisjoint(val[2]) and set(val[2]).isdisjoint(test[2])
+    assert set(train[2]).isdisjoint(test[2])
+    assert sorted(train[0] + val[0] + test[0]) == sorted(str(p) for p in folder.rglob("*.PNG"))
+    again = ImageFolderDataModule(
+        str(folder), val_fraction=1 / 3, test_fraction=1 / 3, seed=1, **FAST
+    )
+    assert again.splits["val"][2] == val[2] and again.splits["test"][2] == test[2]  # seeded
     explicit = ImageFolderDataModule(str(folder), val_classes=["class_1", "class_4"], **FAST)
     assert explicit.splits["val"][2] == ["class_1", "class_4"]
-    assert explicit.num_classes == 4 and len(explicit.splits["val"][0]) == 6
+    # test: round(0.25 * 6) = 2 of the four others, drawn by seed; train: the last two
+    assert len(explicit.splits["test"][2]) == 2 and explicit.num_classes == 2
+    assert not {"class_1", "class_4"} & set(explicit.splits["test"][2])
+    assert len(explicit.splits["val"][0]) == 6
     batch = next(iter(explicit.val_dataloader()))
     assert set(batch) == {"x", "label", "index"}
     assert batch["x"].shape == (4, 3, 16, 16) and batch["x"].dtype == torch.float32
@@ -68,7 +76,9 @@ def test_image_folder_class_disjoint_split(folder: Path) -> None:
 
 
 def test_image_folder_m_per_class_batches(folder: Path) -> None:
-    dm = ImageFolderDataModule(str(folder), val_classes=["class_5"], m_per_class=2, **FAST)
+    dm = ImageFolderDataModule(
+        str(folder), val_classes=["class_5"], test_classes=["class_0"], m_per_class=2, **FAST
+    )
     labels = dm.dataset("train").labels
     for batch in dm.train_dataloader():
         counts = torch.bincount(labels[batch["index"]])
@@ -90,12 +100,14 @@ def test_image_folder_bad_input(folder: Path, tmp_path: Path) -> None:
 def test_undecodable_image_is_an_error_naming_the_file(folder: Path) -> None:
     bad = folder / "class_2" / "img9.png"
     bad.write_bytes(b"\x89PNG truncated")
-    dm = ImageFolderDataModule(str(folder), val_classes=["class_2", "class_3"], **FAST)
+    dm = ImageFolderDataModule(
+        str(folder), val_classes=["class_2", "class_3"], test_fraction=0, **FAST
+    )
     val = dm.dataset("val")
     with pytest.raises(ImageDecodeError, match=r"img9\.png"):
         val[val.paths.index(str(bad))]
     checked = ImageFolderDataModule(
-        str(folder), val_classes=["class_2", "class_3"], verify_images=True, **FAST
+        str(folder), val_classes=["class_2", "class_3"], verify_images=True, test_fraction=0, **FAST
     )
     with pytest.raises(ImageDecodeError, match=r"1 of \d+ images cannot be decoded:\n .*img9\.png"):
         checked.setup()

@@ -14,7 +14,7 @@ MODULES = [
     "lightning_metric.retrieval.knn",
     "lightning_metric.retrieval.ranking",
     "lightning_metric.retrieval.verification",
-    "lightning_metric.retrieval.index",
+    "lightning_metric.retrieval.index.core",
     "lightning_metric.heads.base",
     "lightning_metric.heads.margins",
     "lightning_metric.heads.adaptive",

@@ -46,7 +46,8 @@ def test_exported_model_equals_the_module(suffix: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     model = _model()
     example = torch.rand(2, 1, 16, 16)
-    path = model.export(tmp_path / f"model{suffix}", example)
+    with pytest.warns(UserWarning, match="records no preprocessing.*no data module"):
+        path = model.export(tmp_path / f"model{suffix}", example)
     assert path == tmp_path / f"model{suffix}" and path.is_file()
     for batch in (64, 7):  # 7: a batch size not seen at export
         x = torch.rand(batch, 1, 16, 16, generator=torch.Generator().manual_seed(batch))
@@ -63,7 +64,9 @@ def test_exported_model_equals_the_module(suffix: str, tmp_path: Path) -> None:
     side = json.loads(sidecar_path(path).read_text())
     assert side["input"]["shape"] == [1, 16, 16] and side["input"]["dtype"] == "float32"
     assert side["input"]["dynamic_batch"] is True
-    assert side["input"]["preprocessing"]["mode"] == "L"
+    # no data module: no record (a guessed one could be silently wrong), and the reason
+    assert side["input"]["preprocessing"] is None
+    assert "no data module" in side["input"]["preprocessing_unknown"]
     assert side["embedding_dim"] == 16 and side["metric"] == "cosine"
     assert side["export_format"] == {".onnx": "onnx", ".pt": "torchscript"}[suffix]
     assert model.training is False

@@ -241,7 +241,7 @@ def test_interrupted_save_keeps_the_old_index(
 ) -> None:
     import faiss
 
-    import lightning_metric.retrieval.index as search
+    import lightning_metric.retrieval.index.core as search
 
     old, new = two_indexes()
     directory = old.save(tmp_path / "index")

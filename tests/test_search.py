@@ -174,7 +174,7 @@ def test_mismatched_dimension(predicted: dict[str, Path], tmp_path: Path) -> Non
     directory = _copy(predicted["index"], tmp_path / "index")
     np.save(directory / "embeddings.npy", np.zeros((192, 16), dtype=np.float32))
     with pytest.raises(IndexFormatError, match=r"embeddings\.npy.*\(192, 16\).*\(192, 32\)"):
-        EmbeddingIndex.load(directory)
+        EmbeddingIndex.load(directory, verify=False)
 
 
 def test_manifest_disagrees_with_faiss_file(predicted: dict[str, Path], tmp_path: Path) -> None:
@@ -190,7 +190,7 @@ def test_corrupt_faiss_file(predicted: dict[str, Path], tmp_path: Path) -> None:
     directory = _copy(predicted["index"], tmp_path / "index")
     (directory / "index.faiss").write_bytes(b"not a faiss index")
     with pytest.raises(IndexFormatError, match=r"cannot read FAISS index .*index\.faiss"):
-        EmbeddingIndex.load(directory)
+        EmbeddingIndex.load(directory, verify=False)
 
 
 def test_pickled_arrays_are_refused(predicted: dict[str, Path], tmp_path: Path) -> None:

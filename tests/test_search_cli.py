@@ -88,16 +88,26 @@ def test_search_images_from_the_manifest_model(
     assert [r["rank"] for r in rows] == ["1", "2"] and rows[0]["id"] == str(got[1, 0])
 
 
-def test_search_evaluate_a_labelled_query_set(
-    trained: dict[str, Path], capsys: pytest.CaptureFixture[str]
+def test_search_evaluate_scores_the_hnsw_index_as_it_searches(
+    trained: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    from test_search_evaluate import brute_force
+
+    out = tmp_path / "eval.json"
     result = main(
         ["search", "--index", str(trained["index"]), "--config", CONFIG, "--ckpt_path",
-         str(trained["ckpt"]), "--evaluate", "--k", "3", "--trainer.precision=32-true"]
+         str(trained["ckpt"]), "--evaluate", "--k", "3", "--trainer.precision=32-true",
+         "--output", str(out)]
     )  # fmt: skip
     assert result is None
     printed = capsys.readouterr().out
-    assert "search/evaluate: recall@1=" in printed and "map@r=" in printed
+    assert "searched index 'HNSW32' with ef_search=64 (manifest)" in printed
+    got = json.loads(out.read_text())
+    assert got["evaluation"]["search_params"] == {"ef_search": 64}
+    # the metrics of the HNSW graph's own neighbour lists, not of the exact vectors
+    expected = brute_force(EmbeddingIndex.load(trained["index"]), got["evaluation"]["depth"])
+    for key, value in expected.items():
+        assert got["metrics"][key] == pytest.approx(value, abs=1e-12), key
 
 
 def test_export_command_writes_a_checked_model(trained: dict[str, Path], tmp_path: Path) -> None:

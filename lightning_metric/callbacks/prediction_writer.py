@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -12,10 +13,13 @@ from torch import Tensor
 
 from lightning_metric.callbacks.collect import EmbeddingCollector, EvaluationCallback, Stage, Step
 from lightning_metric.checks import check_factory_string, check_int, check_metric
+from lightning_metric.provenance import checkpoint_mismatch, checkpoint_record
 from lightning_metric.retrieval.index import MANIFEST, EmbeddingIndex
 from lightning_metric.retrieval.knn import Metric
 
 __all__ = ["EmbeddingIndexWriter"]
+
+Overwrite = Union[bool, Literal["same_checkpoint"]]
 
 
 class EmbeddingIndexWriter(EvaluationCallback):
@@ -24,7 +28,8 @@ class EmbeddingIndexWriter(EvaluationCallback):
 
     ``output_dir`` gets ``embeddings.npy``, ``ids.npy`` (the dataset index of each item),
     ``labels.npy``, ``index.faiss``, ``paths.txt`` (when the data set has file paths) and
-    ``manifest.json`` (model class, checkpoint, embedding size, metric, count, data module).
+    ``manifest.json`` (model class, checkpoint path and sha256, embedding size, metric, count,
+    data module class, split and size).
     Under DDP the embeddings of all ranks are gathered and DistributedSampler padding removed;
     rank 0 writes. With several predict dataloaders, each is written to
     ``output_dir/dataloader_idx_{i}``.
@@ -39,8 +44,18 @@ class EmbeddingIndexWriter(EvaluationCallback):
     Args:
         output_dir: directory to write.
         metric: how the index compares embeddings: ``"cosine"``, ``"ip"`` or ``"l2"``.
-        overwrite: replace an existing index in ``output_dir``; otherwise predict stops with
-            an error before computing anything.
+        overwrite: ``True`` replaces an existing index in ``output_dir``;
+            ``"same_checkpoint"`` replaces it only when its manifest records the checkpoint
+            being predicted (same sha256), so another model's embeddings never replace it
+            unasked (``lightning-metric predict``'s own ``<default_root_dir>/index`` writer);
+            ``False``: never. A refused overwrite stops predict before computing anything.
+        allow_untrained: write an index although no checkpoint was loaded
+            (``ckpt_path``) and this Trainer has not trained the model. Off, such a predict
+            stops at its start: it is how ``lightning-metric predict`` without
+            ``--ckpt_path`` would index a freshly initialised model. After ``trainer.fit``
+            the same Trainer's predict is allowed (its ``global_step`` is the training);
+            weights trained by another Trainer or loaded by hand need ``True``. The manifest
+            says which (``info["model"]["weights"]``).
         factory: FAISS index-factory string (``"Flat"`` exact; ``"HNSW32"``,
             ``"IVF1024,Flat"``, ``"IVF1024,PQ16"``, ... approximate, trained on the predicted
             embeddings); see :class:`~lightning_metric.retrieval.EmbeddingIndex`.
@@ -53,10 +68,11 @@ class EmbeddingIndexWriter(EvaluationCallback):
         self,
         output_dir: str,
         metric: Metric = "cosine",
-        overwrite: bool = False,
+        overwrite: Overwrite = False,
         factory: str = "Flat",
         nprobe: Optional[int] = None,
         ef_search: Optional[int] = None,
+        allow_untrained: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(output_dir, str | Path) or not str(output_dir):
@@ -64,19 +80,90 @@ class EmbeddingIndexWriter(EvaluationCallback):
         check_metric(metric)
         self.output_dir = Path(output_dir)
         self.metric: Metric = metric
-        self.overwrite = overwrite
+        if not isinstance(overwrite, bool) and overwrite != "same_checkpoint":
+            raise ValueError(
+                f"overwrite must be True, False or 'same_checkpoint', got {overwrite!r}"
+            )
+        if not isinstance(allow_untrained, bool):
+            raise ValueError(f"allow_untrained must be True or False, got {allow_untrained!r}")
+        self.overwrite: Overwrite = overwrite
+        self.allow_untrained = allow_untrained
         self.factory = check_factory_string(factory)  # PQ's M checked once D is known
         self.nprobe = None if nprobe is None else check_int("nprobe", nprobe, minimum=1)
         self.ef_search = None if ef_search is None else check_int("ef_search", ef_search, minimum=1)
         self._collectors: dict[int, EmbeddingCollector] = {}
         self._examples: dict[int, Tensor] = {}
         self.written: list[Path] = []
+        self._weights: dict[str, Any] = {}
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (self.output_dir / MANIFEST).exists() and not self.overwrite:
+        # Decided on every rank from the same files, so all ranks stop together.
+        existing = self._existing_manifests()
+        if self.overwrite is False and existing:
             raise FileExistsError(
-                f"{str(self.output_dir)!r} already holds an index ({MANIFEST}); choose another "
-                "output_dir or set overwrite: true on EmbeddingIndexWriter"
+                f"{str(existing[0].parent)!r} already holds an index ({MANIFEST}); "
+                f"{self._overwrite_hint()}"
+            )
+        self._weights = self._weights_record(trainer)
+        for manifest in existing:
+            self._check_overwrite(manifest)
+
+    def _weights_record(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Where the predicted weights come from; refuses an untrained model unless allowed.
+
+        A checkpoint (``trainer.ckpt_path``) is hashed. Without one, a positive
+        ``global_step`` means this Trainer trained the model (``trainer.fit`` then
+        ``trainer.predict(model)`` in one process); a fresh Trainer with no checkpoint is
+        what ``lightning-metric predict`` without ``--ckpt_path`` runs: initial weights.
+        """
+        if trainer.ckpt_path:
+            return checkpoint_record(trainer.ckpt_path, "checkpoint")
+        if trainer.global_step > 0:
+            return checkpoint_record(
+                None, f"trained by this Trainer ({trainer.global_step} steps), no checkpoint"
+            )
+        if self.allow_untrained:
+            return checkpoint_record(None, "as given, no checkpoint (allow_untrained)")
+        raise ValueError(
+            f"EmbeddingIndexWriter: no checkpoint was loaded (ckpt_path is None) and this "
+            "Trainer has not trained the model (global_step 0), so the index in "
+            f"{str(self.output_dir)!r} would hold the embeddings of an untrained model. Pass "
+            "the trained weights (`lightning-metric predict --ckpt_path CKPT`, "
+            "`trainer.predict(model, ckpt_path=CKPT)`), or, if these weights are intended "
+            "(trained by another Trainer, loaded by hand), set allow_untrained: true on "
+            "EmbeddingIndexWriter (CLI: --trainer.callbacks+=lightning_metric.callbacks."
+            "EmbeddingIndexWriter --trainer.callbacks.output_dir=DIR "
+            "--trainer.callbacks.allow_untrained=true)"
+        )
+
+    def _existing_manifests(self) -> list[Path]:
+        found = [self.output_dir / MANIFEST]
+        found += sorted(self.output_dir.glob(f"dataloader_idx_*/{MANIFEST}"))
+        return [m for m in found if m.is_file()]
+
+    def _overwrite_hint(self) -> str:
+        return (
+            "choose another output_dir, delete it, or set overwrite: true on "
+            "EmbeddingIndexWriter (CLI: --trainer.callbacks+=lightning_metric.callbacks."
+            f"EmbeddingIndexWriter --trainer.callbacks.output_dir={self.output_dir} "
+            "--trainer.callbacks.overwrite=true)"
+        )
+
+    def _check_overwrite(self, manifest: Path) -> None:
+        """``overwrite="same_checkpoint"``: the existing index must come from the checkpoint
+        being predicted."""
+        if self.overwrite is True:
+            return
+        try:
+            recorded = json.loads(manifest.read_text(encoding="utf-8"))["info"]["model"]
+        except (ValueError, KeyError, TypeError):
+            recorded = {}
+        reason = checkpoint_mismatch(recorded, self._weights)
+        if reason is not None:
+            raise FileExistsError(
+                f"{str(manifest.parent)!r} already holds an index of another model, and it is "
+                f"only replaced by embeddings of the same checkpoint: {reason}. To replace it, "
+                f"{self._overwrite_hint()}"
             )
 
     def epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
@@ -109,7 +196,9 @@ class EmbeddingIndexWriter(EvaluationCallback):
                 labels=labels,
                 metric=self.metric,
                 paths=paths,
-                info=_describe(trainer, pl_module, idx, self._examples.get(idx)),
+                info=_describe(
+                    trainer, pl_module, idx, self._examples.get(idx), self._weights, dataset
+                ),
                 show_progress=True,
                 factory=self.factory,
                 nprobe=self.nprobe,
@@ -129,6 +218,8 @@ def _describe(
     pl_module: pl.LightningModule,
     dataloader_idx: int,
     example: Optional[Tensor] = None,
+    weights: Optional[dict[str, Any]] = None,
+    dataset: Any = None,
 ) -> dict:
     from lightning_metric import __version__
     from lightning_metric.export import describe_input
@@ -139,7 +230,7 @@ def _describe(
         "lightning_metric_version": __version__,
         "model": {
             "class_path": f"{model_cls.__module__}.{model_cls.__qualname__}",
-            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            **(weights or checkpoint_record(trainer.ckpt_path, "checkpoint")),
             "embedding_dim": getattr(pl_module, "embedding_dim", None),
             "backbone": type(getattr(pl_module, "backbone", None)).__name__,
             "hparams": dict(pl_module.hparams),
@@ -153,6 +244,8 @@ def _describe(
         info["data"] = {
             "class_path": f"{data_cls.__module__}.{data_cls.__qualname__}",
             "predict_split": getattr(datamodule, "predict_split", None),
+            # the split's size: the index may hold fewer (limit_predict_batches)
+            "dataset_size": len(dataset) if hasattr(dataset, "__len__") else None,
             "hparams": dict(getattr(datamodule, "hparams", {})),
         }
     return info

@@ -1,9 +1,11 @@
-"""DataModules for metric learning: the embedded glyph benchmark and sklearn's digits."""
+"""DataModules for metric learning (glyphs, digits, image folders, benchmark layouts) and the
+preprocessing record their evaluation transforms are."""
 
 from lightning_metric.data.augment import RandomAffineNoise
 from lightning_metric.data.base import ArrayDataModule, ArrayDataset, ResumableDataLoader
 from lightning_metric.data.digits import DigitsDataModule
 from lightning_metric.data.glyphs import GlyphsDataModule
+from lightning_metric.data.preprocess import Preprocessing, PreprocessingError
 from lightning_metric.data.samplers import EpochShuffleSampler, MPerClassSampler
 
 __all__ = [
@@ -13,6 +15,8 @@ __all__ = [
     "EpochShuffleSampler",
     "GlyphsDataModule",
     "MPerClassSampler",
+    "Preprocessing",
+    "PreprocessingError",
     "RandomAffineNoise",
     "ResumableDataLoader",
 ]

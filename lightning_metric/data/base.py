@@ -9,10 +9,12 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_metric.checks import check_choice, check_int, check_positive_int
 from lightning_metric.data.augment import BatchCollate, RandomAffineNoise
+from lightning_metric.data.preprocess import Preprocessing, PreprocessingError
 from lightning_metric.data.samplers import EpochShuffleSampler, MPerClassSampler
 
 Split = Literal["train", "val", "test"]
@@ -199,6 +201,41 @@ class _CountingIterator:
         return len(self.loader)
 
 
+def same_items(a: object, b: object) -> bool:
+    """Whether two datasets hold the same items: the same files, or the same stored arrays."""
+    paths_a, paths_b = getattr(a, "paths", None), getattr(b, "paths", None)
+    if paths_a is not None and paths_b is not None:
+        return list(paths_a) == list(paths_b)
+    if isinstance(a, ArrayDataset) and isinstance(b, ArrayDataset):
+        return a.images.shape == b.images.shape and bool(torch.equal(a.images, b.images))
+    return False
+
+
+def _array_preprocessing(dataset: object, where: str) -> Preprocessing:
+    """The record of an :class:`ArrayDataset` whose items are ``stored pixels * scale``."""
+    if not isinstance(dataset, ArrayDataset) or type(dataset)._batch is not ArrayDataset._batch:
+        raise PreprocessingError(
+            f"{where} is a {type(dataset).__name__}, not a plain ArrayDataset: how an image "
+            "file becomes its items is unknown; define input_preprocessing() on the data module"
+        )
+    images = dataset.images
+    channels, height, width = images.shape[1:]
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise PreprocessingError(
+            f"{where} has {channels}-channel images; an image file has 1 (L) or 3 (RGB)"
+        )
+    if images.dtype != torch.uint8:
+        whole = bool(((images >= 0) & (images <= 255) & (images == images.round())).all())
+        if not whole:
+            raise PreprocessingError(
+                f"{where} stores pixel values that are not integers in [0, 255] "
+                f"(dtype {images.dtype}), so no 8-bit image file holds them; define "
+                "input_preprocessing() on the data module"
+            )
+    return Preprocessing(mode=mode, size=(height, width), scale=dataset.scale)
+
+
 def remap_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Map each label to its position in ``classes`` (which must contain every label)."""
     order = np.argsort(classes)
@@ -300,6 +337,57 @@ class ArrayDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if not self.datasets:
             self.datasets = self.build_datasets()
+            shared = self.shared_eval_splits()
+            if shared:
+                # Said once, where the splits are made: a checkpoint picked on val is then
+                # picked on the test set, and test figures are optimistic.
+                rank_zero_warn(
+                    f"{type(self).__name__}: val and test serve {shared}; "
+                    "checkpoints chosen on val are chosen on the test set"
+                )
+
+    def shared_eval_splits(self) -> Optional[str]:
+        """Why ``val`` and ``test`` serve the same items, or ``None`` when they do not."""
+        val, test = self.datasets.get("val"), self.datasets.get("test")
+        if val is None or test is None:
+            return None
+        if val is test:
+            return f"one dataset of {len(val)} items"
+        if same_items(val, test):
+            return f"the same {len(val)} items"
+        return None
+
+    def input_preprocessing(self) -> Preprocessing:
+        """How an image file of this data set's kind becomes the tensor its evaluation loaders
+        give the model (what the index manifest and the export sidecar record).
+
+        Items held in memory (glyphs, digits) are read as a file holding the stored pixel
+        values would be: a glyph PNG is 8-bit grayscale with bright ink, a digits PNG holds
+        sklearn's values 0-16. Raises :class:`PreprocessingError` naming the reason when the
+        evaluation inputs are not a plain function of such a file.
+        """
+        name = type(self).__name__
+        if type(self)._eval_loader is not ArrayDataModule._eval_loader:
+            raise PreprocessingError(
+                f"{name} overrides _eval_loader, so its evaluation inputs are not known to be "
+                "the stored pixels times the dataset's scale; define input_preprocessing() on "
+                "it to describe them"
+            )
+        self.setup()
+        found: Optional[Preprocessing] = None
+        for split, dataset in self.datasets.items():
+            if split == "train":
+                continue
+            pre = _array_preprocessing(dataset, f"the {split} split of {name}")
+            if found is not None and pre != found:
+                raise PreprocessingError(
+                    f"{name}'s evaluation splits are preprocessed differently ({found} vs "
+                    f"{pre} in {split}); one record cannot describe them"
+                )
+            found = pre
+        if found is None:
+            raise PreprocessingError(f"{name} has no evaluation split to describe")
+        return found
 
     def dataset(self, split: Split) -> ArrayDataset:
         check_choice("split", split, SPLITS)

@@ -3,7 +3,9 @@
 Nothing is downloaded: point ``root`` at the extracted data set. Standard splits (as in
 Oh Song et al. 2016 and the papers that followed): train on the first half of the classes,
 evaluate retrieval on the other half. ``val`` and ``test`` are that same evaluation half,
-as in the literature (there is no separate validation set in these protocols).
+as in the literature (there is no separate validation set in these protocols); ``setup``
+says so in a warning naming the data module, since a checkpoint chosen on ``val`` is then
+chosen on the test set.
 
 ==============  ==============================================  =========================
 data set        files expected under ``root``                   split
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import numpy as np
 from torch.utils.data import DataLoader
@@ -80,6 +82,12 @@ class _BenchmarkDataModule(ImageFileDataModule):
 
     def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
         raise NotImplementedError
+
+    def shared_eval_splits(self) -> Optional[str]:
+        shared = super().shared_eval_splits()
+        if shared is None:
+            return None
+        return f"{shared} (the {self.name} protocol has no validation split)"
 
 
 def _train_test_by_class(
@@ -238,6 +246,13 @@ class InShopDataModule(_BenchmarkDataModule):
         check_choice("split", split, IN_SHOP_SPLITS)
         self.setup()
         return self.datasets[split]
+
+    def shared_eval_splits(self) -> Optional[str]:
+        query, gallery = self.datasets["query"], self.datasets["gallery"]
+        return (
+            f"the same [query, gallery] = [{len(query)}, {len(gallery)}] images (the In-Shop "
+            "protocol has no validation split)"
+        )
 
     def _loader(self, split: str) -> DataLoader:
         make: Callable[[str], DataLoader] = super()._eval_loader  # type: ignore[assignment]

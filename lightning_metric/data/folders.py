@@ -20,6 +20,13 @@ from torch.utils.data import Dataset
 
 from lightning_metric.checks import check_choice, check_fraction, check_int
 from lightning_metric.data.base import ArrayDataModule
+from lightning_metric.data.preprocess import (
+    ImageDecodeError,
+    Preprocessing,
+    PreprocessingError,
+    _to_mode,
+    open_image,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -27,6 +34,7 @@ __all__ = [
     "ImageFileDataset",
     "ImageFileDataModule",
     "ImageFolderDataModule",
+    "load_image",
     "standard_transform",
 ]
 
@@ -37,41 +45,10 @@ Transforms = Literal["standard", "resize"]
 TRANSFORMS: tuple[Transforms, ...] = ("standard", "resize")
 
 
-class ImageDecodeError(OSError):
-    """An image file exists but cannot be decoded."""
-
-
-def load_image(path: Union[str, Path]) -> Any:
-    """Decode ``path`` as an RGB PIL image, or raise :class:`ImageDecodeError` naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageDecodeError(
-            f"cannot decode image {str(path)!r} ({type(err).__name__}: {err}); replace or "
-            "remove the file (bad images are not skipped: that would change the splits)"
-        ) from err
-
-
-class _ResizeToTensor:
-    """PIL image -> normalised float tensor [3, size, size]; no torchvision needed."""
-
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.size = size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __call__(self, img: Any) -> torch.Tensor:
-        from PIL import Image
-
-        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - self.mean) / self.std
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size})"
+def load_image(path: Union[str, Path], mode: str = "RGB") -> Any:
+    """Decode ``path`` as a PIL image in ``mode``, or raise :class:`ImageDecodeError` naming it
+    (16-bit grayscale is scaled to 8 bits, not clipped)."""
+    return _to_mode(open_image(path), mode, str(path))
 
 
 def standard_transform(
@@ -84,13 +61,22 @@ def standard_transform(
 ) -> Callable[[Any], torch.Tensor]:
     """The usual metric-learning transforms (as in the Proxy-Anchor / MS-loss code bases).
 
-    ``"standard"`` (torchvision): train ``RandomResizedCrop(image_size)`` + horizontal flip,
+    ``"standard"``: train ``RandomResizedCrop(image_size)`` + horizontal flip (torchvision),
     eval ``Resize(resize_size)`` + ``CenterCrop(image_size)``; both ``ToTensor`` + ImageNet
     ``Normalize``. ``"resize"``: a plain resize to ``image_size`` squared and normalisation,
-    without torchvision and without augmentation (pre-cropped data, quick tests).
+    without augmentation (pre-cropped data, quick tests). Every transform without
+    augmentation is a :class:`~lightning_metric.data.preprocess.Preprocessing` (no
+    torchvision needed), the record the index manifest and the export sidecar store.
     """
-    if check_choice("transforms", kind, TRANSFORMS) == "resize":
-        return _ResizeToTensor(image_size, mean, std)
+    kind = check_choice("transforms", kind, TRANSFORMS)
+    if kind == "resize" or not train:
+        return Preprocessing(
+            mode="RGB",
+            size=(image_size, image_size),
+            resize=resize_size if kind == "standard" else None,
+            mean=tuple(mean),
+            std=tuple(std),
+        )
     try:
         from torchvision import transforms as T
     except ImportError as err:
@@ -98,10 +84,7 @@ def standard_transform(
             "transforms='standard' uses torchvision: pip install 'lightning-metric[vision]', "
             "or set transforms: resize"
         ) from err
-    if train:
-        steps = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
-    else:
-        steps = [T.Resize(resize_size), T.CenterCrop(image_size)]
+    steps = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -135,11 +118,14 @@ class ImageFileDataset(Dataset[dict[str, torch.Tensor]]):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for a dataset of {len(self)} images")
         i = i % len(self)
-        img = load_image(self.paths[i])
-        if self.transform is None:
-            x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        if isinstance(self.transform, Preprocessing):
+            x = self.transform.load(self.paths[i])
         else:
-            x = self.transform(img)
+            img = load_image(self.paths[i])
+            if self.transform is None:
+                x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            else:
+                x = self.transform(img)
         return {
             "x": x,
             "label": self.labels[i],
@@ -157,7 +143,7 @@ class ImageFileDataset(Dataset[dict[str, torch.Tensor]]):
             try:
                 load_image(path)
             except ImageDecodeError as err:
-                bad.append(f"{path} ({err.__cause__})")
+                bad.append(f"{path} ({err.__cause__ or err})")
         if bad:
             listing = "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
             raise ImageDecodeError(
@@ -223,8 +209,17 @@ class ImageFileDataModule(ArrayDataModule):
         self.image_size = check_int("image_size", image_size, minimum=1)
         self.resize_size = check_int("resize_size", resize_size, minimum=1)
         self.transforms: Transforms = check_choice("transforms", transforms, TRANSFORMS)
+        if self.transforms == "standard" and self.resize_size < self.image_size:
+            raise ValueError(
+                f"resize_size {self.resize_size} is smaller than image_size {self.image_size}: "
+                "the centre crop would be padded with black; use resize_size >= image_size"
+            )
         self.verify_images = verify_images
         self.splits: dict[str, tuple[list[str], np.ndarray, list[Any]]] = {}
+        #: The evaluation transform and the record written to indexes and export sidecars.
+        self.preprocessing = standard_transform(
+            False, self.image_size, self.resize_size, self.transforms
+        )
 
     @property
     def num_classes(self) -> int:
@@ -235,8 +230,38 @@ class ImageFileDataModule(ArrayDataModule):
         return None  # per-image transforms in the dataset instead
 
     def transform(self, split: str) -> Callable[[Any], torch.Tensor]:
-        train = split == "train" and self.augment
-        return standard_transform(train, self.image_size, self.resize_size, self.transforms)
+        """The per-image transform of ``split``: ``self.preprocessing`` unless augmenting."""
+        if split == "train" and self.augment:
+            return standard_transform(True, self.image_size, self.resize_size, self.transforms)
+        return self.preprocessing
+
+    def input_preprocessing(self) -> Preprocessing:
+        """The record of the evaluation transform (see ``ArrayDataModule.input_preprocessing``);
+        a :class:`PreprocessingError` names the split whose transform no record describes."""
+        self.setup()
+        name = type(self).__name__
+        found: Optional[Preprocessing] = None
+        for split, dataset in self.datasets.items():
+            if split == "train":
+                continue
+            transform = getattr(dataset, "transform", None)
+            plain = type(dataset).__getitem__ is ImageFileDataset.__getitem__
+            if not plain or not isinstance(transform, Preprocessing):
+                raise PreprocessingError(
+                    f"the {split} split of {name} is read with {transform!r} "
+                    f"({type(dataset).__name__}), not a lightning_metric.data.Preprocessing: "
+                    "no record says how an image file becomes its inputs; return a "
+                    "Preprocessing from transform(split) or define input_preprocessing()"
+                )
+            if found is not None and transform != found:
+                raise PreprocessingError(
+                    f"{name}'s evaluation splits are read differently ({found} vs "
+                    f"{transform} in {split}); one record cannot describe them"
+                )
+            found = transform
+        if found is None:
+            raise PreprocessingError(f"{name} has no evaluation split to describe")
+        return found
 
     def build_datasets(self) -> dict[str, Any]:
         datasets: dict[str, Any] = {}
@@ -265,17 +290,105 @@ def _label_split(
     return [paths[i] for i in rows], labels, classes
 
 
+def _check_class_list(name: str, value: Optional[Sequence[str]], found: list[str]) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or len(value) == 0:
+        # An empty list would silently fall back to the fraction; a string splits into letters.
+        raise ValueError(
+            f"{name}={value!r} names no class: list at least one class folder, or leave "
+            f"{name} unset to draw the classes by fraction"
+        )
+    unknown = sorted(set(value) - set(found))
+    if unknown:
+        raise ValueError(
+            f"{name} {unknown} are not class folders (found {found[:10]}"
+            f"{' ...' if len(found) > 10 else ''})"
+        )
+    return sorted(set(value))
+
+
+def _check_split_arguments(
+    val_fraction: float,
+    test_fraction: float,
+    val_classes: Optional[Sequence[str]],
+    test_classes: Optional[Sequence[str]],
+) -> None:
+    """What can be checked before the folder is read (the class names are checked after)."""
+    for name, value in (("val_classes", val_classes), ("test_classes", test_classes)):
+        if value is not None and (isinstance(value, str) or len(value) == 0):
+            _check_class_list(name, value, [])
+    both = sorted(set(val_classes or ()) & set(test_classes or ()))
+    if both:
+        raise ValueError(
+            f"val_classes and test_classes share {both}: val and test must be class-disjoint "
+            "(else checkpoints are chosen on the test set)"
+        )
+    if val_classes is None:
+        check_fraction("val_fraction", val_fraction)
+    if test_classes is None and not (
+        isinstance(test_fraction, (int, float))
+        and not isinstance(test_fraction, bool)
+        and test_fraction == 0
+    ):
+        check_fraction("test_fraction", test_fraction)
+
+
+def split_folder_classes(
+    found: Sequence[str],
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    val_classes: Optional[Sequence[str]] = None,
+    test_classes: Optional[Sequence[str]] = None,
+) -> tuple[list[str], list[str], list[str]]:
+    """Class-disjoint train / val / test class names (each sorted), drawn by ``seed``.
+
+    Explicit lists win; the remaining held-out split gets ``round(fraction * len(found))``
+    (at least one) classes drawn by ``seed`` from those not named. ``test_fraction=0`` and no
+    ``test_classes``: no test classes of its own (``test`` is ``val``; the data module warns).
+    """
+    _check_split_arguments(val_fraction, test_fraction, val_classes, test_classes)
+    found = sorted(found)
+    val = _check_class_list("val_classes", val_classes, found)
+    test = _check_class_list("test_classes", test_classes, found)
+    shared = test_classes is None and test_fraction == 0
+    free = [found[i] for i in np.random.default_rng(seed).permutation(len(found))]
+    free = [c for c in free if c not in val and c not in test]
+    if not val:
+        n_val = max(1, round(val_fraction * len(found)))
+        val, free = sorted(free[:n_val]), free[n_val:]
+    if not test and not shared:
+        n_test = max(1, round(test_fraction * len(found)))
+        test, free = sorted(free[:n_test]), free[n_test:]
+    train = sorted(free)
+    if not train or (not shared and not test):
+        raise ValueError(
+            f"{len(found)} classes leave no {'training' if not train else 'test'} class after "
+            f"val {len(val)} (val_fraction={val_fraction}, val_classes={val_classes}) and test "
+            f"{len(test)} (test_fraction={test_fraction}, test_classes={test_classes}); lower "
+            "the fractions, name fewer classes, or set test_fraction=0 to test on the val "
+            "classes"
+        )
+    return train, val, test if not shared else val
+
+
 class ImageFolderDataModule(ImageFileDataModule):
     """One folder per class under ``root`` (``root/<class>/<image>``), split class-disjointly.
 
-    Validation classes are ``val_classes`` (folder names) if given, else a ``val_fraction``
-    of the classes drawn by ``seed``; training uses the rest. ``val`` and ``test`` are the same
-    held-out classes (retrieval on unseen classes, the usual protocol).
+    Validation classes are ``val_classes`` (folder names) if given, else ``val_fraction`` of
+    the classes drawn by ``seed``; test classes likewise (``test_classes`` /
+    ``test_fraction``), disjoint from val; training uses the rest. So by default a checkpoint
+    chosen on ``val`` is scored on ``test`` classes it was not chosen on. ``test_fraction=0``
+    (without ``test_classes``) tests on the val classes instead, with a warning at setup.
 
     Args:
         root: the directory holding one sub-directory per class.
+        val_fraction: fraction of classes for validation when ``val_classes`` is not given.
+        test_fraction: fraction of classes for test when ``test_classes`` is not given;
+            0: test on the val classes (warned).
         val_classes: explicit validation class folder names.
-        val_fraction: fraction of classes held out when ``val_classes`` is not given.
+        test_classes: explicit test class folder names (disjoint from ``val_classes``).
         extensions: file name endings counted as images (case-insensitive).
         **kwargs: the arguments of :class:`ImageFileDataModule` (``batch_size``,
             ``image_size``, ``transforms``, ...) and of ``ArrayDataModule`` (``seed`` also
@@ -288,18 +401,15 @@ class ImageFolderDataModule(ImageFileDataModule):
         self,
         root: str,
         *,
-        val_fraction: float = 0.5,
+        val_fraction: float = 0.25,
+        test_fraction: float = 0.25,
         val_classes: Optional[list[str]] = None,
+        test_classes: Optional[list[str]] = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if val_classes is not None and len(val_classes) == 0:
-            # An empty list would silently fall back to val_fraction or hold out nothing.
-            raise ValueError(
-                "val_classes=[] names no class: list at least one class folder to hold out, "
-                "or leave val_classes unset to hold out val_fraction of the classes"
-            )
+        _check_split_arguments(val_fraction, test_fraction, val_classes, test_classes)
         self.root = require_dir(root, "ImageFolderDataModule")
         exts = tuple(e.lower() for e in extensions)
         paths: list[str] = []
@@ -320,27 +430,15 @@ class ImageFolderDataModule(ImageFileDataModule):
                 f"expected one sub-directory per class with images ({', '.join(exts)}) under "
                 f"{str(self.root)!r}; found {len(found)} such folder(s)"
             )
-        if val_classes is not None:
-            unknown = sorted(set(val_classes) - set(found))
-            if unknown:
-                raise ValueError(
-                    f"val_classes {unknown} are not class folders of {str(self.root)!r} "
-                    f"(found {found[:10]}{' ...' if len(found) > 10 else ''})"
-                )
-            val = sorted(set(val_classes))
-        else:
-            check_fraction("val_fraction", val_fraction)
-            order = np.random.default_rng(self.seed).permutation(len(found))
-            n_val = min(max(1, round(val_fraction * len(found))), len(found) - 1)
-            val = sorted(found[i] for i in order[:n_val])
-        train = sorted(set(found) - set(val))
-        if not train:
-            raise ValueError(
-                f"val_classes take every class of {str(self.root)!r}; none left to train on"
+        try:
+            train, val, test = split_folder_classes(
+                found, self.seed, val_fraction, test_fraction, val_classes, test_classes
             )
+        except ValueError as err:
+            raise type(err)(f"{err} (in {str(self.root)!r})") from None
         held_out = _label_split(paths, class_ids, val)
         self.splits = {
             "train": _label_split(paths, class_ids, train),
             "val": held_out,
-            "test": held_out,
+            "test": held_out if test == val else _label_split(paths, class_ids, test),
         }

@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_metric.retrieval.clustering import clustering_metrics
 from lightning_metric.retrieval.knn import Metric, Neighbors, knn
-from lightning_metric.retrieval.ranking import retrieval_metrics, retrieval_metrics_per_class
+from lightning_metric.retrieval.ranking import (
+    neighbour_list_metrics,
+    retrieval_metrics,
+    retrieval_metrics_per_class,
+)
 from lightning_metric.retrieval.rerank import (
     KReciprocal,
     QueryExpansion,
@@ -54,6 +58,7 @@ __all__ = [
     "database_side_augmentation",
     "k_reciprocal",
     "knn",
+    "neighbour_list_metrics",
     "retrieval_metrics",
     "retrieval_metrics_per_class",
     "verification_metrics",

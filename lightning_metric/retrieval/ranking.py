@@ -15,7 +15,9 @@ Definitions (DESIGN.md):
 
 :func:`retrieval_metrics` averages the per-query values over queries or classes,
 :func:`retrieval_metrics_per_class` reports them per class; both run one pipeline
-(:func:`_scored`). Verification and clustering metrics live in
+(:func:`_scored`). :func:`neighbour_list_metrics` scores neighbour lists found elsewhere (an
+approximate :class:`~lightning_metric.retrieval.EmbeddingIndex`); all three compute the values
+in :func:`_match_values`. Verification and clustering metrics live in
 :mod:`~lightning_metric.retrieval.verification` and :mod:`~lightning_metric.retrieval.clustering`.
 """
 
@@ -50,7 +52,7 @@ from lightning_metric.retrieval.knn import (
     single_threaded_bookkeeping,
 )
 
-__all__ = ["retrieval_metrics", "retrieval_metrics_per_class"]
+__all__ = ["neighbour_list_metrics", "retrieval_metrics", "retrieval_metrics_per_class"]
 
 Average = Literal["micro", "macro"]
 # Neighbour-label entries held at once while scoring (bounds memory for large classes).
@@ -190,7 +192,7 @@ def _score(s: _Setup, ks: tuple[int, ...], o: _Scoring) -> _PerQuery:
             "itself: retrieval metrics need at least 2 items"
         )
     check_top_k(ks[-1], s.num_candidates)
-    map_at_r, mrr, precision = o.map_at_r, o.mrr, o.precision
+    map_at_r, mrr = o.map_at_r, o.mrr
     counts = torch.bincount(s.reference_labels, minlength=len(s.classes))
     r_count = counts[s.query_labels]
     if s.exclude is not None:
@@ -204,37 +206,46 @@ def _score(s: _Setup, ks: tuple[int, ...], o: _Scoring) -> _PerQuery:
     r_max = int(r_count.max())
     depth = max(ks[-1], r_max if (map_at_r or mrr) else 0)
     chunk = o.chunk_size or max(1, min(16384, _SCORE_BLOCK_ELEMENTS // depth))
-    dev = s.query.device
-    names = [f"recall@{k}" for k in ks]
-    names += [f"precision@{k}" for k in ks] if precision else []
-    names += ["map@r", "r_precision"] if map_at_r else []
-    names += ["mrr"] if mrr else []
-    out = {n: torch.empty(scorable.numel(), dtype=torch.float64, device=dev) for n in names}
-    ranks = torch.arange(1, depth + 1, device=dev, dtype=torch.float64)
+    out: dict[str, Tensor] = {}
     for start in range(0, scorable.numel(), chunk):
         sl = slice(start, min(start + chunk, scorable.numel()))
         rows = scorable[sl]
         ex = s.exclude[rows] if s.exclude is not None else None
         nn = search_prepared(s.query[rows], s.reference, depth, o.metric, ex, None, o.fast)
         match = s.reference_labels[nn.indices] == s.query_labels[rows][:, None]
-        hits = match.cumsum(1)
-        for k in ks:
-            out[f"recall@{k}"][sl] = (hits[:, k - 1] > 0).double()
-            if precision:
-                out[f"precision@{k}"][sl] = hits[:, k - 1].double() / k
-        if map_at_r:
-            rc = r_count[sl]
-            relevant = match & (ranks[None, :] <= rc[:, None])
-            cum = relevant.cumsum(1).double()
-            ap = (cum / ranks * relevant).sum(1)
-            out["map@r"][sl] = ap / rc
-            out["r_precision"][sl] = relevant.sum(1).double() / rc
-        if mrr:
-            m = match[:, :r_max]
-            first = m.double().argmax(1)
-            out["mrr"][sl] = torch.where(m.any(1), 1.0 / (first + 1.0), 0.0)
+        values = _match_values(match, r_count[sl], ks, o, r_max)
+        for name, v in values.items():
+            if name not in out:
+                out[name] = torch.empty(scorable.numel(), dtype=torch.float64, device=v.device)
+            out[name][sl] = v
     result.values = out
     return result
+
+
+def _match_values(
+    match: Tensor, r_count: Tensor, ks: tuple[int, ...], o: _Scoring, r_max: int
+) -> dict[str, Tensor]:
+    """Per-query metrics of ranked lists: ``match [Q, depth]`` says which neighbours share the
+    query's class, ``r_count [Q]`` is each query's ``R`` (its relevant references). The one
+    place the metrics are defined: in-memory search and given neighbour lists both end here."""
+    ranks = torch.arange(1, match.shape[1] + 1, device=match.device, dtype=torch.float64)
+    hits = match.cumsum(1)
+    out: dict[str, Tensor] = {}
+    for k in ks:
+        out[f"recall@{k}"] = (hits[:, k - 1] > 0).double()
+    if o.precision:
+        for k in ks:
+            out[f"precision@{k}"] = hits[:, k - 1].double() / k
+    if o.map_at_r:
+        relevant = match & (ranks[None, :] <= r_count[:, None])
+        cum = relevant.cumsum(1).double()
+        out["map@r"] = (cum / ranks * relevant).sum(1) / r_count
+        out["r_precision"] = relevant.sum(1).double() / r_count
+    if o.mrr:
+        m = match[:, :r_max]
+        first = m.double().argmax(1)
+        out["mrr"] = torch.where(m.any(1), 1.0 / (first + 1.0), 0.0).double()
+    return out
 
 
 def retrieval_metrics(
@@ -296,6 +307,13 @@ def retrieval_metrics(
     protocol = _Protocol(reference_embeddings, reference_labels, query_mask, reference_mask)
     scoring = _Scoring(metric, map_at_r, mrr, precision, chunk_size, fast)
     s, pq = _scored(embeddings, labels, k, protocol, scoring)
+    out = _averaged(pq, average)
+    if clustering:
+        out.update(clustering_metrics(s.query, s.query_labels, seed))
+    return out
+
+
+def _averaged(pq: _PerQuery, average: Average) -> dict[str, float]:
     out: dict[str, float] = {}
     if pq.num_unscorable < pq.num_queries:
         for name, values in pq.values.items():
@@ -304,9 +322,82 @@ def retrieval_metrics(
             else:
                 out[name] = float(_class_means(values, pq.labels)[1].mean())
     out["unscorable_queries"] = float(pq.num_unscorable)
-    if clustering:
-        out.update(clustering_metrics(s.query, s.query_labels, seed))
     return out
+
+
+def neighbour_list_metrics(
+    neighbour_labels: Tensor | np.ndarray,
+    query_labels: Tensor | np.ndarray,
+    relevant_counts: Tensor | np.ndarray,
+    k: int | Sequence[int] = (1, 2, 4, 8),
+    *,
+    map_at_r: bool = True,
+    mrr: bool = True,
+    precision: bool = True,
+    average: Average = "micro",
+) -> dict[str, float]:
+    """The metrics of :func:`retrieval_metrics` for neighbour lists found by someone else
+    (an approximate index, an external search engine), with the same definitions.
+
+    Args:
+        neighbour_labels: ``[Q, L]`` integer label of each query's neighbours, nearest first,
+            the query itself left out; ``-1`` where there is no neighbour (an approximate
+            index that found fewer than ``L``) or its label is unknown: never relevant.
+        query_labels: ``[Q]`` labels, ``>= 0``.
+        relevant_counts: ``[Q]`` ``R`` of each query: how many references share its label
+            (itself not counted), whether or not the search found them. Queries with
+            ``R == 0`` are unscorable, as in :func:`retrieval_metrics`.
+        k, map_at_r, mrr, precision, average: as in :func:`retrieval_metrics`.
+
+    ``L`` must reach ``max(k)`` and, for ``map@r`` / ``mrr``, the largest ``R`` of a
+    scorable query: a shorter list would count the unsearched ranks as misses.
+
+    Example: the first query finds one of its two same-label items first and the other third;
+    the second finds nothing (``-1``) where its one relevant item should have been:
+
+    >>> import torch
+    >>> lists = torch.tensor([[4, 7, 4], [-1, -1, -1]])
+    >>> m = neighbour_list_metrics(lists, torch.tensor([4, 2]), torch.tensor([2, 1]), k=(1, 2))
+    >>> m["recall@1"], m["recall@2"], m["map@r"], m["precision@2"]
+    (0.5, 0.5, 0.25, 0.25)
+    """
+    check_choice("average", average, ("micro", "macro"))
+    ks = check_k(k)
+    lists = as_tensor(neighbour_labels, "neighbour_labels")
+    if lists.ndim != 2 or lists.is_floating_point() or lists.dtype == torch.bool:
+        raise ValueError(
+            f"`neighbour_labels` must be an integer [num_queries, L] array, got dtype "
+            f"{lists.dtype} and shape {tuple(lists.shape)}"
+        )
+    qlab = check_labels("query_labels", query_labels, length=lists.shape[0])
+    if qlab.numel() and int(qlab.min()) < 0:
+        raise ValueError(
+            f"`query_labels` must be >= 0 (a query of unknown class cannot be scored), got "
+            f"{int(qlab.min())}; leave such queries out"
+        )
+    r_count = check_labels("relevant_counts", relevant_counts, length=lists.shape[0])
+    if r_count.numel() and int(r_count.min()) < 0:
+        raise ValueError(f"`relevant_counts` must be >= 0, got {int(r_count.min())}")
+    o = _Scoring("cosine", map_at_r, mrr, precision, None, None)
+    scorable = (r_count > 0).nonzero()[:, 0]
+    nq = lists.shape[0]
+    pq = _PerQuery(qlab[scorable], {}, nq, nq - scorable.numel())
+    if scorable.numel():
+        r_max = int(r_count[scorable].max())
+        need = max(ks[-1], r_max if (map_at_r or mrr) else 0)
+        if lists.shape[1] < need:
+            raise ValueError(
+                f"`neighbour_labels` holds {lists.shape[1]} neighbours per query, but "
+                f"{need} are needed (max k = {ks[-1]}"
+                + (f", largest R = {r_max} for map@r / mrr" if map_at_r or mrr else "")
+                + "): search deeper"
+            )
+        lists = lists[scorable, :need].to(torch.int64)
+        match = (lists == qlab[scorable][:, None]) & (lists >= 0)
+        pq.values = _match_values(match, r_count[scorable], ks, o, r_max)
+    else:
+        _warn_unscorable(nq)
+    return _averaged(pq, average)
 
 
 def _scored(

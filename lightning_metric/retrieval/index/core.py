@@ -1,37 +1,13 @@
-"""EmbeddingIndex: a searchable directory of embeddings written by ``EmbeddingIndexWriter``.
-
-The directory holds only FAISS and NumPy files plus JSON, all read without pickle:
-
-    manifest.json    format, version, embedding size, metric, count, FAISS factory string and
-                     search parameters (nprobe, efSearch), model / data description
-    index.faiss      FAISS index built by ``faiss.index_factory(factory)`` ("Flat" = exact;
-                     "HNSW32", "IVF1024,Flat", "IVF1024,PQ16", ... approximate), inner
-                     product for cosine/ip, L2 for l2
-    embeddings.npy   float32 [N, D], as the model produced them
-                     (index.faiss holds them L2-normalised for the cosine metric)
-    ids.npy          int64 [N], the item ids search returns (dataset index by default)
-    labels.npy       int64 [N], class labels (-1 where unknown)
-    paths.txt        optional, one source file per item (image-folder data sets)
-
-Example::
-
-    index = EmbeddingIndex.load("outputs/digits_arcface/index")
-    ids, scores = index.search(query_embeddings, k=5)
-    approx = EmbeddingIndex(embeddings, factory="IVF1024,Flat", nprobe=16)  # trained on them
-    index.add(new_embeddings, ids=new_ids)
-    index.save()
-"""
+"""EmbeddingIndex: search over stored embeddings; :mod:`.files` is the directory format,
+:mod:`.backend` the FAISS index."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
@@ -40,40 +16,51 @@ import torch
 from torch import Tensor, nn
 
 from lightning_metric.checks import (
-    METRICS,
     check_factory_string,
     check_finite_rows,
     check_int,
     check_metric,
     check_top_k,
-    check_training_size,
 )
-from lightning_metric.retrieval.knn import Metric, prepare, search_complete
+from lightning_metric.retrieval.index.backend import (
+    _SEARCH_PARAMS,
+    DEFAULT_FACTORY,
+    _add_in_chunks,
+    _check_same_vectors,
+    _check_structure,
+    _faiss_metric,
+    _given,
+    _lossless,
+    _new_faiss_index,
+    _prepared,
+    _reset_search_params,
+    _set_faiss_param,
+    _train,
+)
+from lightning_metric.retrieval.index.files import (
+    _PREVIOUS,
+    EMBEDDINGS_FILE,
+    FORMAT,
+    HASH,
+    IDS_FILE,
+    INDEX_FILE,
+    LABELS_FILE,
+    MANIFEST,
+    PATHS_FILE,
+    VERSION,
+    IndexFormatError,
+    _file_hashes,
+    _jsonable,
+    _load_npy,
+    _read_manifest,
+    _swap_in,
+    _verify_hashes,
+)
+from lightning_metric.retrieval.knn import Metric, search_complete
 
-__all__ = ["FORMAT", "VERSION", "EmbeddingIndex", "IndexFormatError", "SearchResult", "embed"]
-
-FORMAT = "lightning-metric-index"
-VERSION = 1
-MANIFEST = "manifest.json"
-INDEX_FILE = "index.faiss"
-EMBEDDINGS_FILE = "embeddings.npy"
-IDS_FILE = "ids.npy"
-LABELS_FILE = "labels.npy"
-PATHS_FILE = "paths.txt"
-_INDEX_FILES = {MANIFEST, INDEX_FILE, EMBEDDINGS_FILE, IDS_FILE, LABELS_FILE, PATHS_FILE}
-# Name part of the folder the previous index is moved to while a save swaps the new one in.
-_PREVIOUS = ".previous-"
-DEFAULT_FACTORY = "Flat"
-# Manifest key of each search parameter and the FAISS ParameterSpace name it sets.
-_SEARCH_PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch"}
-# Rows added to FAISS per call: bounds the temporary float32 copy and gives progress steps.
-_ADD_CHUNK = 65536
+__all__ = ["EmbeddingIndex", "SearchResult", "embed"]
 
 ArrayLike = Union[Tensor, np.ndarray]
-
-
-class IndexFormatError(ValueError):
-    """The index directory is missing a file, or its files disagree with each other."""
 
 
 class SearchResult(NamedTuple):
@@ -179,12 +166,27 @@ class EmbeddingIndex:
 
     @classmethod
     def load(
-        cls, directory: Union[str, os.PathLike[str]], model: Optional[nn.Module] = None
+        cls,
+        directory: Union[str, os.PathLike[str]],
+        model: Optional[nn.Module] = None,
+        *,
+        verify: bool = True,
     ) -> EmbeddingIndex:
-        """Read an index directory, checking that its files agree with the manifest."""
+        """Read an index directory, checking that its files agree with the manifest.
+
+        Every file's SHA-256 must be the one the manifest recorded when it was saved
+        (``verify=False`` skips only this, for large indexes on trusted storage: it reads
+        every byte once more). Whatever ``verify``, the FAISS index must have the structure
+        the manifest's ``factory`` builds and the count, dimension and metric it states.
+        Raises :class:`IndexFormatError` naming the file that disagrees.
+        """
         import faiss
 
         root = Path(directory)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(
+                f"{str(root)!r} is a file; an index is the directory EmbeddingIndex.save wrote"
+            )
         if not root.is_dir():
             left = sorted(root.parent.glob(f".{root.name}{_PREVIOUS}*/{MANIFEST}"))
             hint = (
@@ -195,6 +197,8 @@ class EmbeddingIndex:
             )
             raise FileNotFoundError(f"index directory {str(root)!r} does not exist{hint}")
         manifest = _read_manifest(root / MANIFEST)
+        if verify:
+            _verify_hashes(root, manifest)
         n, dim, metric = manifest["count"], manifest["embedding_dim"], manifest["metric"]
         embeddings = _load_npy(root / EMBEDDINGS_FILE, np.float32, (n, dim))
         bad = ~np.isfinite(embeddings).all(axis=1)
@@ -232,6 +236,7 @@ class EmbeddingIndex:
                 f"(FAISS metric type {index.metric_type}), but {MANIFEST} says {n} vectors of "
                 f"dimension {dim} with metric {metric!r} (FAISS metric type {expected_type})"
             )
+        _check_structure(index, factory, dim, metric, manifest.get("faiss_index"), index_path)
         if _lossless(factory):
             _check_same_vectors(index, embeddings, metric, index_path)
         paths = None
@@ -372,6 +377,11 @@ class EmbeddingIndex:
             new_ids = np.arange(start, start + n, dtype=np.int64)
         else:
             new_ids = _as_int_vector(ids, "ids", n)
+            if (new_ids == -1).any():
+                raise ValueError(
+                    f"ids must not be -1 (row {int(np.flatnonzero(new_ids == -1)[0])}): search "
+                    "returns -1 where an approximate index found fewer than k items"
+                )
         new_labels = (
             np.full(n, -1, dtype=np.int64)
             if labels is None
@@ -435,6 +445,9 @@ class EmbeddingIndex:
         if self.paths is not None:
             text = "".join(f"{p}\n" for p in self.paths)
             (root / PATHS_FILE).write_text(text, encoding="utf-8")
+        listed = [INDEX_FILE, EMBEDDINGS_FILE, IDS_FILE, LABELS_FILE]
+        listed += [PATHS_FILE] if self.paths is not None else []
+        # Hashed from disk, so the manifest vouches for the bytes actually written.
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -451,6 +464,7 @@ class EmbeddingIndex:
                 "labels": LABELS_FILE,
                 **({"paths": PATHS_FILE} if self.paths is not None else {}),
             },
+            HASH: _file_hashes([root / name for name in listed]),
             "info": _jsonable(self.info),
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
@@ -465,9 +479,6 @@ class EmbeddingIndex:
     def __repr__(self) -> str:
         extra = "" if self.factory == DEFAULT_FACTORY else f", factory={self.factory!r}"
         return f"EmbeddingIndex(count={len(self)}, dim={self.dim}, metric={self.metric!r}{extra})"
-
-
-# ---------------------------------------------------------------------- helpers
 
 
 @torch.no_grad()
@@ -499,129 +510,6 @@ def embed(model: nn.Module, x: Any, batch_size: Optional[int] = None) -> Tensor:
     return torch.cat([out.detach().float().cpu() for out in outputs])
 
 
-def _new_faiss_index(dim: int, metric: str, factory: str = DEFAULT_FACTORY) -> Any:
-    import faiss
-
-    if factory == DEFAULT_FACTORY:
-        return faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
-    try:
-        return faiss.index_factory(dim, factory, _faiss_metric(metric))
-    except RuntimeError as err:
-        reason = str(err).strip().splitlines()[-1].split(": ")[-1]
-        raise ValueError(
-            f"`factory` {factory!r} is not a FAISS index-factory string FAISS can build for "
-            f"{dim}-d vectors ({reason}); use e.g. 'Flat', 'HNSW32', 'IVF1024,Flat' or "
-            "'IVF1024,PQ16'"
-        ) from err
-
-
-def _training_size(index: Any) -> int:
-    """Fewest training vectors ``index`` accepts: IVF lists, PQ / SQ codebook sizes."""
-    import faiss
-
-    need = 1
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
-        ivf = None
-    if ivf is not None:
-        need = max(need, int(ivf.nlist))
-    for part in (index, ivf):
-        pq = getattr(faiss.downcast_index(part), "pq", None) if part is not None else None
-        if pq is not None:
-            need = max(need, int(pq.ksub))
-    return need
-
-
-def _skip_polysemous_training(index: Any) -> None:
-    """The factory turns on polysemous training for PQ (minutes: annealing over the codebook
-    order). It only serves Hamming-threshold filtering (``polysemous_ht``), which search
-    leaves off, so the neighbours are the same without it."""
-    import faiss
-
-    parts = [index]
-    with contextlib.suppress(RuntimeError):
-        parts.append(faiss.extract_index_ivf(index))
-    for part in parts:
-        part = faiss.downcast_index(part)
-        if hasattr(part, "do_polysemous_training"):
-            part.do_polysemous_training = False
-
-
-def _train(
-    index: Any, emb: np.ndarray, factory: str, show_progress: bool, size: Optional[int] = None
-) -> None:
-    if size is not None and size < emb.shape[0]:
-        rows = np.random.default_rng(0).choice(emb.shape[0], size, replace=False)
-        emb = emb[np.sort(rows)]
-    check_training_size(factory, emb.shape[0], _training_size(index))
-    _skip_polysemous_training(index)
-    if show_progress and emb.shape[0] > _ADD_CHUNK:
-        from rich.console import Console
-
-        with Console(stderr=True).status(f"training FAISS index {factory!r} on {len(emb)} vectors"):
-            index.train(emb)
-    else:
-        index.train(emb)
-
-
-# FAISS's own values, put back after a search that overrode them.
-_FAISS_DEFAULTS = {"nprobe": 1, "ef_search": 16}
-
-
-def _set_faiss_param(index: Any, name: str, value: int, factory: str) -> None:
-    import faiss
-
-    try:
-        faiss.ParameterSpace().set_index_parameter(index, _SEARCH_PARAMS[name], value)
-    except RuntimeError as err:
-        kind = "IVF indexes (e.g. 'IVF1024,Flat')" if name == "nprobe" else "HNSW indexes"
-        raise ValueError(
-            f"`{name}`={value} applies to {kind}; this index is {factory!r}, which has no "
-            f"{name}: leave it unset"
-        ) from err
-
-
-def _reset_search_params(index: Any, names: set[str]) -> None:
-    import faiss
-
-    for name in names:
-        # A parameter this index does not have (a refused override) is left alone.
-        with contextlib.suppress(RuntimeError):
-            faiss.ParameterSpace().set_index_parameter(
-                index, _SEARCH_PARAMS[name], _FAISS_DEFAULTS[name]
-            )
-
-
-def _given(nprobe: Optional[int], ef_search: Optional[int]) -> set[str]:
-    return {n for n, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
-
-
-_LOSSLESS_PART = re.compile(r"(IVF\d+(_HNSW\d+)?|HNSW\d+|Flat|IDMap2?)")
-
-
-def _lossless(factory: str) -> bool:
-    """Whether the index stores the vectors unchanged (so they can be compared on load)."""
-    return all(_LOSSLESS_PART.fullmatch(p.strip()) for p in factory.split(","))
-
-
-def _faiss_metric(metric: str) -> int:
-    import faiss
-
-    return int(faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
-
-
-def _add_in_chunks(index: Any, emb: np.ndarray, show_progress: bool) -> None:
-    starts = range(0, emb.shape[0], _ADD_CHUNK)
-    steps: Iterable[int] = starts
-    if show_progress and emb.shape[0] > _ADD_CHUNK:
-        from rich.progress import track
-
-        steps = track(starts, description="building FAISS index", total=len(starts))
-    for start in steps:
-        index.add(emb[start : start + _ADD_CHUNK])
-
-
 def _as_embeddings(x: Any, name: str, metric: str, dim: Optional[int] = None) -> np.ndarray:
     if isinstance(x, Tensor):
         x = x.detach().float().cpu().numpy()
@@ -641,11 +529,6 @@ def _as_embeddings(x: Any, name: str, metric: str, dim: Optional[int] = None) ->
     return x
 
 
-def _prepared(x: np.ndarray, metric: str) -> np.ndarray:
-    # The very normalisation retrieval.knn applies, so both find the same neighbours.
-    return prepare(torch.from_numpy(x), metric).numpy()  # type: ignore[arg-type]
-
-
 def _as_int_vector(x: ArrayLike, name: str, n: int) -> np.ndarray:
     arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
     if arr.shape != (n,):
@@ -653,101 +536,3 @@ def _as_int_vector(x: ArrayLike, name: str, n: int) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
     return arr.astype(np.int64)
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise IndexFormatError(
-            f"missing {str(path)!r}: not an index directory written by EmbeddingIndex.save / "
-            "EmbeddingIndexWriter"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise IndexFormatError(f"{str(path)!r} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexFormatError(f"{str(path)!r} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise IndexFormatError(
-            f"{str(path)!r} has version {manifest.get('version')!r}; this release reads "
-            f"version {VERSION}"
-        )
-    for key, kind in (("count", int), ("embedding_dim", int), ("metric", str)):
-        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
-            raise IndexFormatError(f"{str(path)!r}: {key!r} missing or not {kind.__name__}")
-    for key, least in (("count", 0), ("embedding_dim", 1)):
-        if manifest[key] < least:
-            raise IndexFormatError(f"{str(path)!r}: {key!r} is {manifest[key]}, must be >= {least}")
-    if not isinstance(manifest.get("files", {}), dict):
-        raise IndexFormatError(f"{str(path)!r}: 'files' must be a mapping")
-    if manifest["metric"] not in METRICS:
-        raise IndexFormatError(
-            f"{str(path)!r}: metric {manifest['metric']!r} is not one of {METRICS}"
-        )
-    return manifest
-
-
-def _load_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-    if not path.is_file():
-        raise IndexFormatError(f"missing {str(path)!r}")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise IndexFormatError(f"cannot read {str(path)!r} as a NumPy array: {err}") from err
-    if arr.shape != shape or arr.dtype != dtype:
-        raise IndexFormatError(
-            f"{str(path)!r} holds {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape} "
-            f"(from {MANIFEST})"
-        )
-    return arr
-
-
-def _check_same_vectors(index: Any, embeddings: np.ndarray, metric: str, path: Path) -> None:
-    """A few rows of the FAISS file must be the stored embeddings (catches files from
-    different saves mixed together)."""
-    n = embeddings.shape[0]
-    if n == 0:
-        return
-    rows = sorted({0, n // 2, n - 1})
-    try:
-        stored = np.stack([index.reconstruct(i) for i in rows])
-    except RuntimeError:  # index types that cannot reconstruct vectors: nothing to compare
-        return
-    expected = _prepared(np.ascontiguousarray(embeddings[rows]), metric)
-    if not np.allclose(stored, expected, rtol=1e-5, atol=1e-6):
-        raise IndexFormatError(
-            f"{str(path)!r} holds other vectors than {EMBEDDINGS_FILE} (compared rows {rows}): "
-            "the files come from different saves"
-        )
-
-
-def _swap_in(staging: Path, root: Path) -> None:
-    """Replace ``root`` by the complete ``staging`` folder; other files in ``root`` move over."""
-    if not root.exists():
-        os.rename(staging, root)
-        return
-    # Two renames: between them ``root`` is missing and the old index sits complete in
-    # ``previous`` (load points there if a crash leaves it so).
-    previous = root.parent / f".{root.name}{_PREVIOUS}{uuid.uuid4().hex[:8]}"
-    os.rename(root, previous)
-    try:
-        os.rename(staging, root)
-    except BaseException:
-        os.rename(previous, root)
-        raise
-    for entry in previous.iterdir():
-        if entry.name not in _INDEX_FILES:
-            os.rename(entry, root / entry.name)
-    shutil.rmtree(previous)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool | int | float | str) or value is None:
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return repr(value)
