@@ -18,11 +18,13 @@ _CHUNK = 1 << 22
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of the file's bytes (read in 4 MiB chunks: checkpoints can be large)."""
+    """Hex sha256 of the file's bytes, read in 4 MiB chunks into one reused buffer
+    (checkpoints and index files can be many GB). ``sha256sum`` prints the same."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
+    buffer = memoryview(bytearray(_CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            digest.update(buffer[:size])
     return digest.hexdigest()
 
 

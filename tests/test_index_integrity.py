@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 import pytest
 
-import lightning_metric.retrieval.index.files as index_files
+import lightning_metric.provenance as provenance
 from lightning_metric.retrieval.index import EmbeddingIndex, IndexFormatError
 
 DIM = 16
@@ -91,12 +91,12 @@ def test_round_trip_records_the_hashes_and_searches_as_before(factory: str, tmp_
 def test_hash_reads_in_chunks_like_one_read(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(index_files, "_HASH_CHUNK", 1000)
+    monkeypatch.setattr(provenance, "_CHUNK", 1000)
     path = tmp_path / "blob"
     path.write_bytes(np.random.default_rng(0).bytes(10_001))  # 10 full chunks and 1 byte
-    assert index_files._file_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert provenance.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     (tmp_path / "empty").write_bytes(b"")
-    assert index_files._file_hash(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+    assert provenance.file_sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
 
 
 # ---------------------------------------------------------------- altered files

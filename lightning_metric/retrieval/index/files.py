@@ -3,7 +3,6 @@ arrays read without pickle, and the renames that swap a finished save in."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from lightning_metric.checks import METRICS
+from lightning_metric.provenance import file_sha256
 
 FORMAT = "lightning-metric-index"
 # 2: the manifest records a SHA-256 per file. 1 (no hashes) still loads, with a warning.
@@ -27,7 +27,6 @@ _UNHASHED_VERSION = 1
 # without them), and ``sha256sum`` checks a file by hand.
 HASH = "sha256"
 # Bytes read per hash update: large enough to amortise the call, small enough to stay in cache.
-_HASH_CHUNK = 1 << 22
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -75,21 +74,12 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = memoryview(bytearray(_HASH_CHUNK))
-    with open(path, "rb", buffering=0) as f:
-        while size := f.readinto(buffer):
-            digest.update(buffer[:size])
-    return digest.hexdigest()
-
-
 def _file_hashes(paths: Sequence[Path]) -> dict[str, str]:
     """``{file name: hex digest}``; hashlib releases the GIL while hashing, so the large
     files (index, embeddings) are read and hashed in parallel."""
     workers = max(1, min(len(paths), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip((p.name for p in paths), pool.map(_file_hash, paths), strict=True))
+        return dict(zip((p.name for p in paths), pool.map(file_sha256, paths), strict=True))
 
 
 def _verify_hashes(root: Path, manifest: dict[str, Any]) -> None:
