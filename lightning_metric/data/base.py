@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_metric.checks import check_choice, check_int, check_positive_int
 from lightning_metric.data.augment import BatchCollate, RandomAffineNoise
-from lightning_metric.data.preprocess import Preprocessing, PreprocessingError
+from lightning_metric.data.preprocess import Preprocessing, PreprocessingError, single_record
 from lightning_metric.data.samplers import EpochShuffleSampler, MPerClassSampler
 
 Split = Literal["train", "val", "test"]
@@ -374,20 +374,14 @@ class ArrayDataModule(pl.LightningDataModule):
                 "it to describe them"
             )
         self.setup()
-        found: Optional[Preprocessing] = None
-        for split, dataset in self.datasets.items():
-            if split == "train":
-                continue
-            pre = _array_preprocessing(dataset, f"the {split} split of {name}")
-            if found is not None and pre != found:
-                raise PreprocessingError(
-                    f"{name}'s evaluation splits are preprocessed differently ({found} vs "
-                    f"{pre} in {split}); one record cannot describe them"
-                )
-            found = pre
-        if found is None:
-            raise PreprocessingError(f"{name} has no evaluation split to describe")
-        return found
+        return single_record(
+            name,
+            (
+                (split, _array_preprocessing(dataset, f"the {split} split of {name}"))
+                for split, dataset in self.datasets.items()
+                if split != "train"
+            ),
+        )
 
     def dataset(self, split: Split) -> ArrayDataset:
         check_choice("split", split, SPLITS)

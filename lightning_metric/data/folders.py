@@ -26,6 +26,7 @@ from lightning_metric.data.preprocess import (
     PreprocessingError,
     _to_mode,
     open_image,
+    single_record,
 )
 
 __all__ = [
@@ -240,28 +241,21 @@ class ImageFileDataModule(ArrayDataModule):
         a :class:`PreprocessingError` names the split whose transform no record describes."""
         self.setup()
         name = type(self).__name__
-        found: Optional[Preprocessing] = None
-        for split, dataset in self.datasets.items():
-            if split == "train":
-                continue
-            transform = getattr(dataset, "transform", None)
-            plain = type(dataset).__getitem__ is ImageFileDataset.__getitem__
-            if not plain or not isinstance(transform, Preprocessing):
-                raise PreprocessingError(
-                    f"the {split} split of {name} is read with {transform!r} "
-                    f"({type(dataset).__name__}), not a lightning_metric.data.Preprocessing: "
-                    "no record says how an image file becomes its inputs; return a "
-                    "Preprocessing from transform(split) or define input_preprocessing()"
-                )
-            if found is not None and transform != found:
-                raise PreprocessingError(
-                    f"{name}'s evaluation splits are read differently ({found} vs "
-                    f"{transform} in {split}); one record cannot describe them"
-                )
-            found = transform
-        if found is None:
-            raise PreprocessingError(f"{name} has no evaluation split to describe")
-        return found
+        evaluated = (split for split in self.datasets if split != "train")
+        return single_record(name, (self._split_record(name, split) for split in evaluated))
+
+    def _split_record(self, name: str, split: str) -> tuple[str, Preprocessing]:
+        dataset = self.datasets[split]
+        transform = getattr(dataset, "transform", None)
+        plain = type(dataset).__getitem__ is ImageFileDataset.__getitem__
+        if not plain or not isinstance(transform, Preprocessing):
+            raise PreprocessingError(
+                f"the {split} split of {name} is read with {transform!r} "
+                f"({type(dataset).__name__}), not a lightning_metric.data.Preprocessing: "
+                "no record says how an image file becomes its inputs; return a "
+                "Preprocessing from transform(split) or define input_preprocessing()"
+            )
+        return split, transform
 
     def build_datasets(self) -> dict[str, Any]:
         datasets: dict[str, Any] = {}

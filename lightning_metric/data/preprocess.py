@@ -18,7 +18,7 @@ to ``mode`` (``L`` or ``RGB``; an alpha channel is dropped, not composited, as t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -273,6 +273,22 @@ class Preprocessing:
         if not paths:
             raise ValueError("no image paths given; expected at least one image file")
         return torch.stack([self.load(p) for p in paths])
+
+
+def single_record(name: str, records: Iterable[tuple[str, Preprocessing]]) -> Preprocessing:
+    """The one record that describes every evaluation split of data module ``name``, given
+    ``(split, record)`` pairs; a :class:`PreprocessingError` when they differ or none is given."""
+    found: Optional[tuple[str, Preprocessing]] = None
+    for split, pre in records:
+        if found is not None and pre != found[1]:
+            raise PreprocessingError(
+                f"{name}'s evaluation splits are read differently ({found[1]} in {found[0]} vs "
+                f"{pre} in {split}); one record cannot describe them"
+            )
+        found = (split, pre)
+    if found is None:
+        raise PreprocessingError(f"{name} has no evaluation split to describe")
+    return found[1]
 
 
 def record_of_input(input_info: Any, where: str = "the index") -> Preprocessing:
