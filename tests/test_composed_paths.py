@@ -209,16 +209,17 @@ def test_raw_files_find_themselves_and_export_agrees(
     gram = index.embeddings @ index.embeddings.T
     equivalent = gram >= 1 - 1e-6  # an item and its exact duplicates
     files = _item_files(shipped["datamodule"], index, tmp_path / "items")
-    out = tmp_path / "raw.json"
-    main(["search", "--index", str(index.directory), "--query", *map(str, files), "--k", "3",
-          "--output", str(out)])  # fmt: skip
-    results = json.loads(out.read_text())["results"]
-    assert [r["query"] for r in results] == [str(f) for f in files]
     row_of = {int(i): r for r, i in enumerate(index.ids.tolist())}
-    for row, result in enumerate(results):
-        top = result["neighbours"][0]
-        assert equivalent[row, row_of[top["id"]]], (result["query"], top)
-        assert top["score"] == pytest.approx(1.0, abs=1e-4)
+    for name in ("flat", "ivf"):  # the exact index and the approximate one (nprobe = nlist)
+        out = tmp_path / f"raw-{name}.json"
+        main(["search", "--index", str(shipped["root"] / name), "--query", *map(str, files),
+              "--k", "3", "--output", str(out)])  # fmt: skip
+        results = json.loads(out.read_text())["results"]
+        assert [r["query"] for r in results] == [str(f) for f in files]
+        for row, result in enumerate(results):
+            top = result["neighbours"][0]
+            assert equivalent[row, row_of[top["id"]]], (name, result["query"], top)
+            assert top["score"] == pytest.approx(1.0, abs=1e-4)
     # The exported model reads the same files, preprocessed from its own sidecar.
     import onnxruntime as ort
 
