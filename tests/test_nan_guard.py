@@ -332,18 +332,28 @@ def _ddp_fit(model: MetricLearningModule, batches: list, folder: str) -> L.Train
     return trainer
 
 
+@pytest.fixture(scope="module")
+def ddp_without_step_1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """Weights of a 2-rank run whose step 1 (batches 2 and 3) never happened: what every
+    skipped step 1 must equal (one DDP fit, shared by the skip tests)."""
+    clean = _batches(n=6)
+    reference = _module(nonfinite="skip")
+    _ddp_fit(reference, clean[:2] + clean[4:], str(tmp_path_factory.mktemp("ddp_reference")))
+    return reference.state_dict()
+
+
 @pytest.mark.ddp
-def test_ddp_skip_is_taken_by_every_rank_and_equals_a_run_without_that_step(tmp_path) -> None:
+def test_ddp_skip_is_taken_by_every_rank_and_equals_a_run_without_that_step(
+    tmp_path, ddp_without_step_1: dict[str, torch.Tensor]
+) -> None:
     clean = _batches(n=6)
     poisoned = list(clean)
     # Rank 1's step 1 only: rank 0 (whose weights and logs come back) must skip it too.
     poisoned[3] = _batches(n=4, poison_at=3)[3]
-    reference = _module(nonfinite="skip")
-    skipping = copy.deepcopy(reference)
-    _ddp_fit(reference, clean[:2] + clean[4:], str(tmp_path))
+    skipping = _module(nonfinite="skip")
     trainer = _ddp_fit(skipping, poisoned, str(tmp_path))
     assert float(trainer.callback_metrics["train/skipped_nonfinite_steps"]) == 1.0
-    for name, value in reference.state_dict().items():
+    for name, value in ddp_without_step_1.items():
         assert torch.equal(value, skipping.state_dict()[name]), name
 
 
@@ -496,14 +506,13 @@ def _rank_local_module(**kwargs: object) -> MetricLearningModule:
 
 
 @pytest.mark.ddp
-def test_ddp_rank_local_nan_gradient_is_skipped_by_every_rank(tmp_path) -> None:
-    clean = _batches(n=6)
-    reference = _module(nonfinite="skip")
-    _ddp_fit(reference, clean[:2] + clean[4:], str(tmp_path))  # without step 1
+def test_ddp_rank_local_nan_gradient_is_skipped_by_every_rank(
+    tmp_path, ddp_without_step_1: dict[str, torch.Tensor]
+) -> None:
     skipping = _rank_local_module(nonfinite="skip")
-    trainer = _ddp_fit(skipping, clean, str(tmp_path))
+    trainer = _ddp_fit(skipping, _batches(n=6), str(tmp_path))
     assert float(trainer.callback_metrics["train/skipped_nonfinite_steps"]) == 1.0
-    for name, value in reference.state_dict().items():  # rank 0's weights: it skipped too
+    for name, value in ddp_without_step_1.items():  # rank 0's weights: it skipped too
         assert torch.equal(value, skipping.state_dict()[name]), name
 
 
