@@ -386,16 +386,22 @@ def test_pml_class_centre_sizes_come_from_the_loss_parameters(name: str) -> None
 
 
 # ------------------------------------------------------------------ non-finite gradients
-class _NaNGradient(torch.autograd.Function):
-    """Identity forward, NaN backward: a finite loss whose gradient is NaN."""
+class _FilledGradient(torch.autograd.Function):
+    """Identity forward; backward fills the gradient with ``value`` (NaN, Inf): a finite loss
+    whose gradient is not."""
 
     @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, value: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.value = value
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.full_like(grad, float("nan"))
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return torch.full_like(grad, ctx.value), None
+
+
+def filled_gradient(x: torch.Tensor, value: float = float("nan")) -> torch.Tensor:
+    return _FilledGradient.apply(x, value)  # type: ignore[no-any-return]
 
 
 class _PoisonGradient(torch.nn.Module):
@@ -407,7 +413,7 @@ class _PoisonGradient(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.count += 1
-        return _NaNGradient.apply(x) if self.count - 1 in self.calls else x
+        return filled_gradient(x) if self.count - 1 in self.calls else x
 
 
 def _gradient_module(calls: tuple[int, ...] = (), **kwargs: object) -> MetricLearningModule:

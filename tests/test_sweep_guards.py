@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
-from test_nan_guard import _batches, _fit, _gradient_module, _module
+from test_nan_guard import _batches, _fit, _gradient_module, _module, filled_gradient
 from test_resume_flags import tiny_args, tiny_checkpoint
 
 from lightning_metric import MetricLearningModule
@@ -74,17 +74,8 @@ def gather_applied(tmp_path: Path) -> None:
 
 # --- non-finite steps --------------------------------------------------------------------------
 def gradient_raises(value: float) -> None:
-    class _Bad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-            return torch.full_like(grad, value)
-
     model = _gradient_module()
-    model.neck[1].forward = lambda x: _Bad.apply(x)  # every step: the first one raises
+    model.neck[1].forward = lambda x: filled_gradient(x, value)  # every step: the first one raises
     _fit(model, _batches(n=2))
 
 
