@@ -6,7 +6,6 @@ import copy
 import inspect
 import logging
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,7 +20,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_metric.callbacks.prediction_writer import EmbeddingIndexWriter
 from lightning_metric.checkpoint_settings import reconcile_checkpoint_settings
-from lightning_metric.commands import COMMANDS, run_command
 from lightning_metric.module import MetricLearningModule
 from lightning_metric.precision import bf16_is_emulated, default_precision
 
@@ -238,7 +236,8 @@ class _DropTips(logging.Filter):
         return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip")
 
 
-def _quiet() -> None:
+def quiet() -> None:
+    """Drop Lightning's tips and known third-party warning noise (every console command)."""
     tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropTips) for f in tips.filters):
         tips.addFilter(_DropTips())
@@ -248,16 +247,14 @@ def _quiet() -> None:
 
 
 def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI]:
-    """Entry point of the `lightning-metric` console script (also callable from Python/tests).
+    """The LightningCLI subcommands of `lightning-metric` (``fit``, ``validate``, ``test``,
+    ``predict``), callable from Python/tests; :mod:`lightning_metric.console` is the console
+    script that also dispatches ``export`` / ``search`` / ``benchmark``.
 
     The example configs leave ``trainer.precision`` unset: it is chosen for the machine
     (:func:`lightning_metric.precision.default_precision`) and printed at start.
     """
-    _quiet()
-    argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, list | tuple) and argv and argv[0] in COMMANDS:
-        run_command([str(a) for a in argv])
-        return None
+    quiet()
     # The example configs log to W&B; without an account that must mean "offline", never a
     # login prompt. A user who has logged in (or set WANDB_MODE) keeps their choice.
     if "WANDB_MODE" not in os.environ and not _wandb_has_credentials():
@@ -281,10 +278,7 @@ def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI
     return LightningMetricCLI(MetricLearningModule, LightningDataModule, **cli_kwargs)
 
 
-def entry_point() -> None:
-    """The console script: returns None so the process exits 0 on success."""
-    main()
-
 
 if __name__ == "__main__":  # pragma: no cover
-    entry_point()
+    # `python -m lightning_metric.console` also runs export / search / benchmark.
+    main()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_metric.cli import main
+from lightning_metric.console import main
 from lightning_metric.commands import load_images
 from lightning_metric.retrieval.index import EmbeddingIndex
 

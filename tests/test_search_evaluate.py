@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_metric.cli import main
+from lightning_metric.console import main
 from lightning_metric.retrieval import neighbour_list_metrics, retrieval_metrics
 from lightning_metric.retrieval.index import EmbeddingIndex
 

@@ -1,0 +1,39 @@
+"""The console script `lightning-metric`: LightningCLI's subcommands (``fit``, ``validate``,
+``test``, ``predict``) go to :func:`lightning_metric.cli.main`, the argparse commands
+(``export``, ``search``, ``benchmark``) to :func:`lightning_metric.commands.run_command`.
+
+Kept apart from ``cli`` so that the commands may build models through ``cli`` without an
+import cycle.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+from lightning.pytorch.cli import ArgsType
+
+from lightning_metric.cli import LightningMetricCLI, quiet
+from lightning_metric.cli import main as cli_main
+from lightning_metric.commands import COMMANDS, run_command
+
+__all__ = ["entry_point", "main"]
+
+
+def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI] | Any:
+    """Run ``lightning-metric <args>`` (``sys.argv[1:]`` when ``args`` is None). Returns the
+    CLI object for the LightningCLI subcommands, the command's result for the others."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list | tuple) and argv and argv[0] in COMMANDS:
+        quiet()
+        return run_command([str(a) for a in argv])
+    return cli_main(args, run=run)
+
+
+def entry_point() -> None:
+    """The console script: returns None so the process exits 0 on success."""
+    main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry_point()
