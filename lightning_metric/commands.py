@@ -1,10 +1,12 @@
-"""`lightning-metric export` and `lightning-metric search`: ship a trained model and its index.
+"""`lightning-metric export`, `search` and `benchmark`: ship a trained model and its index, and
+compare training recipes under equal conditions.
 
     lightning-metric export --config CFG --ckpt_path CKPT --output model.onnx   # or model.pt
     lightning-metric search --index DIR --query img.png folder/ --k 5 --output hits.csv
     lightning-metric search --index DIR --config CFG --ckpt_path CKPT --evaluate
+    lightning-metric benchmark --config arcface=A.yaml,B.yaml --config ... --num_folds 4 --output DIR
 
-Both build the model (and data module) from the same YAML as ``fit``; any further
+All build the model (and data module) from the same YAML as ``fit``; any further
 ``--trainer.* / --model.* / --data.*`` flags are passed to that config as overrides.
 """
 
@@ -28,7 +30,7 @@ from lightning_metric.checks import METRICS, check_top_k
 
 __all__ = ["COMMANDS", "run_command"]
 
-COMMANDS = ("export", "search")
+COMMANDS = ("export", "search", "benchmark")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -36,6 +38,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def _parser(name: str) -> argparse.ArgumentParser:
+    if name == "benchmark":
+        return _benchmark_parser()
     if name == "export":
         p = argparse.ArgumentParser(
             prog="lightning-metric export",
@@ -104,11 +108,78 @@ def run_command(argv: Sequence[str]) -> Any:
         )
     if overrides and not args.config:
         overrides = []  # config flags without a config (e.g. a shared smoke-test suffix)
+    if name == "benchmark":
+        return _benchmark(args, overrides)
     return _export(args, overrides) if name == "export" else _search(args, overrides)
 
 
 def _is_config_flag(arg: str) -> bool:
     return arg.split("=", 1)[0].startswith(("--trainer.", "--model.", "--data.", "--seed_every"))
+
+
+def _benchmark_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lightning-metric benchmark",
+        description=(
+            "Compare training recipes as in Musgrave et al., 'A Metric Learning Reality Check' "
+            "(ECCV 2020). Each --config is trained once per class-disjoint fold of the training "
+            "classes (--data.init_args.num_folds K --data.init_args.fold i, one subprocess per "
+            "fold, in sequence; DDP flags work as in fit), into <output>/<name>/fold_<i>; the "
+            "fold's checkpoint with the best val/map@r embeds the held-out test split. Reported "
+            "per config: test MAP@R, R-precision and P@1 'separate' (mean over the folds' "
+            "models with a 95%% Student-t interval) and 'concatenated' (each test item's fold "
+            "embeddings concatenated and L2-normalised, i.e. ranked by the folds' mean cosine), "
+            "and the time, in <output>/results.json, results.md, results.png and the configs' "
+            "logger. Before anything trains every config is resolved and compared with the "
+            "first: only the objective (model.init_args.head / loss / miner / objective_lr) and "
+            "output names may differ, unless --allow_difference KEY. Rerunning the same command "
+            "resumes (finished folds are not retrained; an interrupted fold restarts, its "
+            "files kept aside); other settings into the same --output are refused. Further "
+            "--trainer.* / --model.* / --data.* flags apply to every config."
+        ),
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        metavar="NAME=YAML[,YAML...]",
+        help="a config to compare: YAML files merged in order (NAME defaults to the last "
+        "file's name without .yaml); repeat for each config",
+    )
+    p.add_argument(
+        "--num_folds", type=int, required=True, help="folds of the training classes (>= 2)"
+    )
+    p.add_argument("--output", required=True, help="the benchmark's folder")
+    p.add_argument(
+        "--base", action="append", default=[], help="YAML prepended to every config (repeatable)"
+    )
+    p.add_argument(
+        "--allow_difference",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept configs that differ in KEY or below it, e.g. data.init_args.m_per_class "
+        "(repeatable; recorded in results.json)",
+    )
+    p.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="resolve and check the configs and print the plan (configs, folds, commands); train nothing",
+    )
+    return p
+
+
+def _benchmark(args: argparse.Namespace, overrides: list[str]) -> Any:
+    from lightning_metric.crossval.configs import BenchmarkError
+    from lightning_metric.crossval.run import run_benchmark
+
+    try:
+        return run_benchmark(
+            args.config, args.num_folds, args.output, args.base, args.allow_difference,
+            overrides, args.dry_run,
+        )  # fmt: skip
+    except BenchmarkError as error:
+        raise SystemExit(f"lightning-metric benchmark: {error}") from error
 
 
 # ---------------------------------------------------------------------- building
