@@ -82,7 +82,7 @@ class LightningMetricCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                _quiet_wandb(logger)
+                quiet_wandb(logger)
         self._started = time.perf_counter()
         return trainer
 
@@ -166,7 +166,7 @@ def _choose_precision(trainer: Namespace) -> None:
         )
 
 
-def _quiet_wandb(logger: WandbLogger) -> None:
+def quiet_wandb(logger: WandbLogger) -> None:
     """Lightning passes ``anonymous=None``, which wandb now warns about, and wandb looks for
     a git repository from the save dir before it exists ("git root ... does not exist")."""
     init = getattr(logger, "_wandb_init", None)
@@ -276,7 +276,6 @@ def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI
         "run": run,
     }
     return LightningMetricCLI(MetricLearningModule, LightningDataModule, **cli_kwargs)
-
 
 
 if __name__ == "__main__":  # pragma: no cover

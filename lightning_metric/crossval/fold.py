@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config_hash", required=True, help="recorded in result.json")
     parser.add_argument("fit_args", nargs=argparse.REMAINDER, help="-- then the fit arguments")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    # The fit arguments are passed to LightningCLI as `args` while sys.argv keeps the fold's
+    # own command line, which Lightning's DDP launcher re-executes on the other ranks.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     fit_args = args.fit_args[1:] if args.fit_args[:1] == ["--"] else args.fit_args
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

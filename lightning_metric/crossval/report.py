@@ -89,6 +89,9 @@ def _picture(results: dict[str, Any], path: Path) -> None:
 def _loggers(plan: dict[str, Any], output: Path) -> list[Any]:
     """The logger(s) of the first config, rebuilt with ``save_dir`` under ``output``."""
     from jsonargparse.typing import import_object
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_metric.cli import quiet_wandb
 
     first = next(iter(plan["configs"].values()))["resolved"]
     configured = (first.get("trainer") or {}).get("logger")
@@ -99,13 +102,14 @@ def _loggers(plan: dict[str, Any], output: Path) -> list[Any]:
         if not isinstance(item, dict) or "class_path" not in item:
             continue
         init = dict(item.get("init_args") or {})
-        if init.get("anonymous", True) is None:
-            del init["anonymous"]  # wandb warns about an explicit None
         init["save_dir"] = str(output / "logs")
         if "name" in init:
             init["name"] = "benchmark"
         Path(init["save_dir"]).mkdir(parents=True, exist_ok=True)
-        loggers.append(import_object(item["class_path"])(**init))
+        logger = import_object(item["class_path"])(**init)
+        if isinstance(logger, WandbLogger):
+            quiet_wandb(logger)
+        loggers.append(logger)
     return loggers
 
 
