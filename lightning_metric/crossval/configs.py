@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import io
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,12 @@ def resolve(spec: ConfigSpec, overrides: Sequence[str]) -> dict[str, Any]:
     argv = [a for f in spec.files for a in ("--config", f)] + [*overrides, "--print_config"]
     out, err = io.StringIO(), io.StringIO()
     code: Any = None
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
         try:
             main(argv, run=False)
         except SystemExit as exit_:
