@@ -259,20 +259,23 @@ def check_folds_fit(name: str, config: dict[str, Any], num_folds: int) -> int:
     its own check (``num_folds`` larger than its pool of training classes, ...) reaches the
     user now, not from inside a fold's subprocess. Returns fold 0's training classes."""
     from jsonargparse import ArgumentParser
+    from jsonargparse.typing import import_object
     from lightning import LightningDataModule
 
     data = json.loads(json.dumps(config["data"]))
-    data.setdefault("init_args", {})
-    data["init_args"] = {**(data["init_args"] or {}), "num_folds": num_folds, "fold": 0}
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningDataModule, "data")
+    init_args = {**(data.get("init_args") or {}), "num_folds": num_folds, "fold": 0}
+    nested = any(isinstance(v, dict) and "class_path" in v for v in init_args.values())
     try:
-        module = parser.instantiate_classes(parser.parse_object({"data": data})).data
+        if nested:  # objects inside: jsonargparse builds them (its message wraps the cause)
+            parser = ArgumentParser(exit_on_error=False)
+            parser.add_subclass_arguments(LightningDataModule, "data")
+            data["init_args"] = init_args
+            module = parser.instantiate_classes(parser.parse_object({"data": data})).data
+        else:
+            module = import_object(data["class_path"])(**init_args)
         num_classes = module.num_classes
-    except Exception as error:  # the data module's own message, whatever its type
-        cause = error.__cause__ or error.__context__ or error
-        detail = str(error) if isinstance(error, ValueError | TypeError) else str(cause)
+    except (ValueError, TypeError) as error:
         raise BenchmarkError(
-            f"config {name!r}: its data module refuses --num_folds {num_folds}: {detail}"
+            f"config {name!r}: its data module refuses --num_folds {num_folds}: {error}"
         ) from error
     return int(num_classes)

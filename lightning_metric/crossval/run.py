@@ -199,15 +199,13 @@ def _fold_arrays(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def config_results(name: str, config: dict[str, Any]) -> dict[str, Any]:
     """Separate and concatenated metrics of one config's finished folds."""
     folds, embeddings = [], []
-    labels = ids = None
+    _, labels, ids = _fold_arrays(Path(config["folds"][0]["dir"]))
     for i, fold in enumerate(config["folds"]):
         directory = Path(fold["dir"])
         result = fold_done(directory, config["hash"])
         assert result is not None
         emb, lab, fid = _fold_arrays(directory)
-        if labels is None:
-            labels, ids = lab, fid
-        elif not (np.array_equal(labels, lab) and np.array_equal(ids, fid)):
+        if not (np.array_equal(labels, lab) and np.array_equal(ids, fid)):
             raise BenchmarkError(
                 f"config {name!r}: fold {i} embedded other test items (or another order) than "
                 "fold 0, so their embeddings cannot be concatenated; the test split must not "
@@ -215,7 +213,6 @@ def config_results(name: str, config: dict[str, Any]) -> dict[str, Any]:
             )
         embeddings.append(emb)
         folds.append({"fold": i, **result})
-    assert labels is not None
     concatenated = retrieval_scores(concatenate(embeddings), labels)
     per_fold = [f["metrics"] for f in folds]
     return {

@@ -52,7 +52,9 @@ def concatenate(embeddings: Sequence[np.ndarray]) -> np.ndarray:
     rows = {e.shape[0] for e in embeddings}
     if len(rows) != 1:
         raise ValueError(f"the folds embedded different numbers of test items: {sorted(rows)}")
-    units = [e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12) for e in embeddings]
-    joined = np.concatenate(units, axis=1).astype(np.float64)
-    joined /= np.maximum(np.linalg.norm(joined, axis=1, keepdims=True), 1e-12)
-    return joined.astype(np.float32)
+    units = [_unit(np.asarray(e, dtype=np.float32)) for e in embeddings]
+    return _unit(np.concatenate(units, axis=1))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
