@@ -137,6 +137,17 @@ def test_separate_and_concatenated_numbers(benchmark: dict[str, Any]) -> None:
     assert saved["machine"]["torch"] == torch.__version__
     table = (output / "results.md").read_text()
     assert (output / "results.png").stat().st_size > 1000
+    # The configs' logger (CSVLogger here) received every number.
+    (logged,) = (output / "logs").rglob("metrics.csv")
+    header, row = logged.read_text().splitlines()[:2]
+    values = dict(zip(header.split(","), row.split(","), strict=True))
+    for name, result in report["results"].items():
+        for key in REPORTED:
+            assert float(values[f"benchmark/{name}/concatenated/{key}"]) == pytest.approx(
+                result["concatenated"][key]
+            )
+            half = float(values[f"benchmark/{name}/separate/{key}_half_width"])
+            assert half == pytest.approx(result["separate"][key]["half_width"])
     for name, result in report["results"].items():
         folds = result["folds"]
         assert [f["fold"] for f in folds] == [0, 1]
@@ -178,7 +189,8 @@ def test_rerun_trains_nothing_and_other_settings_are_refused(benchmark: dict[str
         assert again["results"][name]["concatenated"] == report["results"][name]["concatenated"]
     plan = (output / "benchmark.json").read_text()
     with pytest.raises(
-        SystemExit, match=r"other settings \(config 'cosface' changed.*new --output"
+        SystemExit,
+        match=r"other settings \(config 'arcface' changed; config 'cosface' changed.*new --output",
     ):
         main(command(files, output, "--trainer.max_epochs=2"))
     with pytest.raises(SystemExit, match=r"num_folds 2 -> 3"):
