@@ -31,7 +31,9 @@ DESCRIPTION = (
     "<default_root_dir>/index. Two more commands ship the result: `lightning-metric export` "
     "writes the model as ONNX / TorchScript, `lightning-metric search` queries a saved index "
     "with images or a data module and evaluates it (see `lightning-metric export --help`, "
-    "`lightning-metric search --help`). Example: lightning-metric fit --config "
+    "`lightning-metric search --help`); `lightning-metric benchmark` compares configs under "
+    "equal conditions by k-fold cross-validation on the training classes (see `lightning-metric "
+    "benchmark --help`). Example: lightning-metric fit --config "
     "examples/configs/glyphs_arcface.yaml"
 )
 INDEX_DIR = "index"
