@@ -9,7 +9,7 @@ import cycle.
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 from lightning.pytorch.cli import ArgsType
 
@@ -20,13 +20,15 @@ from lightning_metric.commands import COMMANDS, run_command
 __all__ = ["entry_point", "main"]
 
 
-def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI] | Any:
+def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI]:
     """Run ``lightning-metric <args>`` (``sys.argv[1:]`` when ``args`` is None). Returns the
-    CLI object for the LightningCLI subcommands, the command's result for the others."""
+    CLI object for the LightningCLI subcommands, None for the others (call
+    :func:`lightning_metric.commands.run_command` for their results)."""
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list | tuple) and argv and argv[0] in COMMANDS:
         quiet()
-        return run_command([str(a) for a in argv])
+        run_command([str(a) for a in argv])
+        return None
     return cli_main(args, run=run)
 
 

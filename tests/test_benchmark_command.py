@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lightning_metric.cli import main as cli_main
-from lightning_metric.console import main
+from lightning_metric.commands import run_command
 from lightning_metric.data import DigitsDataModule
 from lightning_metric.retrieval import retrieval_metrics
 
@@ -102,7 +102,7 @@ def benchmark(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     files = write_configs(root / "configs")
     output = root / "out"
     started = time.perf_counter()
-    report = main(command(files, output))
+    report = run_command(command(files, output))
     return {"files": files, "output": output, "report": report,
             "seconds": time.perf_counter() - started}  # fmt: skip
 
@@ -181,7 +181,7 @@ def test_rerun_trains_nothing_and_other_settings_are_refused(benchmark: dict[str
     ckpts = sorted(output.rglob("*.ckpt"))
     before = {p: p.stat().st_mtime_ns for p in ckpts}
     started = time.perf_counter()
-    again = main(command(files, output))
+    again = run_command(command(files, output))
     assert time.perf_counter() - started < benchmark["seconds"] / 2
     assert {p: p.stat().st_mtime_ns for p in sorted(output.rglob("*.ckpt"))} == before
     for name in report["results"]:
@@ -192,9 +192,9 @@ def test_rerun_trains_nothing_and_other_settings_are_refused(benchmark: dict[str
         SystemExit,
         match=r"other settings \(config 'arcface' changed; config 'cosface' changed.*new --output",
     ):
-        main(command(files, output, "--trainer.max_epochs=2"))
+        run_command(command(files, output, "--trainer.max_epochs=2"))
     with pytest.raises(SystemExit, match=r"num_folds 2 -> 3"):
-        main([*command(files, output)[:-2], "--num_folds", "3", "--output", str(output)])
+        run_command([*command(files, output)[:-2], "--num_folds", "3", "--output", str(output)])
     assert (output / "benchmark.json").read_text() == plan  # nothing rewritten
     assert {p: p.stat().st_mtime_ns for p in sorted(output.rglob("*.ckpt"))} == before
 
@@ -209,9 +209,9 @@ def test_unequal_backbones_are_refused_unless_allowed(tmp_path: Path, capsys: An
     ]  # fmt: skip
     key = "model.init_args.backbone.init_args.width"
     with pytest.raises(SystemExit, match=rf"{key}: narrow=4, wide=6\n.*--allow_difference"):
-        main(argv)
+        run_command(argv)
     capsys.readouterr()
-    plan = main([*argv, "--allow_difference", "model.init_args.backbone"])
+    plan = run_command([*argv, "--allow_difference", "model.init_args.backbone"])
     assert plan["allowed_differences"][key] == {"narrow": 4, "wide": 6}
     assert "model.init_args.head.class_path" in plan["allowed_differences"]
     printed = capsys.readouterr().out

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 
-from lightning_metric.console import main
+from lightning_metric.commands import run_command
 from lightning_metric.crossval.configs import (
     BenchmarkError,
     check_data_accepts_folds,
@@ -60,7 +60,7 @@ def digits(tmp: Path, text: str = DIGITS, name: str = "digits.yaml") -> str:
 
 
 def bench(tmp: Path, *argv: str) -> Any:
-    return main(["benchmark", "--output", str(tmp / "out"), *argv])
+    return run_command(["benchmark", "--output", str(tmp / "out"), *argv])
 
 
 def recall(**init_args: Any) -> dict[str, Any]:
