@@ -312,3 +312,30 @@ def test_fit_through_the_cli_validates_on_the_fold(tmp_path: Path) -> None:
     served = {loader.dataset.classes[label] for b in loader for label in b["label"].tolist()}
     assert served == set(dm.fold_classes[1])
     assert served.isdisjoint(dm.dataset("train").classes)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resume_with_folds_is_exact(tmp_path: Path) -> None:
+    """fit(2 epochs) == fit(1 epoch) + resume to 2, on a fold's training items."""
+    from test_resume import TOL, _final, _last, _max_diff, _module, _trainer
+
+    def data() -> DigitsDataModule:
+        return DigitsDataModule(batch_size=40, seed=3, num_folds=2, fold=1)
+
+    whole, first = tmp_path / "whole", tmp_path / "first"
+    _trainer(whole, [_last(whole)]).fit(_module("triplet"), data())
+    _trainer(first, [_last(first)], max_epochs=1).fit(_module("triplet"), data())
+    resumed = _trainer(first, [_last(first)])
+    resumed.fit(_module("triplet"), data(), ckpt_path=str(first / "last.ckpt"))
+    assert _max_diff(_final(whole), _final(first)) <= TOL
+
+
+def test_the_cli_schema_lists_num_folds_and_fold() -> None:
+    from jsonargparse import ArgumentParser
+
+    for cls in (DigitsDataModule, GlyphsDataModule, ImageFolderDataModule, CUB200DataModule):
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "data")
+        actions = {a.dest.removeprefix("data."): a for a in parser._actions}
+        for name in ("num_folds", "fold"):
+            assert actions[name].default is None and actions[name].help, (cls, name)
