@@ -14,12 +14,9 @@ from typing import Any, Optional
 import numpy as np
 
 from lightning_metric.checks import check_int
+from lightning_metric.data.samplers import derive_seed
 
 __all__ = ["check_fold_arguments", "class_folds", "select_classes"]
-
-#: Mixed into the seed so the fold draw is a stream of its own: the data modules also draw
-#: their train/val/test class split from ``seed``, and the folds must not repeat that order.
-_FOLD_STREAM = 0x4B464F4C44  # "KFOLD"
 
 
 def check_fold_arguments(num_folds: Any, fold: Any) -> tuple[Optional[int], Optional[int]]:
@@ -45,8 +42,8 @@ def class_folds(class_ids: Sequence[Any], num_folds: int, seed: int) -> list[np.
     """Deal the classes ``class_ids`` into ``num_folds`` disjoint folds, drawn by ``seed``.
 
     The classes are sorted (so the order they are given in does not matter), permuted by a
-    generator seeded from ``seed`` (a stream of its own), and cut into ``num_folds`` folds whose
-    sizes differ by at most one. Each fold is returned sorted. The same arguments give the same
+    generator seeded from ``derive_seed("class_folds", seed)`` (a stream of its own), and cut
+    into ``num_folds`` folds whose sizes differ by at most one. Each fold is returned sorted. The same arguments give the same
     folds in every process and on every machine (numpy's PCG64 stream is fixed).
 
     >>> folds = class_folds([10, 11, 12, 13, 14], num_folds=2, seed=0)
@@ -70,9 +67,9 @@ def class_folds(class_ids: Sequence[Any], num_folds: int, seed: int) -> list[np.
             f"{len(ids)}" + (" (and >= 2)" if len(ids) >= 2 else "")
         )
     ordered = np.asarray(sorted(ids))
-    # A negative seed is a valid data-module seed; SeedSequence wants non-negative entropy.
-    entropy = [_FOLD_STREAM, abs(seed), int(seed < 0)]
-    order = np.random.default_rng(np.random.SeedSequence(entropy)).permutation(len(ordered))
+    # A stream of its own: the data modules draw their train/val/test class split from
+    # `seed` directly, and the folds must not repeat that order.
+    order = np.random.default_rng(derive_seed("class_folds", seed)).permutation(len(ordered))
     return [np.sort(ordered[part]) for part in np.array_split(order, num_folds)]
 
 
