@@ -21,6 +21,7 @@ MODULES = [
     "lightning_metric.heads.sharding",
     "lightning_metric.checks",
     "lightning_metric.data.folds",
+    "lightning_metric.schedules",
 ]
 
 
