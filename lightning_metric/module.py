@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
@@ -469,10 +470,30 @@ class MetricLearningModule(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
+        if callable(getattr(scheduler, "set_total_steps", None)) and (
+            getattr(scheduler, "total_steps", None) is None
+        ):
+            scheduler.set_total_steps(self._schedule_length())
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},
         }
+
+    def _schedule_length(self) -> int:
+        """How many times the scheduler steps in this run: what a schedule that leaves its
+        length unset (:class:`~lightning_metric.schedules.WarmupCosineLR`) is given."""
+        trainer = self.trainer
+        if self.lr_scheduler_interval == "step":
+            total = trainer.estimated_stepping_batches
+            what = "optimizer steps (trainer.estimated_stepping_batches)"
+        else:
+            total, what = trainer.max_epochs or -1, "epochs (trainer.max_epochs)"
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                f"the learning-rate schedule needs the run's length in {what}, got {total}: "
+                "set trainer.max_epochs or trainer.max_steps, or give the schedule total_steps"
+            )
+        return int(total)
 
     # -- export ----------------------------------------------------------------------------
     def export(self, path: Any, example_input: torch.Tensor, **kwargs: Any) -> Any:

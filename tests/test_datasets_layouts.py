@@ -300,6 +300,8 @@ def test_forwarded_arguments_keep_their_defaults_and_reach_hparams(tmp_path: Pat
         "augment": True,
         "eval_batch_size": None,
         "m_per_class": None,
+        "num_folds": None,
+        "fold": None,
         "image_size": 224,
         "resize_size": 256,
         "transforms": "resize",

@@ -20,6 +20,8 @@ MODULES = [
     "lightning_metric.heads.adaptive",
     "lightning_metric.heads.sharding",
     "lightning_metric.checks",
+    "lightning_metric.data.folds",
+    "lightning_metric.schedules",
 ]
 
 

@@ -1,9 +1,11 @@
-"""DataModules for metric learning (glyphs, digits, image folders, benchmark layouts) and the
-preprocessing record their evaluation transforms are."""
+"""DataModules for metric learning (glyphs, digits, image folders, benchmark layouts), their
+class-disjoint cross-validation folds and the preprocessing record their evaluation transforms
+are."""
 
 from lightning_metric.data.augment import RandomAffineNoise
 from lightning_metric.data.base import ArrayDataModule, ArrayDataset, ResumableDataLoader
 from lightning_metric.data.digits import DigitsDataModule
+from lightning_metric.data.folds import class_folds, select_classes
 from lightning_metric.data.glyphs import GlyphsDataModule
 from lightning_metric.data.preprocess import Preprocessing, PreprocessingError
 from lightning_metric.data.samplers import EpochShuffleSampler, MPerClassSampler
@@ -19,6 +21,8 @@ __all__ = [
     "PreprocessingError",
     "RandomAffineNoise",
     "ResumableDataLoader",
+    "class_folds",
+    "select_classes",
 ]
 
 from lightning_metric.data.benchmarks import (  # noqa: E402

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_metric.checks import check_choice, check_int, check_positive_int
 from lightning_metric.data.augment import BatchCollate, RandomAffineNoise
+from lightning_metric.data.folds import check_fold_arguments, class_folds, select_classes
 from lightning_metric.data.preprocess import Preprocessing, PreprocessingError, single_record
 from lightning_metric.data.samplers import EpochShuffleSampler, MPerClassSampler
 
@@ -280,6 +281,27 @@ class ArrayDataModule(pl.LightningDataModule):
         predict_split: which split ``predict_dataloader`` serves.
         m_per_class: if set, training batches hold this many samples of each of
             ``batch_size // m_per_class`` classes (:class:`MPerClassSampler`, DDP-aware).
+        num_folds: class-disjoint k-fold cross-validation on the training classes (see
+            below); ``None``: the data set's own train / val / test splits, unchanged.
+        fold: with ``num_folds``, the 0-based index of the fold served as ``val``
+            (an integer in ``[0, num_folds)``); must be unset without ``num_folds``.
+
+    Cross-validation (Musgrave et al., "A Metric Learning Reality Check", 2020): checkpoints
+    and hyper-parameters are chosen on folds of the training classes, never on the test
+    classes. The *cross-validation pool* is every class of the train and val splits that is not
+    a class of the test split, classes compared by their original identity
+    (``dataset.classes[label]``: code point, digit, folder name, class id); see
+    ``cv_pool_classes``. For glyphs that is the train and val classes, for digits (val and test
+    share the evaluation digits) the train digits, for CUB / Cars / SOP / In-Shop (val is the
+    test set) the train classes. :func:`~lightning_metric.data.class_folds` sorts the pool,
+    permutes it by ``seed`` (a stream apart from the class split's) and deals it into
+    ``num_folds`` folds whose sizes differ by at most one (``fold_classes``). With ``fold=i``:
+    ``val`` holds the items of fold ``i``'s classes, ``train`` the items of the other folds'
+    classes (``num_classes`` counts those), ``test`` is the data set's test split, unchanged.
+    Labels are ``[0, n)`` per split and ``classes[label]`` keeps the original identity. Items
+    of one class stay together; training items get the training augmentation or transform,
+    ``val`` items the evaluation one, whichever split they came from. The same seed gives the
+    same folds in every process and on every machine.
     """
 
     image_size: int
@@ -299,6 +321,8 @@ class ArrayDataModule(pl.LightningDataModule):
         eval_batch_size: Optional[int] = None,
         predict_split: Split = "test",
         m_per_class: Optional[int] = None,
+        num_folds: Optional[int] = None,
+        fold: Optional[int] = None,
     ) -> None:
         super().__init__()
         check_positive_int("batch_size", batch_size)
@@ -321,7 +345,13 @@ class ArrayDataModule(pl.LightningDataModule):
         self.augment = augment
         self.predict_split: Split = predict_split
         self.m_per_class = m_per_class
+        self.num_folds, self.fold = check_fold_arguments(num_folds, fold)
         self.datasets: dict[str, ArrayDataset] = {}
+        # Built once for split_class_ids() by a subclass that does not override it; setup()
+        # takes them over instead of building them again.
+        self._built: Optional[dict[str, Any]] = None
+        self._class_ids: Optional[dict[str, list[Any]]] = None
+        self._folds: Optional[list[list[Any]]] = None
         if self.save_init_hyperparameters:
             self.save_hyperparameters()
 
@@ -333,10 +363,114 @@ class ArrayDataModule(pl.LightningDataModule):
         """The training augmentation; override to change its strength."""
         return RandomAffineNoise()
 
+    def split_class_ids(self) -> dict[str, list[Any]]:
+        """The original class identities of the ``train``, ``val`` and ``test`` splits as the
+        data set defines them (before any folds). Subclasses override it when they know the
+        classes without building the datasets; this default builds them (once)."""
+        if self._class_ids is None:
+            if self._built is None:
+                self._built = self.build_datasets()
+            ids = {}
+            for split, dataset in self._built.items():
+                classes = getattr(dataset, "classes", None)
+                if classes is None:
+                    raise ValueError(
+                        f"the {split} split of {type(self).__name__} has no `classes` (the "
+                        "original class of each label), so its classes cannot be compared "
+                        "with the other splits'; pass classes= to its ArrayDataset"
+                    )
+                ids[split] = list(classes)
+            self._class_ids = ids
+        return self._class_ids
+
+    # -- cross-validation folds -------------------------------------------------------------
+    @property
+    def cv_pool_classes(self) -> list[Any]:
+        """The classes cross-validation deals into folds (sorted): the train and val classes
+        that are not test classes (see the class docstring)."""
+        ids = self.split_class_ids()
+        test = set(ids.get("test", ()))
+        return sorted((set(ids["train"]) | set(ids.get("val", ()))) - test)
+
+    @property
+    def fold_classes(self) -> list[list[Any]]:
+        """The classes of each fold (``fold_classes[i]`` is served as ``val`` when
+        ``fold=i``); raises without ``num_folds``."""
+        if self.num_folds is None:
+            raise ValueError(
+                f"{type(self).__name__} has num_folds=None: set num_folds and fold to split "
+                "the training classes into cross-validation folds"
+            )
+        if self._folds is None:
+            pool = self.cv_pool_classes
+            if self.num_folds > len(pool):
+                raise ValueError(
+                    f"{type(self).__name__}: num_folds={self.num_folds} is larger than the "
+                    f"{len(pool)} classes of the cross-validation pool (the train and val "
+                    f"classes that are not test classes{': ' + repr(pool) if len(pool) <= 10 else ''}"
+                    f"); every fold needs a class, so use num_folds <= {len(pool)}"
+                    + ("" if len(pool) >= 2 else " (and >= 2: use more training classes)")
+                )
+            folds = class_folds(pool, self.num_folds, self.seed)
+            self._folds = [fold.tolist() for fold in folds]
+        return self._folds
+
+    def check_folds(self) -> None:
+        """Raise now if ``num_folds`` does not fit the pool (data modules that know their
+        classes at construction call it there, before anything is trained)."""
+        if self.num_folds is not None:
+            _ = self.fold_classes
+
+    @property
+    def fold_train_classes(self) -> list[Any]:
+        """The classes of the training split with folds: those of every fold but ``fold``."""
+        folds = self.fold_classes
+        return sorted(c for i, f in enumerate(folds) if i != self.fold for c in f)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training classes (the classification head's size); with ``num_folds``,
+        the classes of the folds other than ``fold``."""
+        if self.num_folds is not None:
+            return len(self.fold_train_classes)
+        return len(self.split_class_ids()["train"])
+
+    def fold_parts(self, datasets: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """The datasets folds take items from (train, and val unless it is the test set), and
+        per new split (train, val) the ``(rows, labels, classes)`` of its items among theirs,
+        counted in that order (see :func:`~lightning_metric.data.select_classes`)."""
+        assert self.fold is not None
+        parts = [
+            datasets[split]
+            for split in ("train", "val")
+            if split in datasets and datasets[split] is not datasets.get("test")
+        ]
+        identities = [part.classes[label] for part in parts for label in part.labels.tolist()]
+        keep = {"train": self.fold_train_classes, "val": self.fold_classes[self.fold]}
+        return parts, {split: select_classes(identities, keep[split]) for split in keep}
+
+    def fold_datasets(self, datasets: dict[str, Any]) -> dict[str, Any]:
+        """``datasets`` with train and val re-cut into the folds (``num_folds`` set)."""
+        parts, cut = self.fold_parts(datasets)
+        scales = sorted({part.scale for part in parts})
+        if len(scales) != 1:
+            raise ValueError(
+                f"the train and val splits of {type(self).__name__} have different pixel "
+                f"scales {scales}; folds mix their items, so they must share one"
+            )
+        images = torch.cat([part.images for part in parts])
+        out = dict(datasets)
+        for split, (rows, labels, classes) in cut.items():
+            out[split] = ArrayDataset(images[torch.from_numpy(rows)], labels, classes, scales[0])
+        return out
+
     # -- LightningDataModule ----------------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
         if not self.datasets:
-            self.datasets = self.build_datasets()
+            datasets, self._built = self._built or self.build_datasets(), None
+            if self.num_folds is not None:
+                datasets = self.fold_datasets(datasets)
+            self.datasets = datasets
             shared = self.shared_eval_splits()
             if shared:
                 # Said once, where the splits are made: a checkpoint picked on val is then

@@ -79,6 +79,7 @@ class _BenchmarkDataModule(ImageFileDataModule):
         super().__init__(batch_size=batch_size, **kwargs)
         self.root = require_dir(root, self.name)
         self.splits = self.read_layout(self.root)
+        self.check_folds()
 
     def read_layout(self, root: Path) -> dict[str, tuple[list[str], np.ndarray, list[Any]]]:
         raise NotImplementedError
@@ -196,6 +197,10 @@ class InShopDataModule(_BenchmarkDataModule):
     ``RecallAtK(query_dataloader_idx=0, reference_dataloader_idx=1)``. Query and gallery
     labels share one numbering (``classes[label]`` is the item id), so they compare.
     ``predict_split`` is ``"train"``, ``"query"`` or ``"gallery"``.
+
+    With ``num_folds``, the folds split the training items and ``val_dataloader`` returns one
+    loader of the fold's items (leave-one-out retrieval: configure ``RecallAtK`` without
+    ``query_dataloader_idx`` for validation); ``test_dataloader`` stays ``[query, gallery]``.
     """
 
     name = "In-Shop"
@@ -242,12 +247,20 @@ class InShopDataModule(_BenchmarkDataModule):
             "gallery": _label_split(*by_split["gallery"], eval_items),
         }
 
+    def split_class_ids(self) -> dict[str, list[Any]]:
+        """The training items, and the query and gallery items as the test classes."""
+        query, gallery = self.splits["query"][2], self.splits["gallery"][2]
+        return {"train": list(self.splits["train"][2]), "test": sorted(set(query) | set(gallery))}
+
     def dataset(self, split: str) -> Any:  # type: ignore[override]
-        check_choice("split", split, IN_SHOP_SPLITS)
+        folded: tuple[str, ...] = ("val",) if self.num_folds is not None else ()
+        check_choice("split", split, (*IN_SHOP_SPLITS, *folded))
         self.setup()
         return self.datasets[split]
 
     def shared_eval_splits(self) -> Optional[str]:
+        if self.num_folds is not None:
+            return None  # val is a fold of the training items
         query, gallery = self.datasets["query"], self.datasets["gallery"]
         return (
             f"the same [query, gallery] = [{len(query)}, {len(gallery)}] images (the In-Shop "
@@ -258,11 +271,13 @@ class InShopDataModule(_BenchmarkDataModule):
         make: Callable[[str], DataLoader] = super()._eval_loader  # type: ignore[assignment]
         return make(split)
 
-    def val_dataloader(self) -> list[DataLoader]:  # type: ignore[override]
-        return [self._loader("query"), self._loader("gallery")]
+    def val_dataloader(self) -> Any:
+        if self.num_folds is not None:
+            return self._loader("val")
+        return self.test_dataloader()
 
     def test_dataloader(self) -> list[DataLoader]:  # type: ignore[override]
-        return self.val_dataloader()
+        return [self._loader("query"), self._loader("gallery")]
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_subset)

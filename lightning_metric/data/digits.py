@@ -36,7 +36,8 @@ class DigitsDataModule(ArrayDataModule):
         eval_classes: the digits evaluated on; default: the other digits.
         val_fraction: fraction of each evaluation digit's samples in val (test gets the rest).
         **kwargs: the arguments of :class:`ArrayDataModule` (``num_workers``, ``seed``,
-            ``augment``, ``m_per_class``, ...).
+            ``augment``, ``m_per_class``, ...). With ``num_folds``, the folds split the
+            ``train_classes`` (val and test keep the evaluation digits, so they are no fold).
     """
 
     save_init_hyperparameters = True
@@ -73,11 +74,11 @@ class DigitsDataModule(ArrayDataModule):
         self.val_fraction = val_fraction
         self.image_size = 8
         self.in_channels = 1
+        self.check_folds()
 
-    @property
-    def num_classes(self) -> int:
-        """Number of training classes (the classification head's size)."""
-        return len(self.train_classes)
+    def split_class_ids(self) -> dict[str, list[Any]]:
+        """The digits of each split (val and test share the evaluation digits)."""
+        return {"train": self.train_classes, "val": self.eval_classes, "test": self.eval_classes}
 
     def make_augment(self) -> RandomAffineNoise:
         # At 8x8 one pixel is 12% of the side: keep shifts and shear gentle.

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from lightning_metric.checks import check_choice, check_fraction, check_int
 from lightning_metric.data.base import ArrayDataModule
+from lightning_metric.data.folds import select_classes
 from lightning_metric.data.preprocess import (
     ImageDecodeError,
     Preprocessing,
@@ -222,10 +223,21 @@ class ImageFileDataModule(ArrayDataModule):
             False, self.image_size, self.resize_size, self.transforms
         )
 
-    @property
-    def num_classes(self) -> int:
-        """Number of training classes (the classification head's size)."""
-        return len(self.splits["train"][2])
+    def split_class_ids(self) -> dict[str, list[Any]]:
+        """The classes of each split as read from the layout (before any folds)."""
+        return {split: list(classes) for split, (_, _, classes) in self.splits.items()}
+
+    def fold_datasets(self, datasets: dict[str, Any]) -> dict[str, Any]:
+        """``datasets`` with train and val re-cut into the folds; each file is read with the
+        transform of the split it lands in (a val file moved into training is augmented)."""
+        parts, cut = self.fold_parts(datasets)
+        paths = [path for part in parts for path in part.paths]
+        out = dict(datasets)
+        for split, (rows, labels, classes) in cut.items():
+            out[split] = ImageFileDataset(
+                [paths[row] for row in rows], labels, classes, self.transform(split)
+            )
+        return out
 
     def make_augment(self) -> Any:
         return None  # per-image transforms in the dataset instead
@@ -277,10 +289,7 @@ def _label_split(
     paths: list[str], class_ids: Sequence[Any], keep: Sequence[Any]
 ) -> tuple[list[str], np.ndarray, list[Any]]:
     """The items whose class is in ``keep``, labelled by position in sorted ``keep``."""
-    classes = sorted(keep)
-    position = {c: i for i, c in enumerate(classes)}
-    rows = [i for i, c in enumerate(class_ids) if c in position]
-    labels = np.array([position[class_ids[i]] for i in rows], dtype=np.int64)
+    rows, labels, classes = select_classes(class_ids, keep)
     return [paths[i] for i in rows], labels, classes
 
 
@@ -436,3 +445,4 @@ class ImageFolderDataModule(ImageFileDataModule):
             "val": held_out,
             "test": held_out if test == val else _label_split(paths, class_ids, test),
         }
+        self.check_folds()

@@ -99,7 +99,8 @@ class GlyphsDataModule(ArrayDataModule):
             (at most the number of fonts, 16).
         max_classes: keep only this many classes (by seed) before splitting, for quick runs.
         **kwargs: the arguments of :class:`ArrayDataModule` (``num_workers``, ``seed``,
-            ``augment``, ``eval_batch_size``, ``predict_split``, ``m_per_class``).
+            ``augment``, ``eval_batch_size``, ``predict_split``, ``m_per_class``,
+            ``num_folds``, ``fold``: cross-validation folds of the train and val classes).
     """
 
     save_init_hyperparameters = True
@@ -160,10 +161,11 @@ class GlyphsDataModule(ArrayDataModule):
             )
         return self._splits
 
-    @property
-    def num_classes(self) -> int:
-        """Number of training classes (the classification head's size)."""
-        return len(self.class_splits[0])
+    def split_class_ids(self) -> dict[str, list[Any]]:
+        """The code points of the train, val and test classes (before any folds)."""
+        codepoints = self.table.codepoints
+        names = ("train", "val", "test")
+        return {n: codepoints[c].tolist() for n, c in zip(names, self.class_splits, strict=True)}
 
     @property
     def merged_codepoints(self) -> dict[int, int]:
