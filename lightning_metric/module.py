@@ -470,10 +470,9 @@ class MetricLearningModule(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        if callable(getattr(scheduler, "set_total_steps", None)) and (
-            getattr(scheduler, "total_steps", None) is None
-        ):
-            scheduler.set_total_steps(self._schedule_length())
+        set_total_steps = getattr(scheduler, "set_total_steps", None)
+        if callable(set_total_steps) and getattr(scheduler, "total_steps", None) is None:
+            set_total_steps(self._schedule_length())
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},

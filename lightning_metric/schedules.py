@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -92,6 +93,6 @@ class WarmupCosineLR(LRScheduler):
         cosine = 0.5 * (1.0 + math.cos(math.pi * decay))
         return self.final_factor + (1.0 - self.final_factor) * cosine
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         factor = self.factor(self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]
