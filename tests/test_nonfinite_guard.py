@@ -44,7 +44,9 @@ def buffers(net: nn.Module) -> list[torch.Tensor]:
 def test_nan_gradient_raises_naming_the_first_bad_parameter_and_the_step():
     net, guard = model(), NonFiniteGuard("raise")
     fill_gradients(net, bad="2.weight")  # "2.bias" later in order is fine, "0.*" before too
-    with pytest.raises(NonFiniteError, match=r"global step 7 \(epoch 2, batch 3\).*'2\.weight'") as e:
+    with pytest.raises(
+        NonFiniteError, match=r"global step 7 \(epoch 2, batch 3\).*'2\.weight'"
+    ) as e:
         guard.keep_gradients(net.named_parameters(), WHERE)
     assert e.value.parameter == "2.weight" and e.value.global_step == 7
     assert isinstance(e.value, FloatingPointError) and guard.skipped_steps == 0
@@ -144,6 +146,8 @@ def test_snapshot_restores_a_cross_batch_memory_queue():
 
 def test_mode_is_checked_when_set():
     guard = NonFiniteGuard("skip")
-    with pytest.raises(ValueError, match=r"`nonfinite` must be one of \('raise', 'skip'\), got 'warn'"):
+    with pytest.raises(
+        ValueError, match=r"`nonfinite` must be one of \('raise', 'skip'\), got 'warn'"
+    ):
         guard.mode = "warn"  # type: ignore[assignment]
     assert guard.mode == "skip"
