@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -12,9 +11,6 @@ import torch
 import torch.nn.functional as F
 from lightning import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.utilities import rank_zero_warn
 
 try:  # Lightning's guard against calling load_from_checkpoint on an instance
     from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
@@ -26,6 +22,7 @@ from torch import nn
 
 from lightning_metric.batch import Batch, EmbeddingBatch, split_batch
 from lightning_metric.callbacks.lost_rank import LostRankReport
+from lightning_metric.checkpointing import missing_objects_error, save_hyperparameters
 from lightning_metric.checks import (
     check_choice,
     check_int,
@@ -33,24 +30,21 @@ from lightning_metric.checks import (
     check_positive_real,
     object_name,
 )
-from lightning_metric.distributed import world_size
 from lightning_metric.heads import MarginHead
-from lightning_metric.heads.sharding import ShardingError, consolidate_centres, shard_centres
+from lightning_metric.heads.sharding import ShardingError
 from lightning_metric.necks import EmbeddingNeck
-from lightning_metric.nonfinite import (
-    CAUSES,
-    NonFiniteError,
-    first_nonfinite_gradient,
-    nonfinite_flags,
-)
+from lightning_metric.nonfinite import NonFiniteGuard, StepPosition, zero_loss
 from lightning_metric.pml import (
+    ObjectiveCountError,
     check_modules,
     check_objective,
     check_pml_sizes,
     pml_loss,
     pml_sizes,
-    queue_state,
 )
+from lightning_metric.sharded_centres import ShardedCentres
+
+__all__ = ["HeadFactory", "MetricLearningModule", "split_batch"]
 
 HeadFactory = Callable[[int, int], MarginHead]
 """Builds a head from `(embedding_dim, num_classes)`: a head class or a `functools.partial`."""
@@ -132,10 +126,18 @@ class MetricLearningModule(LightningModule):
         embedding_dim = check_int("embedding_dim", embedding_dim, minimum=1)
         if objective_lr is not None:
             objective_lr = check_positive_real("objective_lr", objective_lr)
-        nonfinite = check_choice("nonfinite", nonfinite, ("raise", "skip"))
+        guard = NonFiniteGuard(nonfinite)
         check_objective(head, loss, miner, gather_across_ranks)
         check_choice("lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
-        _save_hyperparameters(self, backbone=backbone, neck=neck, head=head, loss=loss, miner=miner)
+        save_hyperparameters(
+            self,
+            inspect.currentframe(),  # type: ignore[arg-type]
+            backbone=backbone,
+            neck=neck,
+            head=head,
+            loss=loss,
+            miner=miner,
+        )
         self.backbone = backbone
         if neck is None:
             neck = EmbeddingNeck(getattr(backbone, "num_features", None), embedding_dim)
@@ -149,18 +151,25 @@ class MetricLearningModule(LightningModule):
         self.objective_lr = objective_lr
         self.lr_scheduler_interval = lr_scheduler_interval
         self.gather_across_ranks = gather_across_ranks
-        self.nonfinite = nonfinite
+        self.nonfinite_guard = guard
         if loss is not None:
             check_pml_sizes(loss, self.embedding_dim, num_classes)
         # Set by compute_loss, logged by training_step: did this batch's mining come up empty?
         self._mined_nothing: Optional[bool] = None
-        # nonfinite="skip": steps skipped so far, and whether a batch since the last optimizer
-        # step was kept (its gradients are used) or every one was skipped (no update at all).
-        self.skipped_nonfinite_steps = 0
-        self._kept_since_step = False
-        # "skip": the state before the accumulation window's first batch, restored when the
-        # window's gradients are not finite (its forward passes changed buffers).
-        self._window_restore: Optional[Callable[[], None]] = None
+
+    @property
+    def nonfinite(self) -> Literal["raise", "skip"]:
+        """What a non-finite training step does (the constructor's ``nonfinite``)."""
+        return self.nonfinite_guard.mode
+
+    @nonfinite.setter
+    def nonfinite(self, mode: Literal["raise", "skip"]) -> None:
+        self.nonfinite_guard.mode = mode
+
+    @property
+    def skipped_nonfinite_steps(self) -> int:
+        """Training steps skipped so far (``nonfinite="skip"``)."""
+        return self.nonfinite_guard.skipped_steps
 
     # -- embedding -------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,46 +200,17 @@ class MetricLearningModule(LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, labels, _ = split_batch(batch)
         self._mined_nothing = None
-        # Forward passes update state (BatchNorm statistics, a memory queue): a skipped step
-        # must not, so "skip" takes a snapshot to restore.
-        restore = self._snapshot_state() if self.nonfinite == "skip" else None
-        if self._window_restore is None:
-            self._window_restore = restore
+        self.nonfinite_guard.begin_step(self, self.loss_fn)
         embeddings = self.embed(x)
         loss = self.compute_loss(embeddings, labels)
-        if any(nonfinite_flags(loss, embeddings)):
-            report = self._nonfinite_report(x, embeddings, loss, batch_idx)
-            return self._skip_nonfinite(report, restore, len(labels))
-        self._kept_since_step = True
+        if not self.nonfinite_guard.check_step(self._position(batch_idx), x, embeddings, loss):
+            self._log_skipped(len(labels))
+            return zero_loss(self.parameters())
         self._log_step(loss, len(labels))
         return loss
 
-    def _snapshot_state(self) -> Callable[[], None]:
-        """A copy of the state a forward pass changes besides the weights (buffers, the
-        ``CrossBatchMemory`` queue position), as a function that puts it back."""
-        buffers = [b.detach().clone() for b in self.buffers()]
-        queue = queue_state(self.loss_fn)
-
-        def restore() -> None:
-            with torch.no_grad():
-                for buffer, old in zip(self.buffers(), buffers, strict=True):
-                    buffer.copy_(old)
-            if queue:
-                vars(self.loss_fn).update(queue)
-
-        return restore
-
-    def _skip_nonfinite(
-        self, report: str, restore: Optional[Callable[[], None]], batch_size: int
-    ) -> torch.Tensor:
-        """Raise (``nonfinite="raise"``, no ``restore``), or undo the step and return a zero loss."""
-        if restore is None:
-            raise NonFiniteError(f"{report}. {CAUSES}", self.global_step)
-        restore()
-        self.skipped_nonfinite_steps += 1
-        rank_zero_warn(f"{report}; skipped (nonfinite='skip'): no weight update")
-        self._log_skipped(batch_size)
-        return self._zero_loss()
+    def _position(self, batch_idx: int) -> StepPosition:
+        return StepPosition(self.global_step, self.current_epoch, batch_idx, self.global_rank)
 
     def _log_step(self, loss: torch.Tensor, batch_size: int) -> None:
         """The values a kept training step logs."""
@@ -272,43 +252,6 @@ class MetricLearningModule(LightningModule):
             sync_dist=sync_dist,
         )
 
-    def _nonfinite_report(
-        self, x: Any, embeddings: torch.Tensor, loss: torch.Tensor, batch_idx: int
-    ) -> str:
-        """Where the step is and which values are not finite (on this rank)."""
-
-        def bad_rows(t: torch.Tensor) -> int:
-            return int((~torch.isfinite(t.detach().reshape(len(t), -1))).any(dim=1).sum())
-
-        where = (
-            f"non-finite training step at global step {self.global_step} "
-            f"(epoch {self.current_epoch}, batch {batch_idx}"
-        )
-        where += f", rank {self.global_rank})" if world_size() > 1 else ")"
-        found = []
-        if not bool(torch.isfinite(loss.detach()).all()):
-            found.append(f"loss={float(loss.detach().float().sum())}")
-        num_bad = bad_rows(embeddings)
-        if num_bad:
-            found.append(f"{num_bad} of {len(embeddings)} embedding rows hold NaN/Inf")
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 1 and len(x):
-            num_bad = bad_rows(x)
-            if num_bad:
-                found.append(f"{num_bad} of {len(x)} input rows hold NaN/Inf")
-        if not found:
-            found.append("the values of another rank (this rank's loss and embeddings are finite)")
-        return f"{where}: {'; '.join(found)}"
-
-    def _zero_loss(self) -> torch.Tensor:
-        """A loss of exactly 0 whose gradient is zero for every trainable parameter.
-
-        Returning None would skip backward, which Lightning refuses under DDP (and DDP's
-        gradient all-reduce would then wait on the other ranks); this runs an ordinary, cheap
-        backward and ``optimizer_step`` then drops the gradients.
-        """
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.stack([p.sum() for p in params]).sum() * 0.0
-
     def optimizer_step(
         self,
         epoch: int,
@@ -316,99 +259,70 @@ class MetricLearningModule(LightningModule):
         optimizer: Any,
         optimizer_closure: Optional[Callable[[], Any]] = None,
     ) -> None:
-        """After backward, before the update: non-finite gradients raise or (``"skip"``) are
-        dropped, and so are the gradients of a window whose every batch was skipped. Dropped
-        gradients are set to None, so the optimizer changes no weight and no state."""
+        """After backward, before the update: the guard checks the gradients; dropped ones
+        (non-finite under ``"skip"``, or a window whose every batch was skipped) are set to
+        None, so the optimizer changes no weight and no state."""
         if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        closure = optimizer_closure
+        closure, guard = optimizer_closure, self.nonfinite_guard
         # A GradScaler (16-mixed) skips Inf/NaN gradient steps itself and lowers its scale:
         # overflow is how it finds the scale, so it is not ours to raise or count.
-        check_gradients = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        check = getattr(self.trainer.precision_plugin, "scaler", None) is None
 
         def guarded_closure() -> Any:
             result = closure()
-            if self.nonfinite == "skip" and not self._kept_since_step:
-                optimizer.zero_grad(set_to_none=True)
-                return None  # AMP's GradScaler then skips its step as well
-            bad = first_nonfinite_gradient(self.named_parameters()) if check_gradients else None
-            if bad is None:
+            if guard.keep_gradients(self.named_parameters(), self._position(batch_idx), check):
                 return result
-            self._skip_nonfinite_gradients(bad, batch_idx)
+            self._log_skipped(1)
             optimizer.zero_grad(set_to_none=True)
-            return None
+            return None  # AMP's GradScaler then skips its step as well
 
         try:
             return super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
         finally:
-            self._kept_since_step = False
-            self._window_restore = None
-
-    def _skip_nonfinite_gradients(self, parameter: str, batch_idx: int) -> None:
-        """Raise naming ``parameter`` (``"raise"``), or undo the window's buffer changes and
-        count the step (``"skip"``); the caller drops the gradients."""
-        report = (
-            f"non-finite gradient at global step {self.global_step} (epoch "
-            f"{self.current_epoch}, batch {batch_idx}): the gradient of {parameter!r} holds "
-            f"NaN/Inf{' on at least one rank' if world_size() > 1 else ''}, while the loss and "
-            "embeddings are finite"
-        )
-        if self.nonfinite == "raise":
-            raise NonFiniteError(f"{report}. {CAUSES}", self.global_step, parameter)
-        if self._window_restore is not None:
-            self._window_restore()
-        self.skipped_nonfinite_steps += 1
-        rank_zero_warn(f"{report}; skipped (nonfinite='skip'): no weight update")
-        self._log_skipped(1)
+            guard.end_window()
 
     def configure_callbacks(self) -> list[Callback]:
         """A DDP run that fails because a rank died names that rank (:class:`LostRankReport`)."""
         return [LostRankReport()]
 
     # -- sharded class centres (MarginHead(shard_classes=True)) -------------------------------
+    @property
+    def class_centres(self) -> Optional[ShardedCentres]:
+        """The head's class centres through setup, checkpoints and the end of training
+        (sharded across DDP ranks with ``shard_classes=True``); None with a PML loss."""
+        return ShardedCentres(self.head) if self.head is not None else None
+
     def setup(self, stage: str) -> None:
         """Under DDP, a head with ``shard_classes=True`` keeps only this rank's centres; DDP
         then leaves them out of its gradient average (they are not replicas)."""
-        head = self.head
-        if head is None or not head.shard_classes or self.trainer.world_size == 1:
-            return
-        if not isinstance(self.trainer.strategy, DDPStrategy):
-            raise ShardingError(
-                f"{type(head).__name__}(shard_classes=True) needs Lightning's DDP strategy "
-                f"(strategy='ddp' or 'ddp_spawn'), got {type(self.trainer.strategy).__name__} "
-                f"with {self.trainer.world_size} processes"
-            )
-        head.shard(self.global_rank, self.trainer.world_size)
-        self._ddp_params_and_buffers_to_ignore = [
-            name for name, p in self.named_parameters() if p is head.weight
-        ]
+        centres = self.class_centres
+        if centres is not None and centres.setup(
+            self.trainer.strategy, self.global_rank, self.trainer.world_size
+        ):
+            self._ddp_params_and_buffers_to_ignore = [centres.weight_key(self.named_parameters())]
 
     def on_train_end(self) -> None:
-        # ddp_spawn hands rank 0's state_dict back to the main process, whose head is whole.
-        # (on_train_end, not on_fit_end: the strategy's teardown comes in between.)
-        if self.head is not None and isinstance(
-            getattr(self.trainer.strategy, "launcher", None), _MultiProcessingLauncher
-        ):
-            self.head.unshard()
+        centres = self.class_centres
+        if centres is not None:
+            centres.after_training(self.trainer.strategy)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The checkpoint holds every class centre (gathered from the shards), so it loads in
         any world size. With sharded centres this is a collective: every rank saves together
         (Lightning's ``ModelCheckpoint`` and ``trainer.save_checkpoint`` do)."""
-        if self.head is not None:
+        centres = self.class_centres
+        if centres is not None:
             optimizers = self.trainer.optimizers if self._trainer is not None else []
-            consolidate_centres(checkpoint, self.head, self._head_weight_key(), optimizers)
+            centres.save(checkpoint, centres.weight_key(self.named_parameters()), optimizers)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the centres' shape and keep this rank's part of them (sharded heads)."""
-        if self.head is not None:
+        centres = self.class_centres
+        if centres is not None:
             path = getattr(self._trainer, "ckpt_path", None)
             source = f"checkpoint {path}" if path else "the checkpoint"
-            shard_centres(checkpoint, self.head, self._head_weight_key(), source)
-
-    def _head_weight_key(self) -> str:
-        assert self.head is not None
-        return next(name for name, p in self.named_parameters() if p is self.head.weight)
+            centres.load(checkpoint, centres.weight_key(self.named_parameters()), source)
 
     def on_fit_start(self) -> None:
         """Labels of the data must fit the objective's classes: checked before the first step."""
@@ -520,78 +434,11 @@ class MetricLearningModule(LightningModule):
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         except ShardingError as err:
             raise ShardingError(f"{checkpoint_path}: {err}") from err
-        except (TypeError, ValueError) as err:
-            text = str(err)
-            missing_backbone = "required positional argument: 'backbone'" in text
-            missing_objective = "pass exactly one objective" in text and not (
-                "head" in kwargs or "loss" in kwargs
-            )
-            if not (missing_backbone or missing_objective):
+        except (TypeError, ObjectiveCountError) as err:
+            explained = missing_objects_error(cls, checkpoint_path, kwargs, err)
+            if explained is None:
                 raise
-            raise TypeError(_load_message(cls, checkpoint_path, kwargs)) from err
-
-
-def _load_message(cls: type, checkpoint_path: Any, kwargs: dict[str, Any]) -> str:
-    used: dict[str, str] = {}
-    try:  # only to name the classes; Lightning has just read the same file
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        used = dict(checkpoint.get("hyper_parameters", {}).get("python_objects", {}))
-    except Exception:  # noqa: BLE001 - the message is still useful without them
-        pass
-    if used:
-        needed = [k for k in used if k not in kwargs]
-        trained = ", ".join(f"{k}={v}" for k, v in used.items())
-        example = ", ".join(f"{k}={v.rsplit('.', 1)[-1]}(...)" for k, v in used.items())
-        detail = f"It was trained with {trained}; missing now: {', '.join(needed) or 'none'}."
-    else:
-        example = "backbone=SmallCNN(...), head=ArcFaceHead"
-        detail = "Pass backbone, the objective (head or loss, miner) and any custom neck."
-    return (
-        f"{cls.__name__}.load_from_checkpoint({str(checkpoint_path)!r}) cannot rebuild the "
-        "model: the checkpoint was saved from a module built in Python, whose backbone / neck "
-        "/ head / loss are live objects that are not stored as hyper-parameters (only their "
-        f"weights are). {detail} Build them as for training and pass them: "
-        f"{cls.__name__}.load_from_checkpoint(path, {example}); the weights then load from "
-        "the checkpoint. (Checkpoints of the lightning-metric CLI store their config and "
-        "load without arguments.)"
-    )
-
-
-def _save_hyperparameters(module: LightningModule, **objects: object) -> None:
-    """Save the config under LightningCLI, only plain values otherwise.
-
-    Under the CLI the hyper-parameters are the YAML's class paths and init args, so a
-    checkpoint rebuilds its own model (`lightning-metric test --ckpt_path`,
-    `MetricLearningModule.load_from_checkpoint(path)`). From Python the same arguments are
-    live objects: they are saved as weights in the state dict, and pickling them into the
-    hyper-parameters would break `weights_only` loading. Their class names are kept (as
-    ``python_objects``, plain strings) so that loading without them can say what to pass.
-    """
-    if _under_lightning_cli():
-        module.save_hyperparameters(frame=inspect.currentframe().f_back)  # type: ignore[union-attr]
-    else:
-        module.save_hyperparameters(
-            ignore=["backbone", "neck", "head", "loss", "miner", "optimizer", "lr_scheduler"],
-            frame=inspect.currentframe().f_back,  # type: ignore[union-attr]
-        )
-        module.hparams["python_objects"] = {
-            k: _qualified_name(v) for k, v in objects.items() if v is not None
-        }
-
-
-def _qualified_name(obj: object) -> str:
-    func = obj.func if isinstance(obj, functools.partial) else obj
-    cls = func if inspect.isclass(func) else type(func)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _under_lightning_cli() -> bool:
-    """Whether LightningCLI is instantiating this module with its config as hparams."""
-    try:  # Lightning's internal hook (2.3+); without it, plain values are the safe choice.
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:
-        return False
-    return _given_hyperparameters.get() is not None
+            raise explained from err
 
 
 def _build_head(

@@ -5,7 +5,8 @@ miner). Everything the module knows about PML lives here, beside the call it gua
 
 * construction-time rules: :func:`check_modules` (an argument given in the wrong place or
   form, e.g. a head passed as ``loss=`` or a class instead of an instance),
-  :func:`check_objective` (exactly one objective, no miner with a head),
+  :func:`check_objective` (exactly one objective, else :class:`ObjectiveCountError`; no
+  miner with a head),
   :func:`check_pml_objective` (loss / miner combinations PML accepts but gets wrong) and
   :func:`check_pml_sizes` (``embedding_size`` / ``num_classes`` against the model);
 * the training-time call :func:`pml_loss` (label range, normalisation, gathering across
@@ -36,6 +37,7 @@ from lightning_metric.heads.functional import normalize_embeddings
 __all__ = [
     "CLASSIFICATION_LOSSES",
     "LOSSES_REJECTING_MINERS",
+    "ObjectiveCountError",
     "check_modules",
     "check_objective",
     "check_pml_objective",
@@ -172,14 +174,26 @@ CLASSIFICATION_LOSSES: tuple[type, ...] = (
 )
 
 
+class ObjectiveCountError(ValueError):
+    """Not exactly one objective: neither ``head`` nor ``loss`` was given, or both were.
+
+    ``given`` names the ones that were (``()`` or ``("head", "loss")``), so a caller can tell
+    a missing objective (e.g. a checkpoint loaded without its live objects) from two."""
+
+    def __init__(self, message: str, given: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.given = given
+
+
 def check_objective(head: object, loss: object, miner: object, gather: bool) -> None:
     """Exactly one objective, a miner only with a PML loss, and a PML loss and miner that
     work together (:func:`check_pml_objective`)."""
     if (head is None) == (loss is None):
-        raise ValueError(
+        raise ObjectiveCountError(
             "pass exactly one objective: head=<margin head, e.g. ArcFaceHead> for a "
             "classification objective, or loss=<a pytorch_metric_learning loss> for a "
-            f"pair/proxy objective; got head={object_name(head)} and loss={object_name(loss)}"
+            f"pair/proxy objective; got head={object_name(head)} and loss={object_name(loss)}",
+            given=() if head is None else ("head", "loss"),
         )
     if miner is not None and head is not None:
         raise ValueError(
