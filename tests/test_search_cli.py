@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_metric.console import main
 from lightning_metric.commands import load_images
+from lightning_metric.console import main
 from lightning_metric.retrieval.index import EmbeddingIndex
 
 CONFIG = str(Path(__file__).parents[1] / "examples" / "configs" / "digits_arcface.yaml")

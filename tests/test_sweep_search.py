@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from lightning_metric.callbacks import EmbeddingIndexWriter
-from lightning_metric.console import main
 from lightning_metric.commands import _evaluate, _own_rows, _split_queries
+from lightning_metric.console import main
 from lightning_metric.data import DigitsDataModule
 from lightning_metric.provenance import checkpoint_record
 from lightning_metric.retrieval import neighbour_list_metrics, retrieval_metrics
