@@ -14,6 +14,7 @@ from typing import Any, Optional
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import import_object
 from lightning import Callback, LightningDataModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -79,6 +80,7 @@ class LightningMetricCLI(LightningCLI):
         _fill_pml_sizes(config)
         if config.get("trainer") is not None:
             _choose_precision(config["trainer"])
+            _drop_lr_monitor_without_logger(config["trainer"])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -166,6 +168,27 @@ def _choose_precision(trainer: Namespace) -> None:
             f"bf16 is emulated there, {_EMULATED_BF16_SLOWDOWN} slower than 32-true. "
             "Leave precision unset to get the fastest precision for this machine."
         )
+
+
+def _drop_lr_monitor_without_logger(trainer: Namespace) -> None:
+    """``--trainer.logger false`` with a config that holds a LearningRateMonitor: Lightning
+    refuses the monitor at fit start (after DDP has started its processes). Nothing can be
+    logged without a logger, so the monitor goes, with one line saying so."""
+    logger = trainer.get("logger")
+    if logger not in (False, None) or not trainer.get("callbacks"):
+        return
+    callbacks = trainer["callbacks"]
+    kept = [c for c in callbacks if not _is_lr_monitor(c)]
+    if len(kept) != len(callbacks):
+        trainer["callbacks"] = kept
+        rank_zero_info("trainer.logger is off: LearningRateMonitor dropped (it needs a logger)")
+
+
+def _is_lr_monitor(callback: Any) -> bool:
+    class_path = callback.get("class_path") if isinstance(callback, Namespace) else None
+    if class_path is None:
+        return isinstance(callback, LearningRateMonitor)
+    return bool(class_path.rsplit(".", 1)[-1] == "LearningRateMonitor")
 
 
 def quiet_wandb(logger: WandbLogger) -> None:

@@ -95,3 +95,18 @@ def test_example_config_logs_through_wandb_offline_or_a_swapped_logger(
     )
     assert "val/recall@1" in cli.trainer.callback_metrics
     assert list(tmp_path.glob(produced)), f"no {produced} under {tmp_path}"
+
+
+def test_logger_off_drops_the_lr_monitor_before_any_process_starts():
+    """`--trainer.logger false` on a config with a LearningRateMonitor: Lightning would refuse
+    the monitor at fit start (under DDP after the processes started); the CLI drops it."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from lightning_metric.cli import main as cli_main
+
+    config = str(ROOT / "examples/configs/glyphs_arcface.yaml")
+    off = cli_main(["--config", config, "--trainer.logger=false"], run=False)
+    csv = "--trainer.logger=lightning.pytorch.loggers.CSVLogger"
+    on = cli_main(["--config", config, csv], run=False)
+    assert not any(isinstance(c, LearningRateMonitor) for c in off.trainer.callbacks)
+    assert any(isinstance(c, LearningRateMonitor) for c in on.trainer.callbacks)
