@@ -44,7 +44,15 @@ from lightning_metric.checks import (
     check_range,
     check_top_k,
 )
-from lightning_metric.retrieval.knn import Metric
+from lightning_metric.retrieval.knn import Similarity
+from lightning_metric.retrieval.protocol import num_candidates
+from lightning_metric.retrieval.ranking import _Scoring, ranked_metrics
+from lightning_metric.retrieval.relevance import (
+    LabelKind,
+    build_levels,
+    label_kind_of,
+    normalize_labels,
+)
 
 __all__ = [
     "KReciprocal",
@@ -229,7 +237,7 @@ def database_side_augmentation(gallery: Tensor, k: int = 2, alpha: float = 3.0) 
     return _topk_weighted_sum(g, g, k, alpha, exclude_self=True)
 
 
-def _distances(query: Tensor, reference: Tensor, metric: Metric) -> Tensor:
+def _distances(query: Tensor, reference: Tensor, metric: Similarity) -> Tensor:
     """Non-negative distances: squared Euclidean (= 2 - 2 cos for unit vectors)."""
     if metric == "l2":
         return torch.cdist(query.double(), reference.double()).pow(2)
@@ -242,7 +250,7 @@ class Reranker(ABC):
     of the others (its own column is excluded by the caller). Subclass it for your own."""
 
     @abstractmethod
-    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Metric) -> Tensor:
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Similarity) -> Tensor:
         """Re-ranked distances ``[Q, R]``."""
 
 
@@ -259,7 +267,7 @@ class KReciprocal(Reranker):
     def __init__(self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> None:
         self.k1, self.k2, self.lambda_value = _check_params(k1, k2, lambda_value)
 
-    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Metric) -> Tensor:
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Similarity) -> Tensor:
         query = _check_vectors("query", query)
         if reference is None:
             d = _distances(query, query, metric).cpu().numpy()
@@ -290,7 +298,7 @@ class QueryExpansion(Reranker):
             raise ArgumentTypeError(f"`dba` must be True or False, got {dba!r}")
         self.dba = dba
 
-    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Metric) -> Tensor:
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Similarity) -> Tensor:
         if reference is None:  # one set: DBA of it is also its leave-one-out QE
             ref = database_side_augmentation(query, self.k, self.alpha) if self.dba else query
             q = database_side_augmentation(ref, self.k, self.alpha)
@@ -334,20 +342,30 @@ def check_reranked(distances: Any, num_query: int, num_reference: int, source: s
 
 def ranking_metrics(
     distances: ArrayLike,
-    query_labels: Tensor,
-    reference_labels: Tensor,
+    query_labels: Any,
+    reference_labels: Any,
     k: int | Sequence[int] = (1, 2, 4, 8),
     exclude: Optional[Tensor] = None,
+    label_kind: LabelKind = "auto",
+    level_names: Optional[Sequence[str]] = None,
 ) -> dict[str, float]:
     """``recall@k``, ``map@r``, ``r_precision``, ``mrr`` and ``unscorable_queries`` from a
     ``[Q, R]`` distance matrix (ascending; ties by lower reference row), with the
-    definitions of :func:`lightning_metric.retrieval.retrieval_metrics`. ``exclude [Q]``:
-    the reference row of each query itself (``-1``: none), never retrieved."""
+    definitions and label kinds of :func:`lightning_metric.retrieval.retrieval_metrics`.
+    ``exclude [Q]``: the reference row of each query itself (``-1``: none), never retrieved
+    (:mod:`~lightning_metric.retrieval.protocol`)."""
     ks = check_k(k)
-    qlab = check_labels("query_labels", query_labels).cpu()
-    rlab = check_labels("reference_labels", reference_labels).cpu()
+    kind = label_kind_of(query_labels, label_kind, "query_labels")
+    qlab = normalize_labels(query_labels, kind, _length(query_labels), "query_labels").cpu()
+    ref_kind = label_kind_of(reference_labels, label_kind, "reference_labels")
+    if ref_kind != kind:
+        raise ValueError(f"`query_labels` are {kind} labels but `reference_labels` are {ref_kind}")
+    rlab = normalize_labels(
+        reference_labels, kind, _length(reference_labels), "reference_labels"
+    ).cpu()
     nq, nr = len(qlab), len(rlab)
     dist = check_reranked(distances, nq, nr, "`distances`").clone()
+    ex: Optional[Tensor] = None
     if exclude is not None:
         ex = check_labels("exclude", exclude, length=nq).cpu()
         if bool(((ex < -1) | (ex >= nr)).any()):
@@ -358,29 +376,15 @@ def ranking_metrics(
             )
         rows = (ex >= 0).nonzero()[:, 0]
         dist[rows, ex[rows]] = float("inf")
-    candidates = nr - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
+    candidates = num_candidates(nr, ex)
     check_top_k(ks[-1], candidates)
     order = torch.sort(dist, dim=1, stable=True).indices[:, :candidates]
-    match = rlab[order] == qlab[:, None]
-    r_count = (rlab[None, :] == qlab[:, None]).sum(1)
-    if exclude is not None:
-        own = (exclude.cpu() >= 0) & (rlab[exclude.cpu().clamp(min=0)] == qlab)
-        r_count = r_count - own.long()
-    scorable = r_count > 0
-    out: dict[str, float] = {"unscorable_queries": float((~scorable).sum())}
-    if not bool(scorable.any()):
-        return out
-    match, r_count = match[scorable], r_count[scorable]
-    hits = match.cumsum(1)
-    for kk in ks:
-        out[f"recall@{kk}"] = float((hits[:, kk - 1] > 0).double().mean())
-    ranks = torch.arange(1, match.shape[1] + 1, dtype=torch.float64)
-    relevant = match & (ranks[None, :] <= r_count[:, None])
-    ap = (relevant.cumsum(1).double() / ranks * relevant).sum(1) / r_count
-    out["map@r"] = float(ap.mean())
-    out["r_precision"] = float((relevant.sum(1).double() / r_count).mean())
-    r_max = int(r_count.max())
-    m = match[:, :r_max]
-    first = m.double().argmax(1)
-    out["mrr"] = float(torch.where(m.any(1), 1.0 / (first + 1.0), 0.0).mean())
-    return out
+    levels = build_levels(kind, qlab, rlab, level_names)
+    scoring = _Scoring(
+        "cosine", map_at_r=True, mrr=True, precision=False, chunk_size=None, fast=None
+    )
+    return ranked_metrics(order, levels, ex, ks, scoring)
+
+
+def _length(labels: Any) -> int:
+    return len(labels) if hasattr(labels, "__len__") else 0
