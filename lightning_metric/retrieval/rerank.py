@@ -22,7 +22,9 @@ k-reciprocal Encoding", CVPR 2017), on the set P = probes + gallery with distanc
   and the final ``d*(p, g) = (1 - lambda) d_J(p, g) + lambda d(p, g)`` (eq. 12).
 
 The authors' released code tests the expansion condition with ``>`` where eq. 6 has
-``>=``; this module follows the paper.
+``>=``. Published re-identification results come from that code, so ``strict=True`` (the
+default) uses ``>``; ``strict=False`` follows eq. 6. They differ only when exactly 2/3 of
+``R(q, round(k/2))`` lies in ``R(p, k)``.
 """
 
 from __future__ import annotations
@@ -94,6 +96,15 @@ def _check_params(k1: int, k2: int, lambda_value: float) -> tuple[int, int, floa
     return k1, k2, check_range("lambda_value", lambda_value, 0.0, 1.0)
 
 
+def _check_strict(strict: Any) -> bool:
+    if not isinstance(strict, bool | np.bool_):
+        raise ArgumentTypeError(
+            f"`strict` must be True (the released code's '>') or False (eq. 6's '>='), got "
+            f"{strict!r}"
+        )
+    return bool(strict)
+
+
 def _check_expansion(k: int, alpha: float) -> tuple[int, float]:
     """``k`` >= 1 neighbours; ``alpha`` finite and >= 0 (a negative power of a zero
     similarity is Inf, and the expanded vector NaN)."""
@@ -123,6 +134,7 @@ def k_reciprocal(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
+    strict: bool = True,
 ) -> np.ndarray:
     """Re-ranked ``[Q, G]`` distances of queries to gallery (module docstring; Zhong et al.).
 
@@ -132,6 +144,8 @@ def k_reciprocal(
         k1: size of the k-reciprocal neighbourhoods (paper: 20).
         k2: neighbours averaged by local query expansion (paper: 6; 1 turns it off).
         lambda_value: weight of the original distance (paper: 0.3).
+        strict: expansion test with ``>`` as the authors' released code (reproduces published
+            numbers); ``False``: ``>=`` as eq. 6 of the paper.
     """
     qg, qq, gg = _np(q_g, "q_g"), _np(q_q, "q_q"), _np(g_g, "g_g")
     nq, ng = qg.shape
@@ -141,7 +155,7 @@ def k_reciprocal(
             f"{qq.shape} and {gg.shape}"
         )
     full = np.block([[qq, qg], [qg.T, gg]])
-    return k_reciprocal_all(full, k1, k2, lambda_value, num_query=nq)[:, nq:]
+    return k_reciprocal_all(full, k1, k2, lambda_value, num_query=nq, strict=strict)[:, nq:]
 
 
 def k_reciprocal_all(
@@ -150,11 +164,14 @@ def k_reciprocal_all(
     k2: int = 6,
     lambda_value: float = 0.3,
     num_query: Optional[int] = None,
+    strict: bool = True,
 ) -> np.ndarray:
     """k-reciprocal re-ranking inside one set: ``dist [N, N]`` between all items; returns
     the re-ranked distances of the first ``num_query`` rows (default all) to all ``N``
-    items. Leave-one-out evaluation uses it with every item as a query."""
+    items. Leave-one-out evaluation uses it with every item as a query. ``strict``: as in
+    :func:`k_reciprocal`."""
     k1, k2, lam = _check_params(k1, k2, lambda_value)
+    strict = _check_strict(strict)
     d = _np(dist, "dist")
     n = d.shape[0]
     if d.shape != (n, n):
@@ -178,7 +195,8 @@ def k_reciprocal_all(
         expanded = [r]
         for q in r:
             rq = reciprocal(int(q), half)
-            if len(np.intersect1d(rq, r)) >= 2.0 / 3.0 * len(rq):
+            shared, needed = len(np.intersect1d(rq, r)), 2.0 / 3.0 * len(rq)
+            if shared > needed or (not strict and shared == needed):
                 expanded.append(rq)
         members = np.unique(np.concatenate(expanded))
         weight = np.exp(-d[i, members])
@@ -261,17 +279,23 @@ class KReciprocal(Reranker):
 
         rerank:
           class_path: lightning_metric.retrieval.rerank.KReciprocal
-          init_args: {k1: 20, k2: 6, lambda_value: 0.3}
+          init_args: {k1: 20, k2: 6, lambda_value: 0.3, strict: true}
+
+    ``strict=True`` (default): the expansion test of the authors' released code (``>``),
+    which published results use; ``strict=False``: eq. 6 of the paper (``>=``).
     """
 
-    def __init__(self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> None:
+    def __init__(
+        self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, strict: bool = True
+    ) -> None:
         self.k1, self.k2, self.lambda_value = _check_params(k1, k2, lambda_value)
+        self.strict = _check_strict(strict)
 
     def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Similarity) -> Tensor:
         query = _check_vectors("query", query)
         if reference is None:
             d = _distances(query, query, metric).cpu().numpy()
-            out = k_reciprocal_all(d, self.k1, self.k2, self.lambda_value)
+            out = k_reciprocal_all(d, self.k1, self.k2, self.lambda_value, strict=self.strict)
         else:
             reference = _check_vectors("reference", reference, query.shape[1])
             out = k_reciprocal(
@@ -281,11 +305,15 @@ class KReciprocal(Reranker):
                 self.k1,
                 self.k2,
                 self.lambda_value,
+                self.strict,
             )
         return torch.from_numpy(out)
 
     def __repr__(self) -> str:
-        return f"KReciprocal(k1={self.k1}, k2={self.k2}, lambda_value={self.lambda_value})"
+        return (
+            f"KReciprocal(k1={self.k1}, k2={self.k2}, lambda_value={self.lambda_value}, "
+            f"strict={self.strict})"
+        )
 
 
 class QueryExpansion(Reranker):
