@@ -44,7 +44,7 @@ def brute_force(q, r, relevant, own, ks):  # type: ignore[no-untyped-def]
             per.setdefault(f"recall@{k}", []).append(float(rel[:k].any()))
             per.setdefault(f"precision@{k}", []).append(rel[:k].sum() / k)
         precision_at = [rel[: i + 1].sum() / (i + 1) for i in range(big_r)]
-        per.setdefault("map@r", []).append(sum(p for p, x in zip(precision_at, rel) if x) / big_r)
+        per.setdefault("map@r", []).append(sum(p for p, x in zip(precision_at, rel[:big_r], strict=True) if x) / big_r)
         per.setdefault("r_precision", []).append(rel[:big_r].sum() / big_r)
         hits = np.flatnonzero(rel[:r_max])
         per.setdefault("mrr", []).append(1.0 / (hits[0] + 1) if len(hits) else 0.0)

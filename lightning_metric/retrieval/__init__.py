@@ -13,6 +13,7 @@ pay for torchmetrics.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from lightning_metric.retrieval.clustering import clustering_metrics
@@ -23,7 +24,7 @@ from lightning_metric.retrieval.functional import (
     r_precision,
     recall_at_k,
 )
-from lightning_metric.retrieval.knn import Metric, Neighbors, Similarity, knn
+from lightning_metric.retrieval.knn import Neighbors, Similarity, knn
 from lightning_metric.retrieval.ranking import (
     neighbour_list_metrics,
     retrieval_metrics,
@@ -83,6 +84,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Metric":
+        # The similarity-name type was renamed: "Metric" read like torchmetrics' Metric class.
+        warnings.warn(
+            "lightning_metric.retrieval.Metric is deprecated; use "
+            "lightning_metric.retrieval.Similarity",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return Similarity
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lightning_metric.retrieval' has no attribute {name!r}")
