@@ -44,7 +44,9 @@ def brute_force(q, r, relevant, own, ks):  # type: ignore[no-untyped-def]
             per.setdefault(f"recall@{k}", []).append(float(rel[:k].any()))
             per.setdefault(f"precision@{k}", []).append(rel[:k].sum() / k)
         precision_at = [rel[: i + 1].sum() / (i + 1) for i in range(big_r)]
-        per.setdefault("map@r", []).append(sum(p for p, x in zip(precision_at, rel[:big_r], strict=True) if x) / big_r)
+        per.setdefault("map@r", []).append(
+            sum(p for p, x in zip(precision_at, rel[:big_r], strict=True) if x) / big_r
+        )
         per.setdefault("r_precision", []).append(rel[:big_r].sum() / big_r)
         hits = np.flatnonzero(rel[:r_max])
         per.setdefault("mrr", []).append(1.0 / (hits[0] + 1) if len(hits) else 0.0)
@@ -67,9 +69,7 @@ def _multi_hot(n: int, num_labels: int, seed: int) -> np.ndarray:
 
 def _close(got: dict[str, float], want: dict[str, float], suffix: str = "") -> None:
     for name, value in want.items():
-        # mrr's reciprocal ranks are float32 values (as before the per-metric functions).
-        tol = 1e-7 if name == "mrr" else 1e-12
-        assert got[name + suffix] == pytest.approx(value, abs=tol), name + suffix
+        assert got[name + suffix] == pytest.approx(value, abs=1e-12), name + suffix
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -169,7 +169,7 @@ def test_reranked_metrics_with_multi_labels_equal_brute_force() -> None:
     want = brute_force(x, x, relevant, np.arange(25), (1, 3))
     got = ranking_metrics(dist, hot, hot, k=(1, 3), exclude=torch.arange(25))
     for name in ("recall@1", "recall@3", "map@r", "r_precision", "mrr", "unscorable_queries"):
-        assert got[name] == pytest.approx(want[name], abs=1e-7), name
+        assert got[name] == pytest.approx(want[name], abs=1e-12), name
 
 
 def test_kept_columns_skip_the_excluded_row_but_never_a_missing_neighbour() -> None:
@@ -187,3 +187,13 @@ def test_an_unscorable_level_warns_and_reports_only_its_count() -> None:
     assert any("level 'level1'" in str(w.message) for w in caught)
     assert got["unscorable_queries/level1"] == 6.0 and "recall@1/level1" not in got
     assert got["recall@1/level0"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["functional", "protocol", "relevance"])
+def test_docstring_examples(name: str) -> None:
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"lightning_metric.retrieval.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, raise_on_error=False)
+    assert result.attempted > 0 and result.failed == 0, name

@@ -161,5 +161,6 @@ def mrr(relevance: Tensor) -> Tensor:
     [0.3333333333333333, 0.0]
     """
     rel = check_relevance(relevance)
-    first = rel.double().argmax(1)
-    return torch.where(rel.any(1), 1.0 / (first + 1.0), 0.0).double()
+    # In float64: an integer tensor plus a Python float would be float32 (1/3 off by 1e-8).
+    first = rel.double().argmax(1).double()
+    return torch.where(rel.any(1), 1.0 / (first + 1.0), 0.0)

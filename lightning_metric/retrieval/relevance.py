@@ -36,6 +36,7 @@ __all__ = [
     "label_kind_of",
     "normalize_labels",
     "pad_multi_hot",
+    "relevant_counts",
 ]
 
 LabelKind = Literal["auto", "single", "multi_label", "hierarchical"]
@@ -269,3 +270,24 @@ def _single(name: str, query: Tensor, reference: Tensor) -> Level:
     reference = reference.to(query.device)
     classes, inverse = torch.unique(torch.cat([query, reference]), return_inverse=True)
     return Level(name, False, inverse[: len(query)], inverse[len(query) :], classes)
+
+
+def relevant_counts(
+    query_labels: Any,
+    reference_labels: Any,
+    exclude: Tensor | None = None,
+    label_kind: LabelKind = "auto",
+) -> Tensor:
+    """``R [Q]`` of every query against a reference set (not for hierarchical labels): the
+    references relevant to it, its ``exclude`` row (``-1``: none) not counted.
+
+    >>> import torch
+    >>> relevant_counts(torch.tensor([3, 5]), torch.tensor([3, 3, 5]), torch.tensor([0, -1]))
+    tensor([1, 1])
+    """
+    kind = label_kind_of(query_labels, label_kind, "query_labels")
+    if kind == "hierarchical":
+        raise ValueError("relevant_counts takes single or multi-label items, not a hierarchy")
+    q = normalize_labels(query_labels, kind, len(query_labels), "query_labels")
+    r = normalize_labels(reference_labels, kind, len(reference_labels), "reference_labels")
+    return build_levels(kind, q, r)[0].counts(exclude)
