@@ -197,3 +197,32 @@ def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(f"lightning_metric.retrieval.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0, name
+
+
+def test_kept_columns_and_relevant_counts_do_what_search_evaluate_does() -> None:
+    # The numpy own-entry removal and R of `search --evaluate` (commands._evaluate), which
+    # the protocol's helpers replace.
+    from lightning_metric.retrieval.relevance import relevant_counts
+
+    rng = np.random.default_rng(0)
+    index_labels = rng.integers(-1, 4, 30)
+    for _ in range(20):
+        need = 5
+        own = rng.integers(-1, 30, 12)
+        rows = np.stack([rng.permutation(30)[: need + 1] for _ in range(12)])
+        rows[rng.random(rows.shape) < 0.1] = -1  # not found
+        inside = own >= 0
+        is_own = (rows == own[:, None]) & inside[:, None]
+        old = np.take_along_axis(rows, np.argsort(is_own, axis=1, kind="stable"), axis=1)
+        old[np.sort(is_own, axis=1)] = -1
+        cols = kept_columns(torch.from_numpy(rows), torch.from_numpy(own), need).numpy()
+        assert (np.take_along_axis(rows, cols, axis=1) == old[:, :need]).all()
+    lab = rng.integers(0, 4, 12)
+    classes, counts = np.unique(index_labels[index_labels >= 0], return_counts=True)
+    count_of = dict(zip(classes.tolist(), counts.tolist(), strict=True))
+    old_r = np.array([count_of.get(c, 0) for c in lab.tolist()], dtype=np.int64)
+    old_r -= inside & (index_labels[np.maximum(own, 0)] == lab)
+    got = relevant_counts(
+        torch.from_numpy(lab), torch.from_numpy(index_labels), torch.from_numpy(own)
+    )
+    assert got.tolist() == old_r.tolist()
