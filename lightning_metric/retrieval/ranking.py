@@ -1,23 +1,26 @@
-"""Ranking metrics of embeddings as pure functions of embeddings and labels.
+"""Ranking metrics of embeddings and labels: search, then score every query.
 
-Definitions (DESIGN.md):
+Definitions (DESIGN.md), "relevant" as decided by :mod:`~.relevance` (same label, a shared
+label of multi-label items, or the same class at each level of a hierarchy):
 
-- ``recall@k``: fraction of queries with at least one same-label item among their ``k``
+- ``recall@k``: fraction of queries with at least one relevant item among their ``k``
   nearest neighbours, the query itself excluded (= CMC@k = hit rate).
-- ``precision@k``: mean fraction of same-label items among the ``k`` nearest neighbours.
+- ``precision@k``: mean fraction of relevant items among the ``k`` nearest neighbours.
 - ``map@r`` and ``r_precision``: as in "A Metric Learning Reality Check" (Musgrave et al.,
-  2020); ``R`` is the number of other same-label items in the reference set.
-- ``mrr``: mean reciprocal rank of the first same-label neighbour within the ``R_max``
+  2020); ``R`` is the number of relevant references other than the query itself.
+- ``mrr``: mean reciprocal rank of the first relevant neighbour within the ``R_max``
   nearest (``R_max`` = largest ``R`` over queries), 0 when there is none. This is the depth
   PML's ``AccuracyCalculator(k="max_bin_count")`` uses.
-- ``unscorable_queries``: queries with ``R == 0`` (no other item of their class in the
-  reference set). They are left out of every mean above.
+- ``unscorable_queries``: queries with ``R == 0`` (no relevant item in the reference set).
+  They are left out of every mean above.
 
-:func:`retrieval_metrics` averages the per-query values over queries or classes,
-:func:`retrieval_metrics_per_class` reports them per class; both run one pipeline
+Which rows query, which are searched and what a query may not retrieve is decided by
+:mod:`~.protocol`; each value is computed by one function of :mod:`~.functional`, composed in
+:func:`_match_values`. :func:`retrieval_metrics` averages the per-query values over queries
+or classes, :func:`retrieval_metrics_per_class` reports them per class; both run one pipeline
 (:func:`_scored`). :func:`neighbour_list_metrics` scores neighbour lists found elsewhere (an
-approximate :class:`~lightning_metric.retrieval.EmbeddingIndex`); all three compute the values
-in :func:`_match_values`. Verification and clustering metrics live in
+approximate :class:`~lightning_metric.retrieval.EmbeddingIndex`), :func:`ranked_metrics`
+rankings found elsewhere (re-ranking). Verification and clustering metrics live in
 :mod:`~lightning_metric.retrieval.verification` and :mod:`~lightning_metric.retrieval.clustering`.
 """
 
