@@ -78,13 +78,14 @@ class Level:
     def matrix(self, rows: Tensor, neighbours: Tensor) -> Tensor:
         """Bool ``[len(rows), depth]``: which ``neighbours`` (reference rows, ``-1`` for none)
         of the query ``rows`` are relevant to them."""
-        found = neighbours >= 0
-        nn = neighbours.clamp(min=0)
+        # Exact search always fills every slot; only given neighbour lists hold -1.
+        missing = bool((neighbours < 0).any()) if neighbours.numel() else False
+        nn = neighbours.clamp(min=0) if missing else neighbours
         if not self.multi:
             match = self.reference[nn] == self.query[rows][:, None]
         else:
             match = (self.reference[nn] & self.query[rows][:, None, :]).any(-1)
-        return match & found if not bool(found.all()) else match
+        return match & (neighbours >= 0) if missing else match
 
     def group(self) -> Tensor:
         """Class id of each query, for per-class (macro) averages: single labels only."""
