@@ -1,8 +1,11 @@
-"""Old path of :class:`RetrievalMetrics`, kept so existing imports work.
+"""Deprecated path of :class:`RetrievalMetrics`: import it from ``lightning_metric`` or
+:mod:`lightning_metric.retrieval` (it lives in :mod:`lightning_metric.retrieval.torchmetric`).
+Every name still resolves, with a ``FutureWarning`` naming the new path."""
 
-It moved beside its functional core, to :mod:`lightning_metric.retrieval.torchmetric`.
-"""
+from lightning_metric.retrieval.deprecated import moved
 
-from lightning_metric.retrieval.torchmetric import RetrievalMetrics
+__all__: list[str] = []
 
-__all__ = ["RetrievalMetrics"]
+__getattr__ = moved(
+    "lightning_metric.metrics", {"RetrievalMetrics": "lightning_metric.retrieval.torchmetric"}
+)

@@ -1,15 +1,22 @@
-"""Old path of :class:`EmbeddingIndex`, kept so existing imports work.
+"""Deprecated path of :class:`EmbeddingIndex`: import it from ``lightning_metric`` or
+:mod:`lightning_metric.retrieval.index`. Every name still resolves, with a ``FutureWarning``
+naming the new path."""
 
-It moved to :mod:`lightning_metric.retrieval.index`.
-"""
+from lightning_metric.retrieval.deprecated import moved
 
-from lightning_metric.retrieval.index import (
-    FORMAT,
-    MANIFEST,
-    VERSION,
-    EmbeddingIndex,
-    IndexFormatError,
-    SearchResult,
+__all__: list[str] = []
+
+__getattr__ = moved(
+    "lightning_metric.search",
+    {
+        name: "lightning_metric.retrieval.index"
+        for name in (
+            "FORMAT",
+            "MANIFEST",
+            "VERSION",
+            "EmbeddingIndex",
+            "IndexFormatError",
+            "SearchResult",
+        )
+    },
 )
-
-__all__ = ["FORMAT", "MANIFEST", "VERSION", "EmbeddingIndex", "IndexFormatError", "SearchResult"]

@@ -141,3 +141,23 @@ def test_bad_construction_arguments() -> None:
         RecallAtK(query_dataloader_idx=0)
     with pytest.raises(ValueError, match="`metric` must be one of"):
         RecallAtK(metric="hamming")  # type: ignore[arg-type]
+
+
+def test_multi_label_and_hierarchical_labels_match_functional() -> None:
+    x, labels = clustered(48, 6, seed=3)
+    hot = torch.nn.functional.one_hot(labels, 8).bool()
+    hot[::5, 7] = True  # every fifth item also carries a shared label 7
+    loader = DataLoader(DictDataset(x, hot), batch_size=10)
+    (val,) = trainer(RecallAtK(k=(1, 4))).validate(Tiny(), loader, verbose=False)
+    expected = retrieval_metrics(x, hot, (1, 4))
+    assert set(val) == {f"val/{n}" for n in expected}
+    for name, value in expected.items():
+        assert val[f"val/{name}"] == pytest.approx(value, abs=1e-6)
+    tree = torch.stack([labels // 3, labels], 1)
+    loader = DataLoader(DictDataset(x, tree), batch_size=10)
+    cb = RecallAtK(k=1, label_kind="hierarchical", level_names=["coarse", "fine"])
+    (val,) = trainer(cb).validate(Tiny(), loader, verbose=False)
+    for level, column in (("coarse", labels // 3), ("fine", labels)):
+        plain = retrieval_metrics(x, column, 1)
+        assert val[f"val/map@r/{level}"] == pytest.approx(plain["map@r"], abs=1e-6)
+        assert val[f"val/recall@1/{level}"] == pytest.approx(plain["recall@1"], abs=1e-6)

@@ -21,12 +21,15 @@ from lightning_metric.retrieval.rerank import (
 )
 
 
-def paper_k_reciprocal(dist: np.ndarray, nq: int, k1: int, k2: int, lam: float) -> np.ndarray:
+def paper_k_reciprocal(
+    dist: np.ndarray, nq: int, k1: int, k2: int, lam: float, strict: bool = False
+) -> np.ndarray:
     """Zhong et al. 2017, equation by equation, with plain loops and Python sets.
 
     ``dist`` is over P = probes (first ``nq``) + gallery. Conventions stated in the module
     docstring: distances divided by the row maximum, N(p, k) = p and its k nearest, kernel
-    weights normalised per row.
+    weights normalised per row. ``strict=False``: eq. 6 as printed (``>=``); ``True``: the
+    authors' released code (``>``).
     """
     n = len(dist)
     d = [[dist[i][j] / max(dist[i]) for j in range(n)] for i in range(n)]
@@ -44,7 +47,8 @@ def paper_k_reciprocal(dist: np.ndarray, nq: int, k1: int, k2: int, lam: float) 
         r_star = set(r)
         for q in r:  # eq. 6
             rq = r_set(q, half)
-            if len(r & rq) >= 2 / 3 * len(rq):
+            shared = len(r & rq)
+            if (shared > 2 / 3 * len(rq)) if strict else (shared >= 2 / 3 * len(rq)):
                 r_star |= rq
         row = [math.exp(-d[p][g]) if g in r_star else 0.0 for g in range(n)]  # eq. 7
         total = sum(row)
@@ -64,15 +68,16 @@ def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
 
 
+@pytest.mark.parametrize("strict", [True, False])
 @pytest.mark.parametrize(("k1", "k2", "lam"), [(20, 6, 0.3), (5, 3, 0.3), (4, 1, 0.5)])
-def test_k_reciprocal_equals_the_paper(k1: int, k2: int, lam: float) -> None:
+def test_k_reciprocal_equals_the_paper(k1: int, k2: int, lam: float, strict: bool) -> None:
     rng = np.random.default_rng(k1)
     centres = rng.standard_normal((5, 6))
     q = centres[rng.integers(0, 5, 7)] + 0.6 * rng.standard_normal((7, 6))
     g = centres[rng.integers(0, 5, 30)] + 0.6 * rng.standard_normal((30, 6))
-    got = k_reciprocal(_sq_dist(q, g), _sq_dist(q, q), _sq_dist(g, g), k1, k2, lam)
+    got = k_reciprocal(_sq_dist(q, g), _sq_dist(q, q), _sq_dist(g, g), k1, k2, lam, strict)
     allx = np.concatenate([q, g])
-    expected = paper_k_reciprocal(_sq_dist(allx, allx), 7, k1, k2, lam)[:, 7:]
+    expected = paper_k_reciprocal(_sq_dist(allx, allx), 7, k1, k2, lam, strict)[:, 7:]
     assert got.shape == (7, 30)
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
     assert not np.allclose(got, lam * _sq_dist(q, g) / 1.0)  # it does re-rank
@@ -83,7 +88,12 @@ def test_k_reciprocal_all_leave_one_out_and_bad_input() -> None:
     x = rng.standard_normal((25, 4))
     d = _sq_dist(x, x)
     np.testing.assert_allclose(
-        k_reciprocal_all(d, 6, 3, 0.3), paper_k_reciprocal(d, 25, 6, 3, 0.3), atol=1e-12
+        k_reciprocal_all(d, 6, 3, 0.3), paper_k_reciprocal(d, 25, 6, 3, 0.3, True), atol=1e-12
+    )
+    np.testing.assert_allclose(
+        k_reciprocal_all(d, 6, 3, 0.3, strict=False),
+        paper_k_reciprocal(d, 25, 6, 3, 0.3, False),
+        atol=1e-12,
     )
     with pytest.raises(ValueError, match="negative"):
         k_reciprocal_all(-d, 6, 3, 0.3)
@@ -256,3 +266,29 @@ def test_query_expansion_with_k_above_the_gallery_uses_the_whole_gallery() -> No
     q, g = _unit(torch.randn(3, 4)), _unit(torch.randn(5, 4))
     expected = q + ((q @ g.T).clamp(min=0) ** 2.0) @ g  # every gallery vector, by formula
     torch.testing.assert_close(alpha_query_expansion(q, g, k=50, alpha=2.0), _unit(expected))
+
+
+def test_k_reciprocal_default_is_the_released_code_and_differs_from_eq_6_at_the_boundary() -> None:
+    # Small neighbourhoods (k1 = 4: R(q, 2) has at most 3 items) hit |R ∩ R_q| = 2/3 |R_q|
+    # often, where '>' and '>=' disagree; both must match their transcription.
+    differ = 0
+    for seed in range(6):
+        x = np.random.default_rng(seed).standard_normal((14, 3))
+        d = _sq_dist(x, x)
+        code = k_reciprocal_all(d, 4, 1, 0.0)
+        paper = k_reciprocal_all(d, 4, 1, 0.0, strict=False)
+        np.testing.assert_allclose(code, paper_k_reciprocal(d, 14, 4, 1, 0.0, True), atol=1e-12)
+        np.testing.assert_allclose(paper, paper_k_reciprocal(d, 14, 4, 1, 0.0, False), atol=1e-12)
+        differ += int(not np.allclose(code, paper))
+        # The Reranker passes its option through (on its own distance computation).
+        t = torch.from_numpy(x)
+        d_t = torch.cdist(t, t).pow(2).numpy()
+        for strict in (True, False):
+            np.testing.assert_allclose(
+                KReciprocal(k1=4, k2=1, lambda_value=0.0, strict=strict)(t, None, "l2").numpy(),
+                k_reciprocal_all(d_t, 4, 1, 0.0, strict=strict),
+            )
+    assert differ > 0
+    assert KReciprocal().strict is True and "strict=True" in repr(KReciprocal())
+    with pytest.raises(TypeError, match=r"`strict` must be True .* got 'yes'"):
+        KReciprocal(strict="yes")  # type: ignore[arg-type]

@@ -7,6 +7,8 @@ import inspect
 import subprocess
 import sys
 
+import pytest
+
 import lightning_metric
 import lightning_metric.metrics
 import lightning_metric.retrieval
@@ -16,16 +18,31 @@ from lightning_metric.callbacks import RecallAtK
 from lightning_metric.retrieval import index, ranking, torchmetric, verification
 
 
-def test_old_module_paths_give_the_same_objects() -> None:
-    assert lightning_metric.metrics.RetrievalMetrics is torchmetric.RetrievalMetrics
+def test_old_module_paths_give_the_same_objects_with_a_warning_naming_the_new_path() -> None:
+    def old(module: object, name: str) -> object:
+        with pytest.warns(FutureWarning, match=r"deprecated.*import it from `lightning_metric\."):
+            return getattr(module, name)
+
+    assert old(lightning_metric.metrics, "RetrievalMetrics") is torchmetric.RetrievalMetrics
     for name in ("EmbeddingIndex", "SearchResult", "IndexFormatError", "MANIFEST", "FORMAT"):
-        assert getattr(lightning_metric.search, name) is getattr(index, name)
-    old = lightning_metric.retrieval.metrics
-    assert old.retrieval_metrics is ranking.retrieval_metrics
-    assert old.retrieval_metrics_per_class is ranking.retrieval_metrics_per_class
-    assert old.verification_metrics is verification.verification_metrics
+        assert old(lightning_metric.search, name) is getattr(index, name)
+    module = lightning_metric.retrieval.metrics
+    assert old(module, "retrieval_metrics") is ranking.retrieval_metrics
+    assert old(module, "retrieval_metrics_per_class") is ranking.retrieval_metrics_per_class
+    assert old(module, "verification_metrics") is verification.verification_metrics
+    with pytest.warns(FutureWarning, match="lightning_metric.retrieval.Similarity"):
+        assert lightning_metric.retrieval.Metric is lightning_metric.retrieval.Similarity
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        lightning_metric.search.nothing  # noqa: B018
     for name in ("RetrievalMetrics", "EmbeddingIndex", "SearchResult", "IndexFormatError"):
         assert getattr(lightning_metric, name) is getattr(lightning_metric.retrieval, name)
+
+
+def test_retrieval_all_lists_public_names_only() -> None:
+    names = set(lightning_metric.retrieval.__all__)
+    assert {"recall_at_k", "precision_at_k", "map_at_r", "r_precision", "mrr"} <= names
+    assert "Metric" not in names and not any(n.startswith("_") for n in names)
+    assert all(hasattr(lightning_metric.retrieval, n) for n in names)
 
 
 def test_retrieval_imports_without_lightning() -> None:

@@ -37,11 +37,14 @@ class RecallAtK(EvaluationCallback):
     Logged (with prefix ``val/`` or ``test/``): ``recall@k`` for every ``k``, ``map@r``,
     ``r_precision``, ``mrr`` and ``precision@k`` when enabled, ``nmi``/``ami`` when
     ``clustering``, and ``unscorable_queries`` (queries whose class has no other item; left
-    out of the means).
+    out of the means). The steps' labels may be ``[B]`` class ids, a ``[B, L]`` bool
+    multi-hot matrix (relevant = a shared label) or ``[B, levels]`` hierarchical ids with
+    ``label_kind="hierarchical"`` (every name logged per level: ``val/recall@1/level0``).
 
     Args:
         **metric_args: ``k``, ``metric``, ``map_at_r``, ``mrr``, ``precision``,
-            ``clustering``, ``average``, ``fast``, ``rerank``: passed to
+            ``clustering``, ``average``, ``fast``, ``rerank``, ``label_kind``,
+            ``level_names``: passed to
             :class:`~lightning_metric.retrieval.RetrievalMetrics` (``.metrics`` is that
             object; each evaluated set gets a copy): ``k`` larger than the evaluation set
             allows is clamped with a warning; ``precision`` logs ``precision@k``;

@@ -1,5 +1,8 @@
-"""Retrieval: exact kNN search (:mod:`~.knn`), ranking, verification and clustering metrics
-(:mod:`~.ranking`, :mod:`~.verification`, :mod:`~.clustering`), re-ranking (:mod:`~.rerank`),
+"""Retrieval: exact kNN search (:mod:`~.knn`), one protocol deciding queries, references and
+exclusions (:mod:`~.protocol`), relevance of single, multi- and hierarchical labels
+(:mod:`~.relevance`), one function per ranking metric (:mod:`~.functional`), ranking,
+verification and clustering metrics (:mod:`~.ranking`, :mod:`~.verification`,
+:mod:`~.clustering`), re-ranking (:mod:`~.rerank`),
 their torchmetrics shell :class:`RetrievalMetrics` (:mod:`~.torchmetric`, gathering through
 :mod:`~.accumulator`) and the on-disk :class:`EmbeddingIndex` (:mod:`~.index`).
 
@@ -10,15 +13,24 @@ pay for torchmetrics.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from lightning_metric.retrieval.clustering import clustering_metrics
-from lightning_metric.retrieval.knn import Metric, Neighbors, knn
+from lightning_metric.retrieval.functional import (
+    map_at_r,
+    mrr,
+    precision_at_k,
+    r_precision,
+    recall_at_k,
+)
+from lightning_metric.retrieval.knn import Neighbors, Similarity, knn
 from lightning_metric.retrieval.ranking import (
     neighbour_list_metrics,
     retrieval_metrics,
     retrieval_metrics_per_class,
 )
+from lightning_metric.retrieval.relevance import LabelKind
 from lightning_metric.retrieval.rerank import (
     KReciprocal,
     QueryExpansion,
@@ -47,18 +59,24 @@ __all__ = [
     "EmbeddingIndex",
     "IndexFormatError",
     "KReciprocal",
-    "Metric",
+    "LabelKind",
     "Neighbors",
     "QueryExpansion",
     "Reranker",
     "RetrievalMetrics",
     "SearchResult",
+    "Similarity",
     "alpha_query_expansion",
     "clustering_metrics",
     "database_side_augmentation",
     "k_reciprocal",
     "knn",
+    "map_at_r",
+    "mrr",
     "neighbour_list_metrics",
+    "precision_at_k",
+    "r_precision",
+    "recall_at_k",
     "retrieval_metrics",
     "retrieval_metrics_per_class",
     "verification_metrics",
@@ -66,6 +84,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Metric":
+        # The similarity-name type was renamed: "Metric" read like torchmetrics' Metric class.
+        warnings.warn(
+            "lightning_metric.retrieval.Metric is deprecated; use "
+            "lightning_metric.retrieval.Similarity",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return Similarity
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lightning_metric.retrieval' has no attribute {name!r}")

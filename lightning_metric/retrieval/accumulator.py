@@ -75,7 +75,8 @@ class EmbeddingAccumulator(Metric):
         role: Role = "both",
         dataset_size: int | None = None,
     ) -> None:
-        """Add a batch: ``embeddings [B, D]``, ``labels [B]``, dataset ``indexes [B]``.
+        """Add a batch: ``embeddings [B, D]``, ``labels [B]`` (or ``[B, L]``: multi-hot or
+        hierarchical, stored as int64), dataset ``indexes [B]``.
 
         ``dataset_size``: ``len(dataset)`` of the loader the batch comes from; under DDP it
         tells exactly how many gathered rows are DistributedSampler padding.
@@ -89,11 +90,18 @@ class EmbeddingAccumulator(Metric):
                 f"`embeddings` must be 2-D [batch, dim], got shape {tuple(embeddings.shape)}"
             )
         n = embeddings.shape[0]
-        if labels.shape != (n,):
+        if labels.ndim not in (1, 2) or labels.shape[0] != n:
             raise ValueError(
-                f"`labels` must have shape [{n}] to match embeddings, got {tuple(labels.shape)}"
+                f"`labels` must have shape [{n}] (class ids) or [{n}, L] (multi-label or "
+                f"hierarchical) to match embeddings, got {tuple(labels.shape)}"
             )
-        labels = check_labels("labels", labels)  # a float label would be truncated silently
+        if labels.ndim == 1:
+            labels = check_labels("labels", labels)  # a float label would be truncated silently
+        elif labels.is_floating_point() or labels.is_complex():
+            raise ArgumentTypeError(
+                f"`labels` must hold integer ids or a bool multi-hot matrix, got dtype "
+                f"{labels.dtype}"
+            )
         if indexes is None:
             indexes = torch.full((n,), -1, dtype=torch.int64, device=embeddings.device)
         elif indexes.shape != (n,):

@@ -28,10 +28,12 @@ from lightning_metric.checks import (
     check_metric,
     check_top_k,
 )
+from lightning_metric.retrieval.protocol import kept_columns, repeats_queries
 
 __all__ = [
     "Metric",
     "Neighbors",
+    "Similarity",
     "as_tensor",
     "check_embeddings",
     "knn",
@@ -40,7 +42,10 @@ __all__ = [
 ]
 
 # The one type of a similarity name; checks.METRICS holds the same values for run time.
-Metric = Literal["cosine", "ip", "l2"]
+Similarity = Literal["cosine", "ip", "l2"]
+# Old name of Similarity (it read like torchmetrics' Metric class); kept for callers outside
+# retrieval/ until they move.
+Metric = Similarity
 # Elements of the [chunk, reference] score block materialised at once by the torch path.
 _TORCH_BLOCK_ELEMENTS = 1 << 27
 # Queries per FAISS call: large enough that FAISS' own blocking dominates, small enough that
@@ -135,13 +140,6 @@ def check_reference(
     return r
 
 
-def same_rows(a: Tensor, b: Tensor) -> bool:
-    """Whether ``b`` is ``a`` or holds exactly the same rows in the same order."""
-    if a is b:
-        return True
-    return a.shape == b.shape and a.device == b.device and a.dtype == b.dtype and torch.equal(a, b)
-
-
 def check_exclude(exclude: Tensor | np.ndarray, num_queries: int, num_reference: int) -> Tensor:
     """``exclude`` as int64 ``[Q]`` reference rows in ``[-1, R)`` (``-1``: exclude nothing)."""
     ex = as_tensor(exclude, "exclude")
@@ -166,7 +164,7 @@ def check_exclude(exclude: Tensor | np.ndarray, num_queries: int, num_reference:
     return ex
 
 
-def prepare(x: Tensor, metric: Metric) -> Tensor:
+def prepare(x: Tensor, metric: Similarity) -> Tensor:
     """Detach, cast to contiguous float32 and L2-normalise for ``cosine``."""
     x = x.detach()
     if x.device.type == "cpu" or x.dtype != torch.float32:
@@ -184,7 +182,7 @@ def knn(
     query: Tensor | np.ndarray,
     reference: Tensor | np.ndarray | None = None,
     k: int = 1,
-    metric: Metric = "cosine",
+    metric: Similarity = "cosine",
     *,
     exclude: Tensor | None = None,
     chunk_size: int | None = None,
@@ -228,7 +226,7 @@ def knn(
     if (
         reference is not None
         and exclude is None
-        and same_rows(q, as_tensor(reference, "reference"))
+        and repeats_queries(q, as_tensor(reference, "reference"))
     ):
         # Every query would find itself at rank 1 (recall 1.0 from self-matches).
         warnings.warn(
@@ -269,7 +267,7 @@ def search_prepared(
     q: Tensor,
     r: Tensor,
     k: int,
-    metric: Metric,
+    metric: Similarity,
     exclude: Tensor | None,
     chunk_size: int | None = None,
     fast: bool | None = None,
@@ -287,7 +285,7 @@ def search_prepared(
 
 
 def _knn_faiss(
-    q: Tensor, r: Tensor, k: int, metric: Metric, exclude: Tensor | None, chunk_size: int | None
+    q: Tensor, r: Tensor, k: int, metric: Similarity, exclude: Tensor | None, chunk_size: int | None
 ) -> tuple[Tensor, Tensor]:
     xq, xb = q.numpy(), r.numpy()
     need = k + (1 if exclude is not None else 0)
@@ -306,7 +304,7 @@ def _knn_faiss(
 
 
 def _faiss_search_complete(
-    xq: np.ndarray, xb: np.ndarray, need: int, metric: Metric, slack: int = 8
+    xq: np.ndarray, xb: np.ndarray, need: int, metric: Similarity, slack: int = 8
 ) -> tuple[Tensor, Tensor]:
     """FAISS top-``need`` of ``xq`` against ``xb`` (flat, no index), ties by lower index."""
     import faiss
@@ -356,11 +354,7 @@ def _drop_excluded(
 ) -> tuple[Tensor, Tensor]:
     """Remove each row's excluded reference item (if returned) and keep ``k`` columns."""
     if exclude is not None and idx.shape[1] > k:
-        is_self = idx == exclude[:, None]
-        # Column of the excluded item, or past the k kept columns when it was not returned.
-        pos = torch.where(is_self.any(1), is_self.int().argmax(1), k)
-        cols = torch.arange(k)[None, :]
-        cols = cols + (cols >= pos[:, None]).long()
+        cols = kept_columns(idx, exclude, k)
         return vals.gather(1, cols), idx.gather(1, cols)
     return vals[:, :k].contiguous(), idx[:, :k].contiguous()
 
@@ -390,7 +384,7 @@ def _lexsort(vals: Tensor, idx: Tensor, descending: bool) -> tuple[Tensor, Tenso
 # ---------------------------------------------------------------- torch (accelerator) path
 
 
-def _scores(q: Tensor, r: Tensor, metric: Metric) -> Tensor:
+def _scores(q: Tensor, r: Tensor, metric: Similarity) -> Tensor:
     s = q @ r.T
     if metric == "l2":
         # Squared distance, negated so that larger is better for top-k.
@@ -414,7 +408,7 @@ def _knn_torch(
     q: Tensor,
     r: Tensor,
     k: int,
-    metric: Metric,
+    metric: Similarity,
     exclude: Tensor | None,
     chunk_size: int | None,
     fast: bool,
@@ -454,7 +448,7 @@ def _mask_excluded(s: Tensor, exclude: Tensor | None) -> None:
 
 
 def _exact_chunk(
-    q: Tensor, r: Tensor, k: int, metric: Metric, exclude: Tensor | None
+    q: Tensor, r: Tensor, k: int, metric: Similarity, exclude: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     s = _scores(q, r, metric)
     _mask_excluded(s, exclude)

@@ -1,13 +1,18 @@
-"""Old path of the retrieval metric functions, kept so existing imports work.
+"""Deprecated path of the retrieval metric functions: import them from
+:mod:`lightning_metric.retrieval` (``retrieval_metrics``, ``retrieval_metrics_per_class`` and
+``verification_metrics``) or :mod:`lightning_metric.checks` (``check_k``). Every name still
+resolves, with a ``FutureWarning`` naming the new path."""
 
-They moved to modules named for what they hold: :mod:`lightning_metric.retrieval.ranking`
-(``retrieval_metrics``, ``retrieval_metrics_per_class``),
-:mod:`lightning_metric.retrieval.verification` (``verification_metrics``) and
-:mod:`lightning_metric.retrieval.clustering` (``clustering_metrics``).
-"""
+from lightning_metric.retrieval.deprecated import moved
 
-from lightning_metric.checks import check_k
-from lightning_metric.retrieval.ranking import retrieval_metrics, retrieval_metrics_per_class
-from lightning_metric.retrieval.verification import verification_metrics
+__all__: list[str] = []
 
-__all__ = ["check_k", "retrieval_metrics", "retrieval_metrics_per_class", "verification_metrics"]
+__getattr__ = moved(
+    "lightning_metric.retrieval.metrics",
+    {
+        "check_k": "lightning_metric.checks",
+        "retrieval_metrics": "lightning_metric.retrieval.ranking",
+        "retrieval_metrics_per_class": "lightning_metric.retrieval.ranking",
+        "verification_metrics": "lightning_metric.retrieval.verification",
+    },
+)

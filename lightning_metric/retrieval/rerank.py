@@ -22,7 +22,9 @@ k-reciprocal Encoding", CVPR 2017), on the set P = probes + gallery with distanc
   and the final ``d*(p, g) = (1 - lambda) d_J(p, g) + lambda d(p, g)`` (eq. 12).
 
 The authors' released code tests the expansion condition with ``>`` where eq. 6 has
-``>=``; this module follows the paper.
+``>=``. Published re-identification results come from that code, so ``strict=True`` (the
+default) uses ``>``; ``strict=False`` follows eq. 6. They differ only when exactly 2/3 of
+``R(q, round(k/2))`` lies in ``R(p, k)``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,15 @@ from lightning_metric.checks import (
     check_range,
     check_top_k,
 )
-from lightning_metric.retrieval.knn import Metric
+from lightning_metric.retrieval.knn import Similarity
+from lightning_metric.retrieval.protocol import num_candidates
+from lightning_metric.retrieval.ranking import _Scoring, ranked_metrics
+from lightning_metric.retrieval.relevance import (
+    LabelKind,
+    build_levels,
+    label_kind_of,
+    normalize_labels,
+)
 
 __all__ = [
     "KReciprocal",
@@ -86,6 +96,15 @@ def _check_params(k1: int, k2: int, lambda_value: float) -> tuple[int, int, floa
     return k1, k2, check_range("lambda_value", lambda_value, 0.0, 1.0)
 
 
+def _check_strict(strict: Any) -> bool:
+    if not isinstance(strict, bool | np.bool_):
+        raise ArgumentTypeError(
+            f"`strict` must be True (the released code's '>') or False (eq. 6's '>='), got "
+            f"{strict!r}"
+        )
+    return bool(strict)
+
+
 def _check_expansion(k: int, alpha: float) -> tuple[int, float]:
     """``k`` >= 1 neighbours; ``alpha`` finite and >= 0 (a negative power of a zero
     similarity is Inf, and the expanded vector NaN)."""
@@ -115,6 +134,7 @@ def k_reciprocal(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
+    strict: bool = True,
 ) -> np.ndarray:
     """Re-ranked ``[Q, G]`` distances of queries to gallery (module docstring; Zhong et al.).
 
@@ -124,6 +144,8 @@ def k_reciprocal(
         k1: size of the k-reciprocal neighbourhoods (paper: 20).
         k2: neighbours averaged by local query expansion (paper: 6; 1 turns it off).
         lambda_value: weight of the original distance (paper: 0.3).
+        strict: expansion test with ``>`` as the authors' released code (reproduces published
+            numbers); ``False``: ``>=`` as eq. 6 of the paper.
     """
     qg, qq, gg = _np(q_g, "q_g"), _np(q_q, "q_q"), _np(g_g, "g_g")
     nq, ng = qg.shape
@@ -133,7 +155,7 @@ def k_reciprocal(
             f"{qq.shape} and {gg.shape}"
         )
     full = np.block([[qq, qg], [qg.T, gg]])
-    return k_reciprocal_all(full, k1, k2, lambda_value, num_query=nq)[:, nq:]
+    return k_reciprocal_all(full, k1, k2, lambda_value, num_query=nq, strict=strict)[:, nq:]
 
 
 def k_reciprocal_all(
@@ -142,11 +164,14 @@ def k_reciprocal_all(
     k2: int = 6,
     lambda_value: float = 0.3,
     num_query: Optional[int] = None,
+    strict: bool = True,
 ) -> np.ndarray:
     """k-reciprocal re-ranking inside one set: ``dist [N, N]`` between all items; returns
     the re-ranked distances of the first ``num_query`` rows (default all) to all ``N``
-    items. Leave-one-out evaluation uses it with every item as a query."""
+    items. Leave-one-out evaluation uses it with every item as a query. ``strict``: as in
+    :func:`k_reciprocal`."""
     k1, k2, lam = _check_params(k1, k2, lambda_value)
+    strict = _check_strict(strict)
     d = _np(dist, "dist")
     n = d.shape[0]
     if d.shape != (n, n):
@@ -170,7 +195,8 @@ def k_reciprocal_all(
         expanded = [r]
         for q in r:
             rq = reciprocal(int(q), half)
-            if len(np.intersect1d(rq, r)) >= 2.0 / 3.0 * len(rq):
+            shared, needed = len(np.intersect1d(rq, r)), 2.0 / 3.0 * len(rq)
+            if shared > needed or (not strict and shared == needed):
                 expanded.append(rq)
         members = np.unique(np.concatenate(expanded))
         weight = np.exp(-d[i, members])
@@ -229,7 +255,7 @@ def database_side_augmentation(gallery: Tensor, k: int = 2, alpha: float = 3.0) 
     return _topk_weighted_sum(g, g, k, alpha, exclude_self=True)
 
 
-def _distances(query: Tensor, reference: Tensor, metric: Metric) -> Tensor:
+def _distances(query: Tensor, reference: Tensor, metric: Similarity) -> Tensor:
     """Non-negative distances: squared Euclidean (= 2 - 2 cos for unit vectors)."""
     if metric == "l2":
         return torch.cdist(query.double(), reference.double()).pow(2)
@@ -242,7 +268,7 @@ class Reranker(ABC):
     of the others (its own column is excluded by the caller). Subclass it for your own."""
 
     @abstractmethod
-    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Metric) -> Tensor:
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Similarity) -> Tensor:
         """Re-ranked distances ``[Q, R]``."""
 
 
@@ -253,17 +279,23 @@ class KReciprocal(Reranker):
 
         rerank:
           class_path: lightning_metric.retrieval.rerank.KReciprocal
-          init_args: {k1: 20, k2: 6, lambda_value: 0.3}
+          init_args: {k1: 20, k2: 6, lambda_value: 0.3, strict: true}
+
+    ``strict=True`` (default): the expansion test of the authors' released code (``>``),
+    which published results use; ``strict=False``: eq. 6 of the paper (``>=``).
     """
 
-    def __init__(self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> None:
+    def __init__(
+        self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, strict: bool = True
+    ) -> None:
         self.k1, self.k2, self.lambda_value = _check_params(k1, k2, lambda_value)
+        self.strict = _check_strict(strict)
 
-    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Metric) -> Tensor:
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Similarity) -> Tensor:
         query = _check_vectors("query", query)
         if reference is None:
             d = _distances(query, query, metric).cpu().numpy()
-            out = k_reciprocal_all(d, self.k1, self.k2, self.lambda_value)
+            out = k_reciprocal_all(d, self.k1, self.k2, self.lambda_value, strict=self.strict)
         else:
             reference = _check_vectors("reference", reference, query.shape[1])
             out = k_reciprocal(
@@ -273,11 +305,15 @@ class KReciprocal(Reranker):
                 self.k1,
                 self.k2,
                 self.lambda_value,
+                self.strict,
             )
         return torch.from_numpy(out)
 
     def __repr__(self) -> str:
-        return f"KReciprocal(k1={self.k1}, k2={self.k2}, lambda_value={self.lambda_value})"
+        return (
+            f"KReciprocal(k1={self.k1}, k2={self.k2}, lambda_value={self.lambda_value}, "
+            f"strict={self.strict})"
+        )
 
 
 class QueryExpansion(Reranker):
@@ -290,7 +326,7 @@ class QueryExpansion(Reranker):
             raise ArgumentTypeError(f"`dba` must be True or False, got {dba!r}")
         self.dba = dba
 
-    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Metric) -> Tensor:
+    def __call__(self, query: Tensor, reference: Optional[Tensor], metric: Similarity) -> Tensor:
         if reference is None:  # one set: DBA of it is also its leave-one-out QE
             ref = database_side_augmentation(query, self.k, self.alpha) if self.dba else query
             q = database_side_augmentation(ref, self.k, self.alpha)
@@ -334,20 +370,30 @@ def check_reranked(distances: Any, num_query: int, num_reference: int, source: s
 
 def ranking_metrics(
     distances: ArrayLike,
-    query_labels: Tensor,
-    reference_labels: Tensor,
+    query_labels: Any,
+    reference_labels: Any,
     k: int | Sequence[int] = (1, 2, 4, 8),
     exclude: Optional[Tensor] = None,
+    label_kind: LabelKind = "auto",
+    level_names: Optional[Sequence[str]] = None,
 ) -> dict[str, float]:
     """``recall@k``, ``map@r``, ``r_precision``, ``mrr`` and ``unscorable_queries`` from a
     ``[Q, R]`` distance matrix (ascending; ties by lower reference row), with the
-    definitions of :func:`lightning_metric.retrieval.retrieval_metrics`. ``exclude [Q]``:
-    the reference row of each query itself (``-1``: none), never retrieved."""
+    definitions and label kinds of :func:`lightning_metric.retrieval.retrieval_metrics`.
+    ``exclude [Q]``: the reference row of each query itself (``-1``: none), never retrieved
+    (:mod:`~lightning_metric.retrieval.protocol`)."""
     ks = check_k(k)
-    qlab = check_labels("query_labels", query_labels).cpu()
-    rlab = check_labels("reference_labels", reference_labels).cpu()
+    kind = label_kind_of(query_labels, label_kind, "query_labels")
+    qlab = normalize_labels(query_labels, kind, _length(query_labels), "query_labels").cpu()
+    ref_kind = label_kind_of(reference_labels, label_kind, "reference_labels")
+    if ref_kind != kind:
+        raise ValueError(f"`query_labels` are {kind} labels but `reference_labels` are {ref_kind}")
+    rlab = normalize_labels(
+        reference_labels, kind, _length(reference_labels), "reference_labels"
+    ).cpu()
     nq, nr = len(qlab), len(rlab)
     dist = check_reranked(distances, nq, nr, "`distances`").clone()
+    ex: Optional[Tensor] = None
     if exclude is not None:
         ex = check_labels("exclude", exclude, length=nq).cpu()
         if bool(((ex < -1) | (ex >= nr)).any()):
@@ -358,29 +404,15 @@ def ranking_metrics(
             )
         rows = (ex >= 0).nonzero()[:, 0]
         dist[rows, ex[rows]] = float("inf")
-    candidates = nr - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
+    candidates = num_candidates(nr, ex)
     check_top_k(ks[-1], candidates)
     order = torch.sort(dist, dim=1, stable=True).indices[:, :candidates]
-    match = rlab[order] == qlab[:, None]
-    r_count = (rlab[None, :] == qlab[:, None]).sum(1)
-    if exclude is not None:
-        own = (exclude.cpu() >= 0) & (rlab[exclude.cpu().clamp(min=0)] == qlab)
-        r_count = r_count - own.long()
-    scorable = r_count > 0
-    out: dict[str, float] = {"unscorable_queries": float((~scorable).sum())}
-    if not bool(scorable.any()):
-        return out
-    match, r_count = match[scorable], r_count[scorable]
-    hits = match.cumsum(1)
-    for kk in ks:
-        out[f"recall@{kk}"] = float((hits[:, kk - 1] > 0).double().mean())
-    ranks = torch.arange(1, match.shape[1] + 1, dtype=torch.float64)
-    relevant = match & (ranks[None, :] <= r_count[:, None])
-    ap = (relevant.cumsum(1).double() / ranks * relevant).sum(1) / r_count
-    out["map@r"] = float(ap.mean())
-    out["r_precision"] = float((relevant.sum(1).double() / r_count).mean())
-    r_max = int(r_count.max())
-    m = match[:, :r_max]
-    first = m.double().argmax(1)
-    out["mrr"] = float(torch.where(m.any(1), 1.0 / (first + 1.0), 0.0).mean())
-    return out
+    levels = build_levels(kind, qlab, rlab, level_names)
+    scoring = _Scoring(
+        "cosine", map_at_r=True, mrr=True, precision=False, chunk_size=None, fast=None
+    )
+    return ranked_metrics(order, levels, ex, ks, scoring)
+
+
+def _length(labels: Any) -> int:
+    return len(labels) if hasattr(labels, "__len__") else 0

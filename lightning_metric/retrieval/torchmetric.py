@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from lightning_metric.checks import ArgumentTypeError, check_choice, check_k, check_metric
-from lightning_metric.retrieval.accumulator import ROLE_CODES, EmbeddingAccumulator
-from lightning_metric.retrieval.knn import Metric, prepare, same_rows
+from lightning_metric.retrieval.accumulator import ROLE_CODES, EmbeddingAccumulator, Role
+from lightning_metric.retrieval.knn import Similarity, prepare
+from lightning_metric.retrieval.protocol import (
+    clamp_k,
+    exclusion,
+    num_candidates,
+    repeats_queries,
+)
 from lightning_metric.retrieval.ranking import retrieval_metrics
+from lightning_metric.retrieval.relevance import (
+    LABEL_KINDS,
+    LabelKind,
+    label_kind_of,
+    normalize_labels,
+)
 from lightning_metric.retrieval.rerank import Reranker, check_reranked, ranking_metrics
 
 __all__ = ["RetrievalMetrics"]
@@ -51,6 +63,11 @@ class RetrievalMetrics(EmbeddingAccumulator):
             ``QueryExpansion()``): the same metrics are also computed on its re-ranked
             distances, returned as ``rerank/recall@1``, ``rerank/map@r``, ... beside the plain
             ones (needs the full query x reference distance matrix in memory).
+        label_kind, level_names: how ``labels`` say what is relevant
+            (:mod:`~lightning_metric.retrieval.relevance`): ``update`` takes ``[B]`` class
+            ids, a ``[B, L]`` multi-hot matrix (bool, read as multi-label by ``"auto"``) or
+            ``[B, levels]`` hierarchical ids (``label_kind="hierarchical"``: every key is
+            reported per level, ``recall@1/level0``, ...).
     """
 
     higher_is_better = True
@@ -58,7 +75,7 @@ class RetrievalMetrics(EmbeddingAccumulator):
     def __init__(
         self,
         k: int | Sequence[int] = (1, 2, 4, 8),
-        metric: Metric = "cosine",
+        metric: Similarity = "cosine",
         map_at_r: bool = True,
         mrr: bool = True,
         precision: bool = True,
@@ -67,6 +84,8 @@ class RetrievalMetrics(EmbeddingAccumulator):
         compute_on_cpu: bool = False,
         fast: bool | None = None,
         rerank: Reranker | None = None,
+        label_kind: LabelKind = "auto",
+        level_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(compute_on_cpu=compute_on_cpu)
         self.k = check_k(k)
@@ -85,12 +104,52 @@ class RetrievalMetrics(EmbeddingAccumulator):
                 f"lightning_metric.retrieval.rerank.KReciprocal(), got {rerank!r}"
             )
         self.rerank = rerank
+        check_choice("label_kind", label_kind, LABEL_KINDS)
+        self.label_kind = label_kind
+        self.level_names = None if level_names is None else list(level_names)
+        self._kinds_seen: tuple[Any, ...] = ()
+
+    def update(  # type: ignore[override]
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        indexes: Tensor | None = None,
+        role: Role = "both",
+        dataset_size: int | None = None,
+    ) -> None:
+        """Add a batch (:meth:`EmbeddingAccumulator.update`); ``labels`` are ``[B]`` class ids,
+        a ``[B, L]`` multi-hot matrix or ``[B, levels]`` hierarchical ids (``label_kind``)."""
+        if isinstance(labels, Tensor):
+            kind = label_kind_of(labels, self.label_kind)
+            if labels.ndim != (1 if kind == "single" else 2):
+                raise ValueError(
+                    f"RetrievalMetrics(label_kind={self.label_kind!r}) takes {kind} labels "
+                    f"{'[B]' if kind == 'single' else '[B, L]'}, got shape {tuple(labels.shape)}"
+                )
+            if kind == "multi_label":
+                normalize_labels(labels, kind, labels.shape[0])  # no empty label set
+            seen = self._kinds_seen
+            if seen and (seen[0] != kind or seen[1] != tuple(labels.shape[1:])):
+                raise ValueError(
+                    f"RetrievalMetrics got {kind} labels of shape {tuple(labels.shape)} after "
+                    f"{seen[0]} labels with {seen[1] or 'no'} columns: every batch needs the "
+                    "same kind and width"
+                )
+            self._kinds_seen = (kind, tuple(labels.shape[1:]))
+        super().update(embeddings, labels, indexes, role, dataset_size)
+
+    def reset(self) -> None:
+        super().reset()
+        self._kinds_seen = ()
 
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
         """Metrics as 0-d float tensors; see :func:`retrieval_metrics` for the keys."""
         emb, labels, _, roles = self._gathered()
         values = self._compute(emb, labels, roles)
         return {name: torch.tensor(v, dtype=torch.float32) for name, v in values.items()}
+
+    def _kind(self) -> str:
+        return self._kinds_seen[0] if self._kinds_seen else self.label_kind
 
     def _compute(self, emb: Tensor, labels: Tensor, roles: Tensor) -> dict[str, float]:
         split = bool((roles != ROLE_CODES["both"]).any())
@@ -100,7 +159,17 @@ class RetrievalMetrics(EmbeddingAccumulator):
             raise ValueError("RetrievalMetrics got reference items but no query items")
         if split and not bool(reference_mask.any()):
             raise ValueError("RetrievalMetrics got query items but no reference items")
-        if split and _same_set(emb, labels, query_mask, reference_mask):
+        if (
+            split
+            and not bool((query_mask & reference_mask).any())
+            and repeats_queries(
+                emb[query_mask],
+                emb[reference_mask],
+                labels[query_mask],
+                labels[reference_mask],
+                ("query embeddings", "reference embeddings"),
+            )
+        ):
             # Every query would find its own copy in the gallery first: recall 1.0.
             warnings.warn(
                 "RetrievalMetrics: the reference items are the query items again (same "
@@ -111,10 +180,10 @@ class RetrievalMetrics(EmbeddingAccumulator):
             )
             emb, labels = emb[query_mask], labels[query_mask]
             split = False
-            query_mask = reference_mask = torch.ones_like(labels, dtype=torch.bool)
-        # Items in both sets cannot retrieve themselves.
-        overlap = bool((query_mask & reference_mask).any())
-        candidates = int(reference_mask.sum()) - (1 if overlap else 0)
+            query_mask = reference_mask = torch.ones(len(labels), dtype=torch.bool)
+        candidates = num_candidates(
+            int(reference_mask.sum()), exclusion(query_mask, reference_mask)
+        )
         num_queries = int(query_mask.sum())
         if candidates < 1:
             warnings.warn(
@@ -124,14 +193,7 @@ class RetrievalMetrics(EmbeddingAccumulator):
                 stacklevel=3,
             )
             return {"unscorable_queries": float(num_queries)}
-        ks = {k: min(k, candidates) for k in self.k}
-        if any(k != v for k, v in ks.items()):
-            warnings.warn(
-                f"k={max(self.k)} exceeds the {candidates} retrievable items: recall@k and "
-                f"precision@k for k > {candidates} are computed at k={candidates}",
-                UserWarning,
-                stacklevel=3,
-            )
+        ks = clamp_k(self.k, candidates, stacklevel=4)
         result = retrieval_metrics(
             emb,
             labels,
@@ -145,13 +207,10 @@ class RetrievalMetrics(EmbeddingAccumulator):
             clustering=self.clustering,
             average=self.average,  # type: ignore[arg-type]
             fast=self.fast,
+            label_kind=self._kind(),  # type: ignore[arg-type]
+            level_names=self.level_names,
         )
-        out: dict[str, float] = {}
-        for k, used in ks.items():
-            for prefix in ("recall", "precision"):
-                if f"{prefix}@{used}" in result:
-                    out[f"{prefix}@{k}"] = result[f"{prefix}@{used}"]
-        out.update({n: v for n, v in result.items() if "@" not in n or n == "map@r"})
+        out = _requested(result, ks, ("recall", "precision"))
         if self.rerank is not None:
             out.update(self._reranked(emb, labels, query_mask, reference_mask, split, ks))
         return out
@@ -169,8 +228,7 @@ class RetrievalMetrics(EmbeddingAccumulator):
         assert self.rerank is not None
         x = prepare(emb.float(), self.metric)
         if split:
-            position = torch.cumsum(reference_mask.long(), 0) - 1
-            exclude = torch.where(reference_mask, position, -1)[query_mask]
+            exclude = exclusion(query_mask, reference_mask)
             dist = self.rerank(x[query_mask], x[reference_mask], self.metric)
             qlab, rlab = labels[query_mask], labels[reference_mask]
         else:
@@ -180,22 +238,39 @@ class RetrievalMetrics(EmbeddingAccumulator):
         # Checked here to name the re-ranker (a user's may return NaN or the wrong shape).
         dist = check_reranked(dist, len(qlab), len(rlab), f"the re-ranker {self.rerank!r}")
         result = ranking_metrics(
-            dist, qlab, rlab, tuple(sorted(set(ks.values()))), exclude=exclude.cpu()
+            dist,
+            qlab,
+            rlab,
+            tuple(sorted(set(ks.values()))),
+            exclude=exclude.cpu(),
+            label_kind=self._kind(),  # type: ignore[arg-type]
+            level_names=self.level_names,
         )
-        out = {
-            f"rerank/recall@{k}": result[f"recall@{used}"]
-            for k, used in ks.items()
-            if f"recall@{used}" in result
+        wanted = {
+            name: value
+            for name, value in result.items()
+            if not name.startswith("mrr") or self.mrr
+            if not name.startswith(("map@r", "r_precision")) or self.map_at_r
         }
-        for name in ("map@r", "r_precision", "mrr"):
-            if name in result and (self.map_at_r or name == "mrr") and (self.mrr or name != "mrr"):
-                out[f"rerank/{name}"] = result[name]
-        return out
+        picked = _requested(wanted, ks, ("recall",))
+        return {
+            f"rerank/{name}": value
+            for name, value in picked.items()
+            if not name.startswith("unscorable_queries")
+        }
 
 
-def _same_set(emb: Tensor, labels: Tensor, query_mask: Tensor, reference_mask: Tensor) -> bool:
-    if bool((query_mask & reference_mask).any()):
-        return False  # explicit overlap ("both" items) is already excluded row by row
-    return same_rows(emb[query_mask], emb[reference_mask]) and torch.equal(
-        labels[query_mask], labels[reference_mask]
-    )
+def _requested(
+    result: dict[str, float], ks: dict[int, int], prefixes: tuple[str, ...]
+) -> dict[str, float]:
+    """``result`` under the requested ``k`` (clamped ones reported at the ``k`` asked for),
+    in the order: per-k metrics by prefix, then the rest."""
+    out: dict[str, float] = {}
+    suffixes = sorted({name[name.index("/") :] if "/" in name else "" for name in result})
+    for suffix in suffixes:
+        for k, used in ks.items():
+            for prefix in prefixes:
+                if f"{prefix}@{used}{suffix}" in result:
+                    out[f"{prefix}@{k}{suffix}"] = result[f"{prefix}@{used}{suffix}"]
+    out.update({n: v for n, v in result.items() if "@" not in n or n.startswith("map@r")})
+    return out

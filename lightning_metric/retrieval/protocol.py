@@ -1,0 +1,139 @@
+"""The retrieval protocol: which rows query, which are searched, what a query may not match
+and how ``k`` is clamped. kNN, the metrics, re-ranking, :class:`RetrievalMetrics`, the
+``RecallAtK`` callback and ``search --evaluate`` all decide these here.
+
+- Leave-one-out (one set): every row queries all the others; its own row is excluded.
+- Query / reference masks over one set: a row in both sets never retrieves itself (its
+  reference position is its ``exclude`` entry, :func:`exclusion`).
+- A reference set passed separately that holds exactly the query rows (the same set passed
+  twice) is searched leave-one-out with a warning (:func:`repeats_queries`): otherwise every
+  query would find its own copy at rank 1 and score recall 1.0.
+- ``exclude [Q]``: the reference row each query may not retrieve, ``-1`` for none. It is left
+  out of the ranking (:func:`kept_columns`) and of the query's ``R`` when relevant to it.
+- ``k`` beyond the retrievable items raises in the functions (:func:`check_top_k`) and is
+  clamped with a warning in the training-time shells (:func:`clamp_k`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_metric.checks import ArgumentTypeError
+
+__all__ = [
+    "check_mask",
+    "clamp_k",
+    "exclusion",
+    "kept_columns",
+    "num_candidates",
+    "repeats_queries",
+]
+
+
+def check_mask(mask: object, n: int, name: str) -> Tensor:
+    """A bool ``[n]`` tensor (numpy arrays converted) that selects at least one row."""
+    import numpy as np
+
+    m = torch.from_numpy(mask) if isinstance(mask, np.ndarray) else mask
+    if not isinstance(m, Tensor):
+        raise ArgumentTypeError(
+            f"`{name}` must be a torch.Tensor or numpy.ndarray, got {type(mask).__name__}"
+        )
+    if m.dtype != torch.bool or m.shape != (n,):
+        raise ValueError(
+            f"`{name}` must be a bool tensor of shape [{n}], got dtype {m.dtype} "
+            f"and shape {tuple(m.shape)}"
+        )
+    if not bool(m.any()):
+        raise ValueError(f"`{name}` selects no items: nothing to evaluate")
+    return m
+
+
+def exclusion(query_mask: Tensor, reference_mask: Tensor) -> Tensor:
+    """``exclude [Q]`` of a query/reference split given by masks over one set: for each
+    query row, its position among the reference rows when it is one of them, else ``-1``.
+
+    >>> import torch
+    >>> exclusion(torch.tensor([True, True, False]), torch.tensor([False, True, True])).tolist()
+    [-1, 0]
+    """
+    position = torch.cumsum(reference_mask.long(), 0) - 1
+    return torch.where(reference_mask, position, torch.full_like(position, -1))[query_mask]
+
+
+def num_candidates(num_reference: int, exclude: Tensor | None) -> int:
+    """The fewest reference rows any query can retrieve (one less when some query's own row
+    is among them)."""
+    if exclude is None or exclude.numel() == 0:
+        return num_reference
+    return num_reference - (1 if bool((exclude >= 0).any()) else 0)
+
+
+def repeats_queries(
+    query: Tensor,
+    reference: Tensor,
+    query_labels: Tensor | None = None,
+    reference_labels: Tensor | None = None,
+    names: tuple[str, str] = ("embeddings", "reference_embeddings"),
+) -> bool:
+    """Whether ``reference`` is the query set passed again (same rows in the same order):
+    the caller then searches leave-one-out and warns. Same rows with other labels raise:
+    neither reading of that input is safe."""
+    if not _same_rows(query, reference):
+        return False
+    if (
+        query_labels is not None
+        and reference_labels is not None
+        and (
+            query_labels.shape != reference_labels.shape
+            or not torch.equal(query_labels, reference_labels.to(query_labels.device))
+        )
+    ):
+        raise ValueError(
+            f"`{names[1]}` holds the same rows as `{names[0]}` but their labels differ: "
+            "pass one set with its labels for leave-one-out, or the real reference set"
+        )
+    return True
+
+
+def _same_rows(a: Tensor, b: Tensor) -> bool:
+    if a is b:
+        return True
+    return a.shape == b.shape and a.device == b.device and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def clamp_k(ks: Sequence[int], candidates: int, stacklevel: int = 3) -> dict[int, int]:
+    """Each requested ``k`` -> the ``k`` used: at most ``candidates``, with a warning when
+    one is clamped (``recall@k`` is then the recall over all retrievable items)."""
+    used = {k: min(k, candidates) for k in ks}
+    if any(k != v for k, v in used.items()):
+        warnings.warn(
+            f"k={max(ks)} exceeds the {candidates} retrievable items: recall@k and "
+            f"precision@k for k > {candidates} are computed at k={candidates}",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return used
+
+
+def kept_columns(indices: Tensor, exclude: Tensor | None, k: int) -> Tensor:
+    """Column numbers ``[Q, k]`` of each row's first ``k`` entries once its excluded
+    reference row (``exclude``, ``-1`` for none) is skipped; gather values and indices with
+    them. ``indices`` may hold ``-1`` (not found); those are never the excluded row. Rows
+    need ``k + 1`` columns when their excluded row is present.
+
+    >>> import torch
+    >>> kept_columns(torch.tensor([[5, 2, 7], [1, 3, 4]]), torch.tensor([2, -1]), 2).tolist()
+    [[0, 2], [0, 1]]
+    """
+    cols = torch.arange(k, device=indices.device)[None, :].expand(indices.shape[0], k)
+    if exclude is None or indices.shape[1] <= k:
+        return cols.contiguous()
+    is_own = (indices == exclude[:, None]) & (exclude[:, None] >= 0)
+    # Column of the excluded item, or past the k kept columns when it was not returned.
+    pos = torch.where(is_own.any(1), is_own.int().argmax(1), k)
+    return cols + (cols >= pos[:, None]).long()
