@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from lightning_metric.batch import split_batch
 from lightning_metric.checks import METRICS, check_top_k
+from lightning_metric.retrieval.protocol import kept_columns
+from lightning_metric.retrieval.relevance import relevant_counts
 
 __all__ = ["COMMANDS", "run_command"]
 
@@ -461,8 +463,38 @@ def _own_rows(
             f"{resolved!r} split, the config's has {len(dataset)}: its ids name other items. "
             "Use the data configuration the index was built with"
         )
+    differ = _item_settings_differ(data.get("hparams"), datamodule)
+    if differ:
+        # The same size by chance (another seed, fold or fraction): the ids still name other
+        # items, and queries that are indexed items would find themselves unmatched.
+        raise SystemExit(
+            f"lightning-metric search: the index was built from the {resolved!r} split of a "
+            f"data module with other item settings ({differ}): its ids name other items. "
+            "Use the data configuration the index was built with"
+        )
     rows = _rows_of(index, np.where(ids >= 0, ids, -1))
     return rows, "matched by dataset id"
+
+
+# Data-module settings that change how items are loaded, not which items a split holds.
+_LOADER_SETTINGS = frozenset(
+    {"batch_size", "eval_batch_size", "num_workers", "augment", "m_per_class", "predict_split"}
+)
+
+
+def _item_settings_differ(recorded: Any, datamodule: Any) -> str:
+    """The settings (seed, folds, fractions, ...) on which the recorded data module and the
+    config's differ, as ``key: index value != config value``; empty when they agree. Dataset
+    ids name the same items only when these agree."""
+    if not isinstance(recorded, dict):
+        return ""
+    current = json.loads(json.dumps(dict(getattr(datamodule, "hparams", {})), default=str))
+    keys = sorted((set(recorded) | set(current)) - _LOADER_SETTINGS)
+    return ", ".join(
+        f"{key}: {recorded.get(key)!r} != {current.get(key)!r}"
+        for key in keys
+        if recorded.get(key) != current.get(key)
+    )
 
 
 def _rows_of(index: Any, ids: np.ndarray) -> np.ndarray:
@@ -512,9 +544,9 @@ def _without_own(
     index: Any, ids: np.ndarray, scores: np.ndarray, own: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each row's own entry (if found) moved to the end, stably; then the first k kept."""
-    is_own = (_rows_of(index, ids) == own[:, None]) & (own[:, None] >= 0)
-    order = np.argsort(is_own, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+    rows = torch.from_numpy(_rows_of(index, ids))
+    cols = kept_columns(rows, torch.from_numpy(own), k).numpy()
+    return np.take_along_axis(ids, cols, axis=1), np.take_along_axis(scores, cols, axis=1)
 
 
 def _evaluate(
@@ -537,10 +569,9 @@ def _evaluate(
         )
     q, lab, own = embeddings[torch.from_numpy(labelled)], all_labels[labelled], own[labelled]
     inside = own >= 0
-    classes, counts = np.unique(index.labels[index.labels >= 0], return_counts=True)
-    count_of = dict(zip(classes.tolist(), counts.tolist(), strict=True))
-    relevant = np.array([count_of.get(c, 0) for c in lab.tolist()], dtype=np.int64)
-    relevant -= inside & (index.labels[np.maximum(own, 0)] == lab)
+    relevant = relevant_counts(
+        torch.from_numpy(lab), torch.from_numpy(index.labels), torch.from_numpy(own)
+    ).numpy()
     extra = 1 if inside.any() else 0
     ks = tuple(k for k in (1, 2, 4, 8) if k <= len(index) - extra)
     if not ks:

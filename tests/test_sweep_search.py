@@ -309,6 +309,26 @@ def test_another_split_of_the_same_data_is_not_matched_by_id() -> None:
     assert same.tolist() == [0, 1, 2] and how == "matched by dataset id"
 
 
+def test_another_fold_or_seed_of_the_same_split_is_not_matched_by_id() -> None:
+    """Ids of fold 0's val split name other digits than fold 1's (or another seed's): the
+    index's recorded data settings must agree before ids are matched, else search refuses
+    (queries that are indexed items would otherwise find themselves)."""
+    index = EmbeddingIndex(X, labels=Y)
+    recorded = DigitsDataModule(num_folds=2, fold=0)
+    hparams = json.loads(json.dumps(dict(recorded.hparams), default=str))
+    index.info = {"data": {"class_path": "lightning_metric.data.digits.DigitsDataModule",
+                           "predict_split": "val", "hparams": hparams}}  # fmt: skip
+    for other, differ in (
+        (DigitsDataModule(num_folds=2, fold=1), r"fold: 0 != 1"),
+        (DigitsDataModule(num_folds=2, fold=0, seed=1), r"seed: 0 != 1"),
+    ):
+        with pytest.raises(SystemExit, match=rf"other item settings \({differ}\)"):
+            _own_rows(index, other, "val", torch.arange(3), list(range(12)))
+    loader_only = DigitsDataModule(num_folds=2, fold=0, batch_size=7, num_workers=1)
+    same, how = _own_rows(index, loader_only, "val", torch.arange(3), list(range(12)))
+    assert same.tolist() == [0, 1, 2] and how == "matched by dataset id"
+
+
 def test_k_equal_to_the_index_size_with_indexed_queries_is_refused_later(tmp_path: Path) -> None:
     """k = len(index) passes the early check, but a query that is an indexed item can list
     only the others: the message says so, not FAISS."""
