@@ -22,8 +22,9 @@ _EXPORTS = {
     "TimmBackbone": "lightning_metric.backbones",
     "TorchvisionBackbone": "lightning_metric.backbones",
 }
-# "metrics" and "search" are the old paths of retrieval.torchmetric and retrieval.index.
-_SUBPACKAGES = ("backbones", "callbacks", "data", "heads", "metrics", "retrieval", "search")
+# The old paths lightning_metric.metrics and lightning_metric.search still import (with a
+# FutureWarning naming the new one) but are no longer advertised here.
+_SUBPACKAGES = ("backbones", "callbacks", "data", "heads", "retrieval")
 
 __all__ = [
     "EmbeddingIndex",
@@ -39,9 +40,7 @@ __all__ = [
     "callbacks",
     "data",
     "heads",
-    "metrics",
     "retrieval",
-    "search",
 ]
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ from lightning_metric.callbacks.collect import (
     Step,
 )
 from lightning_metric.checks import check_choice, check_int, check_metric
-from lightning_metric.retrieval.knn import Metric
+from lightning_metric.retrieval.knn import Similarity
 
 __all__ = ["EmbeddingProjection", "RetrievalGallery", "figure_to_array", "log_figure"]
 
@@ -325,7 +325,7 @@ class RetrievalGallery(_ValidationPicture):
         k: int = 5,
         num_random: int = 4,
         num_worst: int = 4,
-        metric: Metric = "cosine",
+        metric: Similarity = "cosine",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -338,7 +338,7 @@ class RetrievalGallery(_ValidationPicture):
         self.k = k
         self.num_random = num_random
         self.num_worst = num_worst
-        self.metric: Metric = metric
+        self.metric: Similarity = metric
 
     def select_queries(
         self, labels: np.ndarray, neighbours: np.ndarray, scores: np.ndarray

@@ -15,7 +15,7 @@ from lightning_metric.callbacks.collect import EmbeddingCollector, EvaluationCal
 from lightning_metric.checks import check_factory_string, check_int, check_metric
 from lightning_metric.provenance import checkpoint_mismatch, checkpoint_record
 from lightning_metric.retrieval.index import MANIFEST, EmbeddingIndex
-from lightning_metric.retrieval.knn import Metric
+from lightning_metric.retrieval.knn import Similarity
 
 __all__ = ["EmbeddingIndexWriter"]
 
@@ -67,7 +67,7 @@ class EmbeddingIndexWriter(EvaluationCallback):
     def __init__(
         self,
         output_dir: str,
-        metric: Metric = "cosine",
+        metric: Similarity = "cosine",
         overwrite: Overwrite = False,
         factory: str = "Flat",
         nprobe: Optional[int] = None,
@@ -79,7 +79,7 @@ class EmbeddingIndexWriter(EvaluationCallback):
             raise ValueError(f"output_dir must be a directory path, got {output_dir!r}")
         check_metric(metric)
         self.output_dir = Path(output_dir)
-        self.metric: Metric = metric
+        self.metric: Similarity = metric
         if not isinstance(overwrite, bool) and overwrite != "same_checkpoint":
             raise ValueError(
                 f"overwrite must be True, False or 'same_checkpoint', got {overwrite!r}"

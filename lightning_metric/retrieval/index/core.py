@@ -56,7 +56,7 @@ from lightning_metric.retrieval.index.files import (
     _swap_in,
     _verify_hashes,
 )
-from lightning_metric.retrieval.knn import Metric, search_complete
+from lightning_metric.retrieval.knn import Similarity, search_complete
 
 __all__ = ["EmbeddingIndex", "SearchResult", "embed"]
 
@@ -120,7 +120,7 @@ class EmbeddingIndex:
         embeddings: ArrayLike,
         ids: Optional[ArrayLike] = None,
         labels: Optional[ArrayLike] = None,
-        metric: Metric = "cosine",
+        metric: Similarity = "cosine",
         paths: Optional[Sequence[str]] = None,
         info: Optional[Mapping[str, Any]] = None,
         model: Optional[nn.Module] = None,
@@ -131,7 +131,7 @@ class EmbeddingIndex:
         train_size: Optional[int] = None,
     ) -> None:
         check_metric(metric)
-        self.metric: Metric = metric
+        self.metric: Similarity = metric
         emb = _as_embeddings(embeddings, "embeddings", metric)
         self.dim = emb.shape[1]
         self.factory = check_factory_string(factory, self.dim)
@@ -159,7 +159,7 @@ class EmbeddingIndex:
         embeddings: ArrayLike,
         ids: Optional[ArrayLike] = None,
         labels: Optional[ArrayLike] = None,
-        metric: Metric = "cosine",
+        metric: Similarity = "cosine",
         **kwargs: Any,
     ) -> EmbeddingIndex:
         return cls(embeddings, ids=ids, labels=labels, metric=metric, **kwargs)
