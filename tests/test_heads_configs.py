@@ -31,6 +31,7 @@ def test_head_config_fits(name: str, tmp_path: Path) -> None:
             str(CONFIGS / "heads" / name),
             # Same model and head; the seconds-sized data set so the test stays fast.
             "--data=lightning_metric.data.DigitsDataModule",
+            "--model.neck.init_args.in_features=512",  # 8x8 digits: 128 x 2 x 2
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
             f"--trainer.logger.save_dir={tmp_path}",

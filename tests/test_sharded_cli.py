@@ -18,6 +18,7 @@ def _args(tmp_path: Path) -> list[str]:
         "--config",
         str(CONFIGS / "glyphs_arcface.yaml"),
         "--data=lightning_metric.data.DigitsDataModule",  # the seconds-sized data set
+        "--model.neck.init_args.in_features=512",  # 8x8 digits: 128 x 2 x 2
         "--model.head.init_args.shard_classes=true",
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
