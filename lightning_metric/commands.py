@@ -295,7 +295,8 @@ def _embed_loader(model: nn.Module, loader: Any) -> tuple[Tensor, Tensor, Tensor
     embeddings, labels, ids = [], [], []
     for batch in loader:
         x, label, index = split_batch(batch, "lightning-metric search")
-        embeddings.append(model(x).float())
+        with torch.no_grad():  # no autograd graph kept alive across the whole split
+            embeddings.append(model(x).float())
         labels.append(label)
         # No dataset index: -1, never an indexed item's id (a per-batch arange would repeat
         # ids across batches and pass queries off as indexed items in --evaluate).
