@@ -164,6 +164,12 @@ def _benchmark_parser() -> argparse.ArgumentParser:
         "(repeatable; recorded in results.json)",
     )
     p.add_argument(
+        "--report_only",
+        action="store_true",
+        help="train nothing: report the configs whose folds have all finished (results so "
+        "far of a long or interrupted benchmark)",
+    )
+    p.add_argument(
         "--dry_run",
         action="store_true",
         help="resolve and check the configs and print the plan (configs, folds, commands); train nothing",
@@ -178,7 +184,7 @@ def _benchmark(args: argparse.Namespace, overrides: list[str]) -> Any:
     try:
         return run_benchmark(
             args.config, args.num_folds, args.output, args.base, args.allow_difference,
-            overrides, args.dry_run,
+            overrides, args.dry_run, args.report_only,
         )  # fmt: skip
     except BenchmarkError as error:
         raise SystemExit(f"lightning-metric benchmark: {error}") from error

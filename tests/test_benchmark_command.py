@@ -199,6 +199,32 @@ def test_rerun_trains_nothing_and_other_settings_are_refused(benchmark: dict[str
     assert {p: p.stat().st_mtime_ns for p in sorted(output.rglob("*.ckpt"))} == before
 
 
+def test_report_only_reports_the_finished_configs_and_trains_nothing(
+    benchmark: dict[str, Any], capsys: Any
+) -> None:
+    files, output, report = benchmark["files"], benchmark["output"], benchmark["report"]
+    before = {p: p.stat().st_mtime_ns for p in sorted(output.rglob("*.ckpt"))}
+    result = output / "cosface" / "fold_1" / "result.json"
+    kept = result.read_text()
+    result.unlink()  # cosface's fold 1 is not finished now
+    try:
+        partial = run_command(command(files, output, "--report_only"))
+    finally:
+        result.write_text(kept)
+    assert "left out: ['cosface']" in capsys.readouterr().out
+    assert list(partial["results"]) == ["arcface"]
+    assert partial["results"]["arcface"]["separate"] == report["results"]["arcface"]["separate"]
+    assert {p: p.stat().st_mtime_ns for p in sorted(output.rglob("*.ckpt"))} == before
+    whole = run_command(command(files, output, "--report_only"))
+    assert (
+        whole["results"]["cosface"]["concatenated"] == report["results"]["cosface"]["concatenated"]
+    )
+    assert json.loads((output / "results.json").read_text())["results"].keys() == {
+        "arcface",
+        "cosface",
+    }
+
+
 def test_unequal_backbones_are_refused_unless_allowed(tmp_path: Path, capsys: Any) -> None:
     files = write_configs(tmp_path / "configs")
     argv = [

@@ -233,15 +233,19 @@ def run_benchmark(
     allow: Sequence[str] = (),
     overrides: Sequence[str] = (),
     dry_run: bool = False,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """The whole protocol; returns the plan (``dry_run``) or the results written to
-    ``<output>/results.json``."""
+    ``<output>/results.json``. ``report_only``: train nothing, report the configs whose folds
+    have all finished (a long benchmark's results so far, or an interrupted one's)."""
     plan = make_plan(specs, num_folds, output, base, allow, overrides)
     out = Path(output)
     if dry_run:
         print_plan(plan, out)
         return plan
     check_or_record_plan(plan, out)
+    if report_only:
+        return report_finished(plan, out)
     started = time.perf_counter()
     for name, config in plan["configs"].items():
         for i, fold in enumerate(config["folds"]):
@@ -254,6 +258,25 @@ def run_benchmark(
                 raise RuntimeError(f"the fold in {directory} ended without writing {RESULT}")
     results = {name: config_results(name, c) for name, c in plan["configs"].items()}
     return write_report(plan, results, out, time.perf_counter() - started)
+
+
+def report_finished(plan: Plan, output: Path) -> dict[str, Any]:
+    """The report of the configs whose every fold is done; says which are not."""
+    finished = {
+        name: config
+        for name, config in plan["configs"].items()
+        if all(fold_done(Path(f["dir"]), config["hash"]) for f in config["folds"])
+    }
+    waiting = [name for name in plan["configs"] if name not in finished]
+    if not finished:
+        raise BenchmarkError(
+            f"no config has finished all its {plan['num_folds']} folds in {output} yet: "
+            "nothing to report; run the command without --report_only to train them"
+        )
+    if waiting:
+        print(f"lightning-metric benchmark --report_only: not finished, left out: {waiting}")
+    results = {name: config_results(name, config) for name, config in finished.items()}
+    return write_report({**plan, "configs": finished}, results, output, 0.0)
 
 
 def print_plan(plan: Plan, output: Path) -> None:
