@@ -110,3 +110,21 @@ def test_logger_off_drops_the_lr_monitor_before_any_process_starts():
     on = cli_main(["--config", config, csv], run=False)
     assert not any(isinstance(c, LearningRateMonitor) for c in off.trainer.callbacks)
     assert any(isinstance(c, LearningRateMonitor) for c in on.trainer.callbacks)
+
+
+def test_best_glyphs_overlay_builds_a_model_whose_neck_fits_its_backbone():
+    """The overlay's in_features is written by hand: a forward pass on a glyph-sized batch
+    proves it matches the wider backbone's flattened map."""
+    import torch
+
+    from lightning_metric.cli import main as cli_main
+
+    configs = [
+        ROOT / "examples/configs/glyphs_arcface.yaml",
+        ROOT / "examples/configs/glyphs_best.yaml",
+    ]
+    args = [a for c in configs for a in ("--config", str(c))]
+    cli = cli_main([*args, "--trainer.logger=false"], run=False)
+    assert cli.model.backbone.num_features == 160 and cli.trainer.max_epochs == 7
+    out = cli.model.eval()(torch.zeros(2, 1, 32, 32))
+    assert out.shape == (2, 128)
