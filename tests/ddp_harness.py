@@ -152,3 +152,20 @@ class FileRendezvousDDP(DDPStrategy):
         if sys.exc_info()[0] is None and dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+class FileRendezvousLaunchedDDP(DDPStrategy):
+    """Lightning's ``ddp`` (the launcher re-executes the command line on the other ranks),
+    meeting through the FileStore ``init_file`` instead of ``MASTER_PORT``: every re-executed
+    rank parses the same ``init_file`` from the command line. The caller makes it fresh (a
+    path in the test's own tmp dir that does not exist yet)."""
+
+    def __init__(self, init_file: str, timeout: timedelta = PG_TIMEOUT, **kwargs: Any) -> None:
+        super().__init__(timeout=timeout, **kwargs)
+        self.init_file = init_file
+
+    def setup_distributed(self) -> None:
+        self.set_world_ranks()
+        if not dist.is_initialized():
+            _init_group(self.init_file, self.global_rank, self.world_size, self._timeout)
+        super().setup_distributed()

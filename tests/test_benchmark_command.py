@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -248,13 +247,6 @@ def test_unequal_backbones_are_refused_unless_allowed(tmp_path: Path, capsys: An
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.mark.ddp
 def test_a_fold_runs_under_lightning_ddp(tmp_path: Path) -> None:
     """Lightning's ddp launcher re-executes the fold's own command line on rank 1."""
     files = write_configs(tmp_path / "configs")
@@ -263,10 +255,16 @@ def test_a_fold_runs_under_lightning_ddp(tmp_path: Path) -> None:
         sys.executable, "-m", "lightning_metric.crossval.fold", "--output", str(out),
         "--config_hash", "h", "--", "--config", files["base"],
         "--data.init_args.num_folds=2", "--data.init_args.fold=1",
-        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
-        "--trainer.logger=false",
+        # Lightning's ddp launcher, meeting through a file rather than a port (tests only).
+        "--trainer.strategy=ddp_harness.FileRendezvousLaunchedDDP",
+        f"--trainer.strategy.init_file={tmp_path / 'rendezvous'}",
+        "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.logger=false",
     ]  # fmt: skip
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    tests = str(Path(__file__).resolve().parent)  # ddp_harness, for every re-executed rank
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])),
+    }
     process = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
