@@ -359,10 +359,7 @@ def search_codes(
     reference = _codes(codes, torch.int8 if precision == "int8" else torch.uint8, "codes")
     q = as_tensor(query, "query")
     is_code = q.dtype == reference.dtype
-    if is_code:
-        q = _codes(q, reference.dtype, "query")
-    else:
-        q = _embeddings(q, "query")
+    q = _codes(q, reference.dtype, "query") if is_code else _embeddings(q, "query")
     if q.device != reference.device:
         raise ValueError(f"`query` is on {q.device} but `codes` are on {reference.device}")
     if precision == "int8":
