@@ -137,10 +137,15 @@ class Calibration:
                 "a calibration record must be a dict with exactly the keys 'low' and 'high', "
                 f"got {data!r:.200}"
             )
-        return cls(
-            torch.tensor(data["low"], dtype=torch.float32),
-            torch.tensor(data["high"], dtype=torch.float32),
-        )
+        try:
+            low = torch.tensor(data["low"], dtype=torch.float32)
+            high = torch.tensor(data["high"], dtype=torch.float32)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"a calibration record's 'low' and 'high' must be lists of numbers, got "
+                f"{data!r:.200}"
+            ) from err
+        return cls(low, high)
 
 
 def _embeddings(x: Any, name: str) -> Tensor:

@@ -71,6 +71,12 @@ BAD: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         r"same dimension, got 3 and 2",
     ),
     (
+        "calibration record of strings",
+        lambda: Calibration.from_dict({"low": ["a"], "high": [1.0]}),
+        ValueError,
+        r"lists of numbers, got \{'low': \['a'\]",
+    ),
+    (
         "calibration record keys",
         lambda: Calibration.from_dict({"low": [0.0]}),
         ValueError,
