@@ -118,8 +118,8 @@ class Calibration:
         if bad.numel():
             i = int(bad[0])
             raise ValueError(
-                f"Calibration `low` must be <= `high` in every dimension, got low={float(self.low[i])}"
-                f" > high={float(self.high[i])} in dimension {i}"
+                f"Calibration `low` must be <= `high` in every dimension, got "
+                f"low={float(self.low[i])} > high={float(self.high[i])} in dimension {i}"
             )
 
     @property
@@ -486,9 +486,10 @@ def encode_reference(
     metric: str,
     rescore_multiplier: int = 4,
 ) -> EncodedReference:
-    """Code a prepared reference set at a precision other than ``float32`` (:func:`~.knn.prepare`d for ``metric``); int8 ranges
-    come from these reference rows. ``cosine`` searches by inner product: the rows are
-    unit-norm already, and decoded vectors are compared as they are."""
+    """Code a reference set, already :func:`~.knn.prepare`-d for ``metric``, at a precision
+    other than ``float32``; int8 ranges come from these reference rows. ``cosine`` searches
+    by inner product: the rows are unit-norm already, and decoded vectors are compared as
+    they are."""
     check_choice("quantization", precision, PRECISIONS[1:])
     m = check_int("rescore_multiplier", rescore_multiplier, minimum=1)
     search_metric: Literal["ip", "l2"] = "l2" if metric == "l2" else "ip"
