@@ -41,10 +41,16 @@ class RecallAtK(EvaluationCallback):
     multi-hot matrix (relevant = a shared label) or ``[B, levels]`` hierarchical ids with
     ``label_kind="hierarchical"`` (every name logged per level: ``val/recall@1/level0``).
 
+    With ``dims=[32, 64, 128]`` and/or ``precisions=["float32", "int8", "binary",
+    "binary_rescore"]`` the same metrics are also logged for every Matryoshka prefix x
+    precision, from the one set of collected embeddings: ``val/d64/int8/recall@1``,
+    ``val/d64/int8/map@r``, ... and ``val/d64/int8/bytes_per_vector`` (see
+    :class:`~lightning_metric.retrieval.RetrievalMetrics`); the plain keys are unchanged.
+
     Args:
         **metric_args: ``k``, ``metric``, ``map_at_r``, ``mrr``, ``precision``,
             ``clustering``, ``average``, ``fast``, ``rerank``, ``label_kind``,
-            ``level_names``: passed to
+            ``level_names``, ``dims``, ``precisions``, ``rescore_multiplier``: passed to
             :class:`~lightning_metric.retrieval.RetrievalMetrics` (``.metrics`` is that
             object; each evaluated set gets a copy): ``k`` larger than the evaluation set
             allows is clamped with a warning; ``precision`` logs ``precision@k``;

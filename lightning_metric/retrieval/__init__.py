@@ -2,7 +2,8 @@
 exclusions (:mod:`~.protocol`), relevance of single, multi- and hierarchical labels
 (:mod:`~.relevance`), one function per ranking metric (:mod:`~.functional`), ranking,
 verification and clustering metrics (:mod:`~.ranking`, :mod:`~.verification`,
-:mod:`~.clustering`), re-ranking (:mod:`~.rerank`),
+:mod:`~.clustering`), re-ranking (:mod:`~.rerank`), Matryoshka prefixes, int8 / binary codes
+and search on codes (:mod:`~.quantization`),
 their torchmetrics shell :class:`RetrievalMetrics` (:mod:`~.torchmetric`, gathering through
 :mod:`~.accumulator`) and the on-disk :class:`EmbeddingIndex` (:mod:`~.index`).
 
@@ -25,6 +26,20 @@ from lightning_metric.retrieval.functional import (
     recall_at_k,
 )
 from lightning_metric.retrieval.knn import Neighbors, Similarity, knn
+from lightning_metric.retrieval.quantization import (
+    PRECISIONS,
+    Calibration,
+    Precision,
+    binarize,
+    bytes_per_vector,
+    calibrate,
+    dequantize_int8,
+    hamming,
+    prefix,
+    quantize_int8,
+    rescore,
+    search_codes,
+)
 from lightning_metric.retrieval.ranking import (
     neighbour_list_metrics,
     retrieval_metrics,
@@ -55,30 +70,42 @@ _LAZY = {
 }
 
 __all__ = [
+    "PRECISIONS",
+    "Calibration",
     "EmbeddingAccumulator",
     "EmbeddingIndex",
     "IndexFormatError",
     "KReciprocal",
     "LabelKind",
     "Neighbors",
+    "Precision",
     "QueryExpansion",
     "Reranker",
     "RetrievalMetrics",
     "SearchResult",
     "Similarity",
     "alpha_query_expansion",
+    "binarize",
+    "bytes_per_vector",
+    "calibrate",
     "clustering_metrics",
     "database_side_augmentation",
+    "dequantize_int8",
+    "hamming",
     "k_reciprocal",
     "knn",
     "map_at_r",
     "mrr",
     "neighbour_list_metrics",
     "precision_at_k",
+    "prefix",
+    "quantize_int8",
     "r_precision",
     "recall_at_k",
+    "rescore",
     "retrieval_metrics",
     "retrieval_metrics_per_class",
+    "search_codes",
     "verification_metrics",
 ]
 

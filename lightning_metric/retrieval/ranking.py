@@ -60,6 +60,13 @@ from lightning_metric.retrieval.protocol import (
     num_candidates,
     repeats_queries,
 )
+from lightning_metric.retrieval.quantization import (
+    PRECISIONS,
+    EncodedReference,
+    Precision,
+    encode_reference,
+    prefix,
+)
 from lightning_metric.retrieval.relevance import (
     LabelKind,
     Level,
@@ -98,6 +105,9 @@ class _Scoring:
     fast: bool | None
     label_kind: LabelKind = "auto"
     level_names: Sequence[str] | None = None
+    dim: int | None = None  # Matryoshka prefix searched (None: the whole embedding)
+    quantization: Precision = "float32"  # how the reference rows are coded and searched
+    rescore_multiplier: int = 4
 
 
 @dataclass
@@ -107,6 +117,7 @@ class _Setup:
     levels: list[Level]  # relevance of the references to the queries, per evaluated level
     exclude: Tensor | None  # [Q] reference row of the query itself, -1 if absent
     num_candidates: int  # smallest number of reference rows any query can retrieve
+    encoded: EncodedReference | None = None  # the coded reference, None for float32
 
 
 def _setup(embeddings: Tensor | np.ndarray, labels: Any, p: _Protocol, o: _Scoring) -> _Setup:
@@ -139,6 +150,10 @@ def _setup(embeddings: Tensor | np.ndarray, labels: Any, p: _Protocol, o: _Scori
         if repeats_queries(emb, ref, lab, rlab):
             _warn_same_inputs()
             split = False  # searched leave-one-out below
+    if o.dim is not None:
+        emb = prefix(emb, o.dim)
+        if split:
+            ref = prefix(ref, o.dim)
     exclude: Tensor | None
     if split:
         q, r, qlab = prepare(emb, metric), prepare(ref, metric), lab
@@ -164,7 +179,11 @@ def _setup(embeddings: Tensor | np.ndarray, labels: Any, p: _Protocol, o: _Scori
         exclude = torch.arange(q.shape[0], device=q.device)
         candidates = q.shape[0] - 1
     levels = build_levels(kind, qlab, rlab, o.level_names)
-    return _Setup(q, r, levels, exclude, candidates)
+    # Codes (and int8 ranges) come from the reference rows only, never from the queries.
+    encoded = None
+    if o.quantization != "float32":
+        encoded = encode_reference(r, o.quantization, metric, o.rescore_multiplier)
+    return _Setup(q, r, levels, exclude, candidates, encoded)
 
 
 def _warn_same_inputs() -> None:
@@ -220,7 +239,10 @@ def _score(s: _Setup, ks: tuple[int, ...], o: _Scoring) -> list[_PerQuery]:
     for start in range(0, searched.numel(), chunk):
         rows = searched[start : start + chunk]
         ex = s.exclude[rows] if s.exclude is not None else None
-        nn = search_prepared(s.query[rows], s.reference, depth, o.metric, ex, None, o.fast)
+        if s.encoded is None:
+            nn = search_prepared(s.query[rows], s.reference, depth, o.metric, ex, None, o.fast)
+        else:
+            nn = s.encoded.search(s.query[rows], depth, ex)
         for level, r, pos, rm, res in zip(
             s.levels, r_counts, position, r_max, results, strict=True
         ):
@@ -279,6 +301,9 @@ def retrieval_metrics(
     seed: int = 0,
     label_kind: LabelKind = "auto",
     level_names: Sequence[str] | None = None,
+    dim: int | None = None,
+    quantization: Precision = "float32",
+    rescore_multiplier: int = 4,
 ) -> dict[str, float]:
     """Retrieval metrics of ``embeddings`` with class ``labels``.
 
@@ -310,6 +335,16 @@ def retrieval_metrics(
             needs one of the last two.
         level_names: names of the hierarchical levels in the result keys (default
             ``level0``, ``level1``, ...).
+        dim: score the Matryoshka prefix of this size (the first ``dim`` coordinates,
+            L2-normalised, :func:`~.quantization.prefix`) instead of the whole embedding.
+        quantization: how the reference rows are stored and searched
+            (:mod:`~lightning_metric.retrieval.quantization`): ``"float32"`` (as they are),
+            ``"int8"`` (codes with ranges calibrated on the reference rows, searched by the
+            float query against the decoded codes), ``"binary"`` (sign bits, Hamming
+            distance) or ``"binary_rescore"`` (``rescore_multiplier`` x the searched depth
+            of binary candidates re-ranked by the float vectors). Every search is exact for
+            its codes; ``cosine`` compares the decoded vectors by inner product.
+        rescore_multiplier: candidates per kept neighbour for ``"binary_rescore"``.
 
     Returns:
         ``{"recall@1": ..., "precision@1": ..., "map@r": ..., "r_precision": ..., "mrr": ...,
@@ -337,8 +372,14 @@ def retrieval_metrics(
     (0.75, 4.0)
     """
     check_choice("average", average, ("micro", "macro"))
+    check_choice("quantization", quantization, PRECISIONS)
+    check_int("rescore_multiplier", rescore_multiplier, minimum=1)
+    if dim is not None:
+        check_int("dim", dim, minimum=1)
     protocol = _Protocol(reference_embeddings, reference_labels, query_mask, reference_mask)
     scoring = _Scoring(metric, map_at_r, mrr, precision, chunk_size, fast, label_kind, level_names)
+    scoring.dim, scoring.quantization = dim, quantization
+    scoring.rescore_multiplier = rescore_multiplier
     s, per_level = _scored(embeddings, labels, k, protocol, scoring, average)
     out: dict[str, float] = {}
     for pq in per_level:

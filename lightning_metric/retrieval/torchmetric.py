@@ -9,7 +9,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_metric.checks import ArgumentTypeError, check_choice, check_k, check_metric
+from lightning_metric.checks import (
+    ArgumentTypeError,
+    check_choice,
+    check_int,
+    check_k,
+    check_metric,
+)
 from lightning_metric.retrieval.accumulator import ROLE_CODES, EmbeddingAccumulator, Role
 from lightning_metric.retrieval.knn import Similarity, prepare
 from lightning_metric.retrieval.protocol import (
@@ -17,6 +23,12 @@ from lightning_metric.retrieval.protocol import (
     exclusion,
     num_candidates,
     repeats_queries,
+)
+from lightning_metric.retrieval.quantization import (
+    Precision,
+    bytes_per_vector,
+    check_dims,
+    check_precisions,
 )
 from lightning_metric.retrieval.ranking import retrieval_metrics
 from lightning_metric.retrieval.relevance import (
@@ -68,6 +80,19 @@ class RetrievalMetrics(EmbeddingAccumulator):
             ids, a ``[B, L]`` multi-hot matrix (bool, read as multi-label by ``"auto"``) or
             ``[B, levels]`` hierarchical ids (``label_kind="hierarchical"``: every key is
             reported per level, ``recall@1/level0``, ...).
+        dims, precisions: the compact-embedding grid. For every Matryoshka prefix size in
+            ``dims`` (strictly increasing; default: the whole embedding) and every precision in
+            ``precisions`` (``"float32"``, ``"int8"``, ``"binary"``, ``"binary_rescore"``;
+            default ``["float32"]``) the same metrics are returned as
+            ``d64/int8/recall@1``, ``d64/int8/map@r``, ... with ``d64/int8/bytes_per_vector``,
+            beside the plain keys (unchanged). Each cell is
+            :func:`~lightning_metric.retrieval.retrieval_metrics` with ``dim`` and
+            ``quantization``: the prefix is L2-normalised, int8 ranges come from the reference
+            items (leave-one-out: the whole set), and each search is exact for its codes (see
+            :mod:`~lightning_metric.retrieval.quantization`). Neither re-ranking nor
+            clustering is applied to the cells.
+        rescore_multiplier: binary candidates per neighbour re-scored in float for
+            ``"binary_rescore"``.
     """
 
     higher_is_better = True
@@ -86,6 +111,9 @@ class RetrievalMetrics(EmbeddingAccumulator):
         rerank: Reranker | None = None,
         label_kind: LabelKind = "auto",
         level_names: Sequence[str] | None = None,
+        dims: Sequence[int] | None = None,
+        precisions: Sequence[Precision] | None = None,
+        rescore_multiplier: int = 4,
     ) -> None:
         super().__init__(compute_on_cpu=compute_on_cpu)
         self.k = check_k(k)
@@ -107,6 +135,9 @@ class RetrievalMetrics(EmbeddingAccumulator):
         check_choice("label_kind", label_kind, LABEL_KINDS)
         self.label_kind = label_kind
         self.level_names = None if level_names is None else list(level_names)
+        self.dims = None if dims is None else check_dims(dims)
+        self.precisions = None if precisions is None else check_precisions(precisions)
+        self.rescore_multiplier = check_int("rescore_multiplier", rescore_multiplier, minimum=1)
         self._kinds_seen: tuple[Any, ...] = ()
 
     def update(  # type: ignore[override]
@@ -119,6 +150,13 @@ class RetrievalMetrics(EmbeddingAccumulator):
     ) -> None:
         """Add a batch (:meth:`EmbeddingAccumulator.update`); ``labels`` are ``[B]`` class ids,
         a ``[B, L]`` multi-hot matrix or ``[B, levels]`` hierarchical ids (``label_kind``)."""
+        width = embeddings.shape[-1] if isinstance(embeddings, Tensor) else None
+        if self.dims and width is not None and self.dims[-1] > width:
+            raise ValueError(
+                f"RetrievalMetrics(dims={list(self.dims)}) asks for a prefix of "
+                f"{self.dims[-1]} dimensions, but the embeddings have {width}: "
+                f"use dims <= {width}"
+            )
         if isinstance(labels, Tensor):
             kind = label_kind_of(labels, self.label_kind)
             if labels.ndim != (1 if kind == "single" else 2):
@@ -213,6 +251,45 @@ class RetrievalMetrics(EmbeddingAccumulator):
         out = _requested(result, ks, ("recall", "precision"))
         if self.rerank is not None:
             out.update(self._reranked(emb, labels, query_mask, reference_mask, split, ks))
+        if self.dims is not None or self.precisions is not None:
+            masks = (query_mask, reference_mask) if split else (None, None)
+            out.update(self._grid(emb, labels, masks, ks))
+        return out
+
+    def _grid(
+        self,
+        emb: Tensor,
+        labels: Tensor,
+        masks: tuple[Tensor | None, Tensor | None],
+        ks: dict[int, int],
+    ) -> dict[str, float]:
+        """Every prefix x precision cell, as ``d<dim>/<precision>/<name>``."""
+        out: dict[str, float] = {}
+        for dim in self.dims or (emb.shape[1],):
+            for precision in self.precisions or ("float32",):
+                result = retrieval_metrics(
+                    emb,
+                    labels,
+                    tuple(sorted(set(ks.values()))),
+                    query_mask=masks[0],
+                    reference_mask=masks[1],
+                    metric=self.metric,
+                    map_at_r=self.map_at_r,
+                    mrr=self.mrr,
+                    precision=self.precision,
+                    average=self.average,  # type: ignore[arg-type]
+                    fast=self.fast,
+                    label_kind=self._kind(),  # type: ignore[arg-type]
+                    level_names=self.level_names,
+                    dim=dim,
+                    quantization=precision,
+                    rescore_multiplier=self.rescore_multiplier,
+                )
+                cell = f"d{dim}/{precision}/"
+                for name, value in _requested(result, ks, ("recall", "precision")).items():
+                    if not name.startswith("unscorable_queries"):
+                        out[cell + name] = value
+                out[cell + "bytes_per_vector"] = float(bytes_per_vector(dim, precision))
         return out
 
     def _reranked(
