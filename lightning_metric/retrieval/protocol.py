@@ -135,6 +135,12 @@ def kept_columns(indices: Tensor, exclude: Tensor | None, k: int) -> Tensor:
     >>> kept_columns(torch.tensor([[5, 2, 7], [1, 3, 4]]), torch.tensor([2, -1]), 2).tolist()
     [[0, 2], [0, 1]]
     """
+    if exclude is not None and exclude.shape != indices.shape[:1]:
+        # A shorter exclude would broadcast: every row would skip the first query's row.
+        raise ValueError(
+            f"exclude must hold one reference row per query, shape [{indices.shape[0]}], got "
+            f"shape {list(exclude.shape)} for indices of shape {list(indices.shape)}"
+        )
     cols = torch.arange(k, device=indices.device)[None, :].expand(indices.shape[0], k)
     if exclude is None or indices.shape[1] <= k:
         return cols.contiguous()
@@ -170,6 +176,11 @@ def order_ties(values: Tensor, indices: Tensor, descending: bool) -> tuple[Tenso
     >>> v.tolist(), i.tolist()
     ([[0.8999999761581421, 0.5, 0.5]], [[4, 3, 7]])
     """
+    if values.shape != indices.shape or values.ndim != 2:
+        raise ValueError(
+            "values and indices must be [queries, neighbours] of the same shape, got "
+            f"{list(values.shape)} and {list(indices.shape)}"
+        )
     # Two stable sorts = lexicographic (value, index) order.
     order = torch.argsort(indices, dim=1, stable=True)
     values, indices = values.gather(1, order), indices.gather(1, order)
