@@ -37,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> Path:
+    """Export the checkpoint's model as ``args`` ask; returns the written model file."""
     from lightning_metric.export import describe_input, export, sidecar_path
 
     model, datamodule = build(args.config, args.ckpt_path, overrides)

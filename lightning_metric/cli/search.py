@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """Search (and with ``--evaluate`` score) as ``args`` ask; returns what it printed or
+    wrote: the index's search settings, the neighbour lists, and the metrics."""
     from lightning_metric.data.preprocess import load_images
     from lightning_metric.retrieval.index import EmbeddingIndex, embed
 
@@ -191,6 +193,8 @@ def _model_from_manifest(index: Any, ckpt_path: Optional[str]) -> nn.Module:
 def neighbour_lists(
     index: Any, embeddings: Tensor, own: np.ndarray, names: list[str], k: int
 ) -> dict[str, Any]:
+    """``{"k", "results"}``: each query's ``k`` nearest indexed items (id, label, score and
+    path when the index has paths), its own entry (``own``, -1 for none) left out."""
     # Queries that are indexed items never list themselves: one more is searched.
     extra = 1 if (own >= 0).any() else 0
     k = check_top_k(k, len(index) - extra, "indexed items a query can retrieve")

@@ -70,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> Any:
+    """Run (or plan, or report) the benchmark; a refused benchmark exits with its reason."""
     # Imported here: the orchestration pulls in scipy and matplotlib, which the console
     # script's other subcommands should not pay for at start.
     from lightning_metric.cli.benchmark.run import run_benchmark
