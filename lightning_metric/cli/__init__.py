@@ -12,6 +12,6 @@ the library, never the other way round (``tests/test_import_graph.py`` checks).
 ``python -m lightning_metric.cli <subcommand> ...`` runs the console script.
 """
 
-from lightning_metric.cli.lightning_cli import LightningMetricCLI, main
+from lightning_metric.cli.lightning_cli import INDEX_DIR, LightningMetricCLI, main
 
-__all__ = ["LightningMetricCLI", "main"]
+__all__ = ["INDEX_DIR", "LightningMetricCLI", "main"]
