@@ -43,7 +43,7 @@ PREVIOUS = [
 def run(name: str, flags: list[str], folder: Path) -> tuple[float, dict[str, float]]:
     root = folder / name
     command = [
-        sys.executable, "-m", "lightning_metric.console", "fit", "--config", str(CONFIG),
+        sys.executable, "-m", "lightning_metric.cli", "fit", "--config", str(CONFIG),
         f"--trainer.default_root_dir={root}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         "--trainer.enable_progress_bar=false", *flags,
     ]  # fmt: skip

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lightning_metric.cli import main as cli_main
-from lightning_metric.commands import run_command
+from lightning_metric.cli.commands import run_command
 from lightning_metric.data import DigitsDataModule
 from lightning_metric.retrieval import retrieval_metrics
 
@@ -252,7 +252,7 @@ def test_a_fold_runs_under_lightning_ddp(tmp_path: Path) -> None:
     files = write_configs(tmp_path / "configs")
     out = tmp_path / "fold"
     argv = [
-        sys.executable, "-m", "lightning_metric.crossval.fold", "--output", str(out),
+        sys.executable, "-m", "lightning_metric.cli.benchmark.fold", "--output", str(out),
         "--config_hash", "h", "--", "--config", files["base"],
         "--data.init_args.num_folds=2", "--data.init_args.fold=1",
         # Lightning's ddp launcher, meeting through a file rather than a port (tests only).

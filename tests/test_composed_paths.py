@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from lightning_metric.console import main
+from lightning_metric.cli.console import main
 from lightning_metric.data.preprocess import load_images
 from lightning_metric.retrieval.index import EmbeddingIndex
 

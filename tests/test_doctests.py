@@ -15,6 +15,7 @@ MODULES = [
     "lightning_metric.retrieval.ranking",
     "lightning_metric.retrieval.verification",
     "lightning_metric.retrieval.index.core",
+    "lightning_metric.retrieval.index.embedding",
     "lightning_metric.heads.base",
     "lightning_metric.heads.margins",
     "lightning_metric.heads.adaptive",

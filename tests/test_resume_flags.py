@@ -1,7 +1,7 @@
 """`lightning-metric fit/test --ckpt_path CKPT --model.X=...`: a model flag that differs from
 the checkpoint's saved settings is applied or refused, never silently dropped (issue 18).
 
-The rule is in :mod:`lightning_metric.checkpoint_settings`. Every test drives the real CLI on
+The rule is in :mod:`lightning_metric.cli.checkpoint_settings`. Every test drives the real CLI on
 the tiny digits config from one small checkpoint.
 """
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_metric.checkpoint_settings import CheckpointSettingsError
 from lightning_metric.cli import main
+from lightning_metric.cli.checkpoint_settings import CheckpointSettingsError
 from lightning_metric.nonfinite import NonFiniteError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -200,8 +200,8 @@ def test_docstring_examples(name: str) -> None:
 
 
 def test_kept_columns_and_relevant_counts_do_what_search_evaluate_does() -> None:
-    # The numpy own-entry removal and R of `search --evaluate` (commands._evaluate), which
-    # the protocol's helpers replace.
+    # The numpy own-entry removal and R that `search --evaluate` once computed by itself,
+    # which the protocol's helpers replace.
     from lightning_metric.retrieval.relevance import relevant_counts
 
     rng = np.random.default_rng(0)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_metric.commands import load_images
-from lightning_metric.console import main
+from lightning_metric.cli.console import main
+from lightning_metric.data.preprocess import load_images
 from lightning_metric.retrieval.index import EmbeddingIndex
 
 CONFIG = str(Path(__file__).parents[1] / "examples" / "configs" / "digits_arcface.yaml")
@@ -146,7 +146,7 @@ def _tiny_index(tmp_path: Path) -> Path:
 def test_queries_without_a_dataset_index_get_id_minus_one() -> None:
     """Ids of a loader whose batches carry no ``index`` are -1 for every query: a per-batch
     count would repeat ids across batches and pass queries off as indexed items."""
-    from lightning_metric.commands import _embed_loader
+    from lightning_metric.retrieval.index import embed_loader as _embed_loader
 
     x, labels = torch.randn(10, 4), torch.arange(10) % 3
     dicts = [{"x": x[i : i + 4], "label": labels[i : i + 4]} for i in range(0, 10, 4)]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_metric.console import main
+from lightning_metric.cli.console import main
 from lightning_metric.retrieval import neighbour_list_metrics, retrieval_metrics
 from lightning_metric.retrieval.index import EmbeddingIndex
 
@@ -297,7 +297,8 @@ def test_own_entries_are_matched_by_source_path() -> None:
     """Items of another split (other ids) that are files of the index are still themselves."""
     from types import SimpleNamespace
 
-    from lightning_metric.commands import _evaluate, _own_rows
+    from lightning_metric.cli.search_evaluate import evaluate as _evaluate
+    from lightning_metric.cli.search_queries import own_rows as _own_rows
 
     g = torch.Generator().manual_seed(1)
     x = torch.nn.functional.normalize(torch.randn(12, 6, generator=g))

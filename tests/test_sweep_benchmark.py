@@ -13,22 +13,22 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 
-from lightning_metric.commands import run_command
-from lightning_metric.crossval.configs import (
+from lightning_metric.cli.benchmark.configs import (
     BenchmarkError,
     check_data_accepts_folds,
     check_map_at_r,
     differences,
     parse_specs,
 )
-from lightning_metric.crossval.run import (
+from lightning_metric.cli.benchmark.run import (
     _run_fold,
     _set_aside,
     check_or_record_plan,
     config_results,
     fold_done,
 )
-from lightning_metric.crossval.stats import concatenate, mean_interval
+from lightning_metric.cli.benchmark.stats import concatenate, mean_interval
+from lightning_metric.cli.commands import run_command
 
 DIGITS = """
 trainer: {accelerator: cpu, logger: false}
@@ -162,7 +162,7 @@ RAISES: list[tuple[str, Callable[[Path], Any], type[BaseException], str]] = [
 
 
 def _refuse(result: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    from lightning_metric.crossval.configs import refusal_message
+    from lightning_metric.cli.benchmark.configs import refusal_message
 
     refused, _ = result
     if refused:

@@ -19,9 +19,9 @@ from test_nan_guard import _batches, _fit, _gradient_module, _module, filled_gra
 from test_resume_flags import tiny_args, tiny_checkpoint
 
 from lightning_metric import MetricLearningModule
-from lightning_metric.checkpoint_settings import CheckpointSettingsError
 from lightning_metric.checks import ArgumentTypeError
 from lightning_metric.cli import main
+from lightning_metric.cli.checkpoint_settings import CheckpointSettingsError
 from lightning_metric.heads import ArcFaceHead, ShardingError
 from lightning_metric.heads.sharding import shard_centres
 from lightning_metric.nonfinite import NonFiniteError, first_nonfinite_gradient

@@ -21,8 +21,10 @@ import pytest
 import torch
 
 from lightning_metric.callbacks import EmbeddingIndexWriter
-from lightning_metric.commands import _evaluate, _own_rows, _split_queries
-from lightning_metric.console import main
+from lightning_metric.cli.console import main
+from lightning_metric.cli.search_evaluate import evaluate as _evaluate
+from lightning_metric.cli.search_queries import own_rows as _own_rows
+from lightning_metric.cli.search_queries import split_queries as _split_queries
 from lightning_metric.data import DigitsDataModule
 from lightning_metric.provenance import checkpoint_record
 from lightning_metric.retrieval import neighbour_list_metrics, retrieval_metrics
@@ -332,7 +334,7 @@ def test_another_fold_or_seed_of_the_same_split_is_not_matched_by_id() -> None:
 def test_k_equal_to_the_index_size_with_indexed_queries_is_refused_later(tmp_path: Path) -> None:
     """k = len(index) passes the early check, but a query that is an indexed item can list
     only the others: the message says so, not FAISS."""
-    from lightning_metric.commands import _neighbour_lists
+    from lightning_metric.cli.search import neighbour_lists as _neighbour_lists
 
     index = EmbeddingIndex(X, labels=Y)
     with pytest.raises(ValueError, match=r"k=12 is larger than .*indexed items a query can "):

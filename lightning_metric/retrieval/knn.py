@@ -28,7 +28,7 @@ from lightning_metric.checks import (
     check_metric,
     check_top_k,
 )
-from lightning_metric.retrieval.protocol import kept_columns, repeats_queries
+from lightning_metric.retrieval.protocol import kept_columns, order_ties, repeats_queries
 
 __all__ = [
     "Metric",
@@ -368,17 +368,9 @@ def _sort_ties_by_index(vals: Tensor, idx: Tensor, descending: bool) -> tuple[Te
         return vals, idx
     if tied.numel() < vals.shape[0]:
         vals, idx = vals.clone(), idx.clone()
-        vals[tied], idx[tied] = _lexsort(vals[tied], idx[tied], descending)
+        vals[tied], idx[tied] = order_ties(vals[tied], idx[tied], descending)
         return vals, idx
-    return _lexsort(vals, idx, descending)
-
-
-def _lexsort(vals: Tensor, idx: Tensor, descending: bool) -> tuple[Tensor, Tensor]:
-    # Two stable sorts = lexicographic (value, index) order.
-    order = torch.argsort(idx, dim=1, stable=True)
-    vals, idx = vals.gather(1, order), idx.gather(1, order)
-    order = torch.argsort(vals, dim=1, descending=descending, stable=True)
-    return vals.gather(1, order), idx.gather(1, order)
+    return order_ties(vals, idx, descending)
 
 
 # ---------------------------------------------------------------- torch (accelerator) path
@@ -499,7 +491,7 @@ def _fast_chunk(
     exact = torch.bmm(r[cand], q[:, :, None])[:, :, 0]
     if exclude is not None:
         exact = exact.masked_fill(cand == exclude[:, None], -torch.inf)
-    v, i = _lexsort(exact, cand, descending=True)
+    v, i = order_ties(exact, cand, descending=True)
     if kc == n:
         return v[:, :k], i[:, :k]
     # Anything outside the candidates scores at most a_v[:, -1] + bound exactly; if the k-th

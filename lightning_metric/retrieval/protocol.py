@@ -9,7 +9,10 @@ and how ``k`` is clamped. kNN, the metrics, re-ranking, :class:`RetrievalMetrics
   twice) is searched leave-one-out with a warning (:func:`repeats_queries`): otherwise every
   query would find its own copy at rank 1 and score recall 1.0.
 - ``exclude [Q]``: the reference row each query may not retrieve, ``-1`` for none. It is left
-  out of the ranking (:func:`kept_columns`) and of the query's ``R`` when relevant to it.
+  out of the ranking (:func:`kept_columns`, :func:`without_excluded`) and of the query's
+  ``R`` when relevant to it.
+- Equal scores rank the lower reference row first (:func:`order_ties`), as exact search gives
+  them, whatever order an approximate index or ``torch.topk`` returned them in.
 - ``k`` beyond the retrievable items raises in the functions (:func:`check_top_k`) and is
   clamped with a warning in the training-time shells (:func:`clamp_k`).
 """
@@ -30,7 +33,9 @@ __all__ = [
     "exclusion",
     "kept_columns",
     "num_candidates",
+    "order_ties",
     "repeats_queries",
+    "without_excluded",
 ]
 
 
@@ -130,6 +135,12 @@ def kept_columns(indices: Tensor, exclude: Tensor | None, k: int) -> Tensor:
     >>> kept_columns(torch.tensor([[5, 2, 7], [1, 3, 4]]), torch.tensor([2, -1]), 2).tolist()
     [[0, 2], [0, 1]]
     """
+    if exclude is not None and exclude.shape != indices.shape[:1]:
+        # A shorter exclude would broadcast: every row would skip the first query's row.
+        raise ValueError(
+            f"exclude must hold one reference row per query, shape [{indices.shape[0]}], got "
+            f"shape {list(exclude.shape)} for indices of shape {list(indices.shape)}"
+        )
     cols = torch.arange(k, device=indices.device)[None, :].expand(indices.shape[0], k)
     if exclude is None or indices.shape[1] <= k:
         return cols.contiguous()
@@ -137,3 +148,41 @@ def kept_columns(indices: Tensor, exclude: Tensor | None, k: int) -> Tensor:
     # Column of the excluded item, or past the k kept columns when it was not returned.
     pos = torch.where(is_own.any(1), is_own.int().argmax(1), k)
     return cols + (cols >= pos[:, None]).long()
+
+
+def without_excluded(indices: Tensor, exclude: Tensor | None, fill: int = -1) -> Tensor:
+    """``indices [Q, n]`` with each row's excluded reference row (``exclude``, ``-1`` for
+    none) removed, the entries after it moved up and the freed last place set to ``fill``
+    (``-1``: not found); a row whose excluded row was not returned is unchanged. For neighbour
+    lists whose width must stay ``n`` (:func:`kept_columns` keeps ``k`` columns instead).
+
+    >>> import torch
+    >>> without_excluded(torch.tensor([[5, 2, 7], [1, 3, 4]]), torch.tensor([2, 9])).tolist()
+    [[5, 7, -1], [1, 3, 4]]
+    """
+    pad = torch.full((indices.shape[0], 1), fill, dtype=indices.dtype, device=indices.device)
+    padded = torch.cat([indices, pad], dim=1)
+    return padded.gather(1, kept_columns(padded, exclude, indices.shape[1]))
+
+
+def order_ties(values: Tensor, indices: Tensor, descending: bool) -> tuple[Tensor, Tensor]:
+    """Each row of ``(values, indices) [Q, n]`` ordered best value first (``descending`` for
+    similarities, ascending for distances), equal values by lower index: the order exact
+    search gives. An approximate index or ``torch.topk`` lists ties in an order of its own,
+    which would move hits across the k cut-offs.
+
+    >>> import torch
+    >>> v, i = order_ties(torch.tensor([[0.5, 0.9, 0.5]]), torch.tensor([[7, 4, 3]]), True)
+    >>> v.tolist(), i.tolist()
+    ([[0.8999999761581421, 0.5, 0.5]], [[4, 3, 7]])
+    """
+    if values.shape != indices.shape or values.ndim != 2:
+        raise ValueError(
+            "values and indices must be [queries, neighbours] of the same shape, got "
+            f"{list(values.shape)} and {list(indices.shape)}"
+        )
+    # Two stable sorts = lexicographic (value, index) order.
+    order = torch.argsort(indices, dim=1, stable=True)
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    order = torch.argsort(values, dim=1, descending=descending, stable=True)
+    return values.gather(1, order), indices.gather(1, order)

@@ -34,7 +34,8 @@ Example::
     index.save()
 """
 
-from lightning_metric.retrieval.index.core import EmbeddingIndex, SearchResult, embed
+from lightning_metric.retrieval.index.core import EmbeddingIndex, SearchResult
+from lightning_metric.retrieval.index.embedding import embed, embed_loader
 from lightning_metric.retrieval.index.files import FORMAT, MANIFEST, VERSION, IndexFormatError
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "IndexFormatError",
     "SearchResult",
     "embed",
+    "embed_loader",
 ]

@@ -37,6 +37,7 @@ from lightning_metric.retrieval.index.backend import (
     _set_faiss_param,
     _train,
 )
+from lightning_metric.retrieval.index.embedding import embed
 from lightning_metric.retrieval.index.files import (
     _PREVIOUS,
     EMBEDDINGS_FILE,
@@ -58,7 +59,7 @@ from lightning_metric.retrieval.index.files import (
 )
 from lightning_metric.retrieval.knn import Similarity, search_complete
 
-__all__ = ["EmbeddingIndex", "SearchResult", "embed"]
+__all__ = ["EmbeddingIndex", "SearchResult"]
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -482,34 +483,6 @@ class EmbeddingIndex:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, x: Any, batch_size: Optional[int] = None) -> Tensor:
-    """``model(x)`` in eval mode as float32 on CPU, ``batch_size`` rows per call (all at once
-    by default); ``x`` is moved to the model's device and the model's mode is restored."""
-    x = torch.as_tensor(x) if isinstance(x, np.ndarray) else x
-    param = next(model.parameters(), None)
-    if isinstance(x, Tensor) and param is not None:
-        x = x.to(param.device)
-    if batch_size is not None:
-        batch_size = check_int("batch_size", batch_size, minimum=1)
-    chunks = (
-        [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
-        if isinstance(x, Tensor) and batch_size is not None
-        else [x]
-    )
-    was_training = model.training
-    model.eval()
-    try:
-        outputs = [model(chunk) for chunk in chunks]
-    finally:
-        model.train(was_training)
-    for out in outputs:
-        if not isinstance(out, Tensor):
-            raise ValueError(
-                f"the model must return an embeddings tensor [batch, dim], got {type(out).__name__}"
-            )
-    return torch.cat([out.detach().float().cpu() for out in outputs])
-
-
 def _as_embeddings(x: Any, name: str, metric: str, dim: Optional[int] = None) -> np.ndarray:
     if isinstance(x, Tensor):
         x = x.detach().float().cpu().numpy()

@@ -91,7 +91,7 @@ def parse_specs(specs: Sequence[str], base: Sequence[str] = ()) -> list[ConfigSp
 def resolve(spec: ConfigSpec, overrides: Sequence[str]) -> dict[str, Any]:
     """The config ``fit`` would run (YAMLs merged, overrides applied, interpolations resolved),
     parsed by the `lightning-metric` parser without building anything."""
-    from lightning_metric.cli import main
+    from lightning_metric.cli.lightning_cli import main
 
     argv = [a for f in spec.files for a in ("--config", f)] + [*overrides, "--print_config"]
     out, err = io.StringIO(), io.StringIO()

@@ -1,4 +1,6 @@
-"""The `lightning-metric` command: LightningCLI with the data set linked to the head."""
+"""The LightningCLI subcommands of `lightning-metric` (``fit``, ``validate``, ``test``,
+``predict``): :class:`LightningMetricCLI`, with the data set linked to the head, and
+:func:`main`. :mod:`lightning_metric.cli.console` adds the argparse commands."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_metric.callbacks.prediction_writer import EmbeddingIndexWriter
-from lightning_metric.checkpoint_settings import reconcile_checkpoint_settings
+from lightning_metric.cli.checkpoint_settings import reconcile_checkpoint_settings
 from lightning_metric.module import MetricLearningModule
 from lightning_metric.precision import bf16_is_emulated, default_precision
 
@@ -57,7 +59,7 @@ class LightningMetricCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """With ``--ckpt_path``, Lightning parses the checkpoint's saved model settings over
         the given ones; a given setting that differs is applied or refused, never dropped
-        (:mod:`lightning_metric.checkpoint_settings` has the rule)."""
+        (:mod:`lightning_metric.cli.checkpoint_settings` has the rule)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path:
@@ -273,7 +275,7 @@ def quiet() -> None:
 
 def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI]:
     """The LightningCLI subcommands of `lightning-metric` (``fit``, ``validate``, ``test``,
-    ``predict``), callable from Python/tests; :mod:`lightning_metric.console` is the console
+    ``predict``), callable from Python/tests; :mod:`lightning_metric.cli.console` is the console
     script that also dispatches ``export`` / ``search`` / ``benchmark``.
 
     The example configs leave ``trainer.precision`` unset: it is chosen for the machine
@@ -295,14 +297,14 @@ def main(args: ArgsType = None, run: bool = True) -> Optional[LightningMetricCLI
         "save_config_kwargs": {"overwrite": True},
         # Interpolation resolved after all --config files are merged, so an overlay that
         # sets trainer.default_root_dir moves the logs and checkpoints that refer to it.
-        "parser_kwargs": {"parser_mode": "omegaconf+", "description": DESCRIPTION},
+        # prog: `python -m lightning_metric.cli` would otherwise call itself "__main__.py".
+        "parser_kwargs": {
+            "parser_mode": "omegaconf+",
+            "description": DESCRIPTION,
+            "prog": "lightning-metric",
+        },
         "auto_configure_optimizers": False,
         "args": args,
         "run": run,
     }
     return LightningMetricCLI(MetricLearningModule, LightningDataModule, **cli_kwargs)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    # `python -m lightning_metric.console` also runs export / search / benchmark.
-    main()

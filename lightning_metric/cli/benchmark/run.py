@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_metric.crossval.configs import (
+from lightning_metric.cli.benchmark.configs import (
     BenchmarkError,
     ConfigSpec,
     check_data_accepts_folds,
@@ -28,7 +28,7 @@ from lightning_metric.crossval.configs import (
     refusal_message,
     resolve,
 )
-from lightning_metric.crossval.layout import (
+from lightning_metric.cli.benchmark.layout import (
     EMBEDDINGS,
     IDS,
     LABELS,
@@ -38,8 +38,8 @@ from lightning_metric.crossval.layout import (
     RESULT,
     fold_dir,
 )
-from lightning_metric.crossval.report import write_report
-from lightning_metric.crossval.stats import concatenate, retrieval_scores, separate
+from lightning_metric.cli.benchmark.report import write_report
+from lightning_metric.cli.benchmark.stats import concatenate, retrieval_scores, separate
 
 __all__ = ["Plan", "make_plan", "run_benchmark"]
 
@@ -99,7 +99,7 @@ def fold_command(
 ) -> list[str]:
     configs = [a for f in entry.files for a in ("--config", f)]
     return [
-        sys.executable, "-m", "lightning_metric.crossval.fold",
+        sys.executable, "-m", "lightning_metric.cli.benchmark.fold",
         "--output", str(fold_dir(out, entry.name, fold)), "--config_hash", digest, "--",
         *configs, *overrides,
         f"--data.init_args.num_folds={num_folds}", f"--data.init_args.fold={fold}",

@@ -1,7 +1,7 @@
 """One fold of a benchmark, run as its own process (so that Lightning's DDP launcher can
 re-execute it on the other ranks exactly as it does ``fit``):
 
-    python -m lightning_metric.crossval.fold --output DIR --config_hash H -- <fit arguments>
+    python -m lightning_metric.cli.benchmark.fold --output DIR --config_hash H -- <fit arguments>
 
 Trains with the given config arguments (which include ``--data.init_args.num_folds K
 --data.init_args.fold i``) and ``default_root_dir = DIR``, keeps the checkpoint with the best
@@ -26,9 +26,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_metric.callbacks.recall import RecallAtK
-from lightning_metric.cli import main as cli_main
-from lightning_metric.commands import _embed_loader
-from lightning_metric.crossval.layout import (
+from lightning_metric.cli.benchmark.layout import (
     CHECKPOINT_DIR,
     EMBEDDINGS,
     IDS,
@@ -37,8 +35,10 @@ from lightning_metric.crossval.layout import (
     REPORTED,
     RESULT,
 )
-from lightning_metric.crossval.stats import retrieval_scores
+from lightning_metric.cli.benchmark.stats import retrieval_scores
+from lightning_metric.cli.lightning_cli import main as cli_main
 from lightning_metric.provenance import file_sha256
+from lightning_metric.retrieval.index.embedding import embed_loader
 
 __all__ = ["run_fold"]
 
@@ -77,7 +77,9 @@ def run_fold(output: Path, config_hash: str, fit_args: Sequence[str]) -> dict[st
     model = model.cpu()
     model.load_state_dict(state["state_dict"])
     datamodule.setup("test")
-    embeddings, labels, ids = _embed_loader(model, datamodule.test_dataloader())
+    embeddings, labels, ids = embed_loader(
+        model, datamodule.test_dataloader(), "lightning-metric benchmark"
+    )
     emb, lab = embeddings.numpy().astype(np.float32), labels.numpy().astype(np.int64)
     np.save(output / EMBEDDINGS, emb)
     np.save(output / LABELS, lab)
@@ -95,7 +97,7 @@ def run_fold(output: Path, config_hash: str, fit_args: Sequence[str]) -> dict[st
         "epochs": int(trainer.current_epoch),
         "global_step": int(trainer.global_step),
         "world_size": int(trainer.world_size),
-        "command": [sys.executable, "-m", "lightning_metric.crossval.fold", *sys.argv[1:]],
+        "command": [sys.executable, "-m", "lightning_metric.cli.benchmark.fold", *sys.argv[1:]],
     }  # fmt: skip
     tmp = output / (RESULT + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -106,7 +108,7 @@ def run_fold(output: Path, config_hash: str, fit_args: Sequence[str]) -> dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lightning_metric.crossval.fold")
+    parser = argparse.ArgumentParser(prog="python -m lightning_metric.cli.benchmark.fold")
     parser.add_argument("--output", required=True, help="the fold's folder (default_root_dir)")
     parser.add_argument("--config_hash", required=True, help="recorded in result.json")
     parser.add_argument("fit_args", nargs=argparse.REMAINDER, help="-- then the fit arguments")

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lightning_metric.crossval.layout import REPORTED, RESULTS_JSON, RESULTS_MD, RESULTS_PNG
+from lightning_metric.cli.benchmark.layout import REPORTED, RESULTS_JSON, RESULTS_MD, RESULTS_PNG
 
 __all__ = ["machine", "markdown_table", "write_report"]
 
@@ -91,7 +91,7 @@ def _loggers(plan: dict[str, Any], output: Path) -> list[Any]:
     from jsonargparse.typing import import_object
     from lightning.pytorch.loggers import WandbLogger
 
-    from lightning_metric.cli import quiet_wandb
+    from lightning_metric.cli.lightning_cli import quiet_wandb
 
     first = next(iter(plan["configs"].values()))["resolved"]
     configured = (first.get("trainer") or {}).get("logger")
