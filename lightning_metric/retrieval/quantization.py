@@ -47,13 +47,12 @@ from lightning_metric.checks import (
 )
 from lightning_metric.retrieval.knn import (
     Neighbors,
-    _lexsort,
     as_tensor,
     check_embeddings,
     check_exclude,
     search_prepared,
 )
-from lightning_metric.retrieval.protocol import num_candidates
+from lightning_metric.retrieval.protocol import num_candidates, order_ties
 
 __all__ = [
     "PRECISIONS",
@@ -446,7 +445,7 @@ def rescore(
             values[start : start + step] = torch.bmm(block, qb)[:, :, 0]
         else:
             values[start : start + step] = ((block - qb.transpose(1, 2)) ** 2).sum(2)
-    v, i = _lexsort(values, cand, descending=metric == "ip")
+    v, i = order_ties(values, cand, descending=metric == "ip")
     return Neighbors(v[:, :k].contiguous(), i[:, :k].contiguous())
 
 
