@@ -95,7 +95,9 @@ def test_ivf_probing_every_list_equals_flat(built: dict[str, Path], tmp_path: Pa
     full = _search(built["ivf"], built["ckpt"], tmp_path, "--nprobe", "4")
     assert full["factory"] == "IVF4,Flat" and full["evaluation"]["search_params"] == {"nprobe": 4}
     assert full["search_params_from"] == {"nprobe": "--nprobe"}
-    _close(full["metrics"], flat["metrics"], list(flat["metrics"]))
+    # IVF sums each inner product in another order than Flat (and the order depends on the
+    # thread count): equal scores may differ in the last bit, so near-ties can swap places.
+    _close(full["metrics"], flat["metrics"], list(flat["metrics"]), tol=1e-4)
 
 
 def brute_force(index: EmbeddingIndex, depth: int, **params: int) -> dict[str, float]:
