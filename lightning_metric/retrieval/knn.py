@@ -304,7 +304,7 @@ def _knn_faiss(
 
 
 def _faiss_search_complete(
-    xq: np.ndarray, xb: np.ndarray, need: int, metric: Similarity, slack: int = 8
+    xq: np.ndarray, xb: np.ndarray, need: int, metric: Similarity, slack: int = 1
 ) -> tuple[Tensor, Tensor]:
     """FAISS top-``need`` of ``xq`` against ``xb`` (flat, no index), ties by lower index."""
     import faiss
@@ -323,14 +323,16 @@ def search_complete(
     num_reference: int,
     need: int,
     descending: bool,
-    slack: int = 8,
+    slack: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Top-``need`` per row from a FAISS-style ``search(queries, depth)``, in (value, lower
     index first) order, for flat search and FAISS indexes alike.
 
-    FAISS returns an arbitrary subset of a group of equal values at its cut-off, so a few
-    extra results are requested; rows whose tie group at position ``need`` reaches the last
-    returned value are searched again, deeper, until the group is complete.
+    FAISS returns an arbitrary subset of a group of equal values at its cut-off, so ``slack``
+    extra results are requested (one is enough to see whether the group at position ``need``
+    goes on past it; more only costs time at the GEMM limit); rows whose tie group at
+    position ``need`` reaches the last returned value are searched again, twice as deep,
+    until the group is complete.
     """
     depth = min(num_reference, need + slack)
     vals_np, idx_np = search(xq, depth)
