@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from repo_paths import ROOT
 
 from lightning_metric import MetricLearningModule
 from lightning_metric.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "examples" / "configs" / "digits_arcface.yaml")
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lightning_metric"
+from repo_paths import ROOT
+
+PACKAGE = ROOT / "lightning_metric"
 
 
 def _module_name(path: Path) -> str:

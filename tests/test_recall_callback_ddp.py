@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 from ddp_harness import FileRendezvousDDP
 from lightning.pytorch.callbacks import Callback
-from test_recall_callback import DictDataset, Tiny, clustered
+from tiny_retrieval import DictDataset, Tiny, clustered
 from torch.utils.data import DataLoader
 
 from lightning_metric.callbacks import RecallAtK

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_recall_callback import DictDataset, Tiny, clustered, trainer
+from tiny_retrieval import DictDataset, Tiny, clustered, trainer
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 import lightning_metric.retrieval.accumulator as accumulator_module
