@@ -11,9 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from repo_paths import ROOT
-
-PACKAGE = ROOT / "lightning_metric"
+PACKAGE = Path(__file__).resolve().parents[1] / "lightning_metric"
 
 
 def _module_name(path: Path) -> str:
