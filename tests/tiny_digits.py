@@ -31,3 +31,15 @@ def tiny_checkpoint(root: Path, *flags: str) -> Path:
     """A checkpoint after 1 epoch of 2 steps, trained with ``flags``."""
     main(["fit", *tiny_args(root), *flags])
     return root / "checkpoints" / "best.ckpt"
+
+
+def smoke_args(tmp_path: Path) -> list[str]:
+    """Overrides that turn an example config into a seconds-long run inside tmp_path."""
+    return [
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.enable_progress_bar=false",
+    ]
