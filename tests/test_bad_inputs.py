@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from pytorch_metric_learning import losses, miners
-from test_recall_callback import DictDataset, Tiny, clustered, trainer
+from tiny_retrieval import DictDataset, Tiny, clustered, trainer
 from torch.utils.data import DataLoader
 
 from lightning_metric import MetricLearningModule

@@ -1,9 +1,10 @@
 """examples/subclass_example.py trains as a user would run it (shortened)."""
 
 import importlib.util
-from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "subclass_example.py"
+from repo_paths import ROOT
+
+EXAMPLE = ROOT / "examples" / "subclass_example.py"
 
 
 def test_subclass_example_trains_and_uses_its_hooks():

@@ -6,16 +6,15 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from repo_paths import ROOT
 from torch import Tensor
 
 from lightning_metric.heads import ArcFaceHead
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
 # Small enough that no op opens an OpenMP parallel region (those stall on a busy CPU).
 SMALL = {"batch": 32, "classes": 64, "dim": 32, "reseat_every": 5}

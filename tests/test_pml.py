@@ -2,20 +2,18 @@
 
 import sys
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from pytorch_metric_learning import distances, losses, miners, reducers, regularizers
+from repo_paths import CONFIGS
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_metric import MetricLearningModule
 from lightning_metric.cli import main
 from lightning_metric.distributed import gather_for_loss
-
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 
 
 def tiny(**kwargs) -> MetricLearningModule:

@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from repo_paths import ROOT
 
 from lightning_metric import precision as lm_precision
 from lightning_metric.cli import main
 from lightning_metric.precision import bf16_is_emulated, cpu_has_native_bf16, default_precision
 
-ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "examples" / "configs" / "digits_arcface.yaml")
 QUICK = ["--trainer.logger=false", "--trainer.enable_progress_bar=false"]
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 # Turn a documented command into a seconds-long run; the command itself is unchanged.

@@ -2,7 +2,7 @@
 cut into each rank's shard equal the original tensor's shards; sub-centres move with their
 class; with 2 gloo ranks the saved matrix is the shards gathered in rank order.
 
-The same object inside Lightning's DDP training is tested in test_sharded_training.py."""
+The same object inside Lightning's DDP training is tested in heads/test_sharded_training.py."""
 
 from __future__ import annotations
 

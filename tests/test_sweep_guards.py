@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import pytest
 import torch
-from test_nan_guard import _batches, _fit, _gradient_module, _module, filled_gradient
-from test_resume_flags import tiny_args, tiny_checkpoint
+from test_nonfinite_training import _batches, _fit, _gradient_module, _module, filled_gradient
+from tiny_digits import tiny_args, tiny_checkpoint
 
 from lightning_metric import MetricLearningModule
 from lightning_metric.checks import ArgumentTypeError

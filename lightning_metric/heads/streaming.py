@@ -8,7 +8,7 @@ elementwise rule for non-target logits, e.g. CurricularFace's, goes through
 ``torch.autograd.grad``; the margined target through the head's own ``target_logit``).
 Activation memory is O(B x chunk); the weight gradient is written straight into one
 ``empty_like``/``zeros_like(weight)``. Values and gradients equal the dense path's for every
-head (tests/test_heads.py::test_streaming_equals_dense).
+head (tests/heads/test_heads.py::test_streaming_equals_dense).
 """
 
 from __future__ import annotations

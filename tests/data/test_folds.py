@@ -298,7 +298,7 @@ def test_a_plain_array_data_module_gets_folds_from_its_datasets() -> None:
 
 
 def test_fit_through_the_cli_validates_on_the_fold(tmp_path: Path) -> None:
-    from test_cli import DIGITS, smoke_args
+    from tiny_digits import DIGITS, smoke_args
 
     from lightning_metric.cli import main
 

@@ -20,7 +20,7 @@ def test_single_process_keeps_repeated_indexes_and_order_does_not_matter() -> No
     x, labels = data()
     m = RetrievalMetrics(k=(1, 4))
     # Shuffled batches plus rows that repeat an index: in one process nothing is padding,
-    # so every row counts (DDP padding removal: tests/test_retrieval_reliability.py).
+    # so every row counts (DDP padding removal: tests/retrieval/test_retrieval_reliability.py).
     perm = torch.randperm(60)
     rows = torch.cat([perm, perm[:3]])
     expected = retrieval_metrics(x[rows], labels[rows], (1, 4))

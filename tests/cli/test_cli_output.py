@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from repo_paths import ROOT
 
 from lightning_metric.cli import INDEX_DIR
 from lightning_metric.retrieval.index import EmbeddingIndex
 
-ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "examples" / "configs" / "digits_arcface.yaml")
 EXE = str(Path(sys.executable).parent / "lightning-metric")
 SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]

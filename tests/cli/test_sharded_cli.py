@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_paths import CONFIGS
 
 from lightning_metric.cli import main
-
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 
 
 def _args(tmp_path: Path) -> list[str]:

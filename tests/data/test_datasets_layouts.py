@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from repo_paths import CONFIGS
 
 from lightning_metric.data import (
     Cars196DataModule,
@@ -249,8 +250,6 @@ def test_standard_transforms_shapes() -> None:
 
 
 # -- published-recipe configs ------------------------------------------------------------------
-
-CONFIGS = Path(__file__).parents[1] / "examples" / "configs"
 
 
 @pytest.mark.parametrize("name", ["cub_proxyanchor", "cars196_proxyanchor", "sop_proxyanchor"])

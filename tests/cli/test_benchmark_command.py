@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from repo_paths import TESTS
 
 from lightning_metric.cli import main as cli_main
 from lightning_metric.cli.commands import run_command
@@ -260,7 +261,7 @@ def test_a_fold_runs_under_lightning_ddp(tmp_path: Path) -> None:
         f"--trainer.strategy.init_file={tmp_path / 'rendezvous'}",
         "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.logger=false",
     ]  # fmt: skip
-    tests = str(Path(__file__).resolve().parent)  # ddp_harness, for every re-executed rank
+    tests = str(TESTS)  # ddp_harness, for every re-executed rank
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_recall_callback import DictDataset, Tiny, clustered, trainer
+from tiny_retrieval import DictDataset, Tiny, clustered, trainer, validate_on_ranks
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 import lightning_metric.retrieval.accumulator as accumulator_module
@@ -154,8 +154,6 @@ def test_metric_under_simulated_ddp_equals_one_process(
 
 @pytest.mark.ddp
 def test_ddp_on_concat_dataset_equals_one_process(tmp_path: Path) -> None:
-    from test_recall_callback_ddp import validate_on_ranks
-
     data, x, labels = concat_data()  # 71 items: DistributedSampler pads 1 row on 2 ranks
     loader = DataLoader(data, batch_size=8)
     runs = [

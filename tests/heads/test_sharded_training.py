@@ -148,7 +148,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread
 def test_one_ddp_step_equals_one_process(
     head: Any, head_args: dict[str, Any], tmp_path: Path
 ) -> None:
-    # (Every head with random sampling, on 2 and 3 ranks: tests/test_sharded_heads.py.)
+    # (Every head with random sampling, on 2 and 3 ranks: tests/heads/test_sharded_heads.py.)
     sharded = _fit(tmp_path / "ddp", 2, 1, _module(head, **head_args))
     whole = _fit(tmp_path / "one", 1, 1, _module(head, **head_args))
     # The checkpoint of the sharded run holds every centre, gathered from the two ranks.

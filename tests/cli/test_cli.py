@@ -6,24 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from repo_paths import ROOT
+from tiny_digits import DIGITS, smoke_args
 
 from lightning_metric import MetricLearningModule
 from lightning_metric.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = str(ROOT / "examples" / "configs" / "digits_arcface.yaml")
-
-
-def smoke_args(tmp_path: Path) -> list[str]:
-    """Overrides that turn an example config into a seconds-long run inside tmp_path."""
-    return [
-        f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={tmp_path}",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=3",
-        "--trainer.enable_progress_bar=false",
-    ]
 
 
 def test_fit_then_test_from_checkpoint_logs_recall(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """NonFiniteGuard on its own: fake steps (a model, its buffers, hand-set gradients), no Trainer.
 
-The same guard inside MetricLearningModule's training is tested in test_nan_guard.py."""
+The same guard inside MetricLearningModule's training is tested in test_nonfinite_training.py."""
 
 from __future__ import annotations
 

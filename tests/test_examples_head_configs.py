@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from repo_paths import CONFIGS
 
 from lightning_metric.cli import main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 HEAD_CONFIGS = {
     "normsoftmax.yaml": "NormSoftmaxHead",
     "cosface.yaml": "CosFaceHead",

@@ -13,37 +13,13 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from tiny_digits import tiny_args, tiny_checkpoint
 
 from lightning_metric.cli import main
 from lightning_metric.cli.checkpoint_settings import CheckpointSettingsError
 from lightning_metric.nonfinite import NonFiniteError
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = str(ROOT / "examples" / "configs" / "digits_arcface.yaml")
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_args(root: Path, epochs: int = 1) -> list[str]:
-    """The digits config as a run of a few steps inside ``root``."""
-    return [
-        "--config",
-        DIGITS,
-        f"--trainer.default_root_dir={root}",
-        "--trainer.logger=false",
-        f"--trainer.max_epochs={epochs}",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ]
-
-
-def tiny_checkpoint(root: Path, *flags: str) -> Path:
-    """A checkpoint after 1 epoch of 2 steps, trained with ``flags``."""
-    main(["fit", *tiny_args(root), *flags])
-    return root / "checkpoints" / "best.ckpt"
 
 
 @pytest.fixture(scope="module")

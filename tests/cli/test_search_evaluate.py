@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from repo_paths import CONFIGS
 
 from lightning_metric.cli.console import main
 from lightning_metric.retrieval import neighbour_list_metrics, retrieval_metrics
 from lightning_metric.retrieval.index import EmbeddingIndex
 
-CONFIG = str(Path(__file__).parents[1] / "examples" / "configs" / "digits_arcface.yaml")
+CONFIG = str(CONFIGS / "digits_arcface.yaml")
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false"]
 FP32 = "--trainer.precision=32-true"
 

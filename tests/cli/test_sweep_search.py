@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from repo_paths import CONFIGS
 
 from lightning_metric.callbacks import EmbeddingIndexWriter
 from lightning_metric.cli.console import main
@@ -30,7 +31,7 @@ from lightning_metric.provenance import checkpoint_record
 from lightning_metric.retrieval import neighbour_list_metrics, retrieval_metrics
 from lightning_metric.retrieval.index import EmbeddingIndex
 
-CONFIG = str(Path(__file__).parents[1] / "examples" / "configs" / "digits_arcface.yaml")
+CONFIG = str(CONFIGS / "digits_arcface.yaml")
 G = torch.Generator().manual_seed(0)
 X = torch.nn.functional.normalize(torch.randn(12, 4, generator=G))
 Y = torch.arange(12) % 3

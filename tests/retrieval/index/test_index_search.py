@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from repo_paths import CONFIGS
 
 from lightning_metric.cli import main
 from lightning_metric.retrieval import knn
 from lightning_metric.retrieval.index import EmbeddingIndex, IndexFormatError
 
-CONFIG = str(Path(__file__).parents[1] / "examples" / "configs" / "digits_arcface.yaml")
+CONFIG = str(CONFIGS / "digits_arcface.yaml")
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false"]
 
 
