@@ -226,6 +226,14 @@ def test_off_pml_loss_is_pml_loss_unchanged() -> None:
     assert torch.equal(module.compute_loss(x, y), want)
 
 
+def _counting(select: Callable[..., Any], draws: list[int]) -> Callable[..., Any]:
+    def counted(labels: torch.Tensor, n: int) -> Any:
+        draws.append(n)
+        return select(labels, n)
+
+    return counted
+
+
 @pytest.mark.parametrize("cls", ALL_HEADS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("sample_rate", [1.0, 0.4])
 def test_streaming_and_partial_fc_equal_dense(
@@ -235,14 +243,8 @@ def test_streaming_and_partial_fc_equal_dense(
     results = []
     for chunk in (None, 5):  # 23 classes: the last chunk is partial
         head = _head(cls, sample_rate=sample_rate, label_smoothing=0.1, chunk_size=chunk)
-        draws = []
-        select = head.select_classes
-
-        def counted(labels: torch.Tensor, n: int) -> Any:
-            draws.append(n)
-            return select(labels, n)
-
-        head.select_classes = counted  # type: ignore[method-assign]
+        draws: list[int] = []
+        head.select_classes = _counting(head.select_classes, draws)  # type: ignore[method-assign]
         xr = x.clone().requires_grad_()
         torch.manual_seed(11)
         per_prefix = head.prefix_losses(xr, y, DIMS)
@@ -317,9 +319,7 @@ def _ddp_worker(rank: int, world: int, folder: str) -> None:
         model = _Model(cls, rate, kwargs)
         model.head.shard(rank, world)
         offset[0] = model.head.class_shard.start  # type: ignore[union-attr]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, ["head.weight"]
-        )
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["head.weight"])
         record.clear()
         x, y = _rank_batch(rank)
         values = DistributedDataParallel(model)(x, y)
@@ -375,16 +375,21 @@ def test_sharded_centres_equal_one_process(tmp_path: Path) -> None:
         ref = _one_process(cls, rate, kwargs, sampled)
         for r, g in enumerate(got):
             case = f"{cls.__name__} rate={rate} rank {r}"
-            scale = max(1.0, float(ref["values"].abs().max()))
-            torch.testing.assert_close(g["values"], ref["values"], rtol=0, atol=1e-5 * scale)
+            _close(g["values"], ref["values"], f"losses, {case}")
             for a, b in zip(g["backbone"], ref["backbone"], strict=True):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=case)
+                _close(a, b, f"backbone gradient, {case}")
             start, stop = shard_bounds(C, WORLD)[r]
-            torch.testing.assert_close(
-                g["centres"], ref["centres"][start:stop], rtol=1e-5, atol=1e-5, msg=case
-            )
+            _close(g["centres"], ref["centres"][start:stop], f"centre gradient, {case}")
             for name, value in ref["buffers"].items():
-                torch.testing.assert_close(g["buffers"][name], value, rtol=1e-6, atol=1e-6)
+                _close(g["buffers"][name], value, f"{name}, {case}")
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, msg: str) -> None:
+    """Equal to 1e-5 of the tensor's scale (at least 1): float32 sums taken in another order
+    (chunks, ranks) differ by ~1e-7 relative, and gradients at s=64 reach a few hundred."""
+    scale = max(1.0, float(want.abs().max()))
+    err = float((got.double() - want.double()).abs().max())
+    assert err <= 1e-5 * scale, f"{msg}: max difference {err:.3g} (scale {scale:.3g})"
 
 
 # ------------------------------------------------------------------------ training and YAML
