@@ -461,3 +461,12 @@ def test_tiny_fit_from_yaml_trains_every_prefix(tmp_path: Path) -> None:
     logged = cli.trainer.callback_metrics
     prefixes = [float(logged[f"train/loss/d{d}"]) for d in (8, 16, 32)]
     assert float(logged["train/loss"]) == pytest.approx(sum(prefixes) / 3, rel=1e-6)
+
+
+def test_docstring_examples_of_the_matryoshka_module() -> None:
+    import doctest
+
+    import lightning_metric.matryoshka as module
+
+    result = doctest.testmod(module, raise_on_error=False)
+    assert result.attempted > 0 and result.failed == 0
