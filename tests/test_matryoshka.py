@@ -302,7 +302,7 @@ class _Model(nn.Module):
 
 
 def _ddp_worker(rank: int, world: int, folder: str) -> None:
-    from torch.nn.parallel import DistributedDataParallel
+    import torch.distributed as dist
 
     record: list[torch.Tensor] = []
     offset = [0]
@@ -319,15 +319,19 @@ def _ddp_worker(rank: int, world: int, folder: str) -> None:
         model = _Model(cls, rate, kwargs)
         model.head.shard(rank, world)
         offset[0] = model.head.class_shard.start  # type: ignore[union-attr]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["head.weight"])
         record.clear()
         x, y = _rank_batch(rank)
-        values = DistributedDataParallel(model)(x, y)
+        values = model(x, y)
         values[-1].backward()
+        backbone = []
+        for p in model.backbone.parameters():  # the replicas' average, as DDP takes it
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            backbone.append(grad / world)
         results.append(
             {
                 "values": values.detach(),
-                "backbone": [p.grad.clone() for p in model.backbone.parameters()],
+                "backbone": backbone,
                 "centres": model.head.weight.grad.clone(),
                 "buffers": {k: v.clone() for k, v in model.head.named_buffers()},
                 "sampled": torch.cat(record) if record else None,
