@@ -325,3 +325,32 @@ def check_top_k(k: Any, available: int, what: str = "reference items a query can
             f"k={k} is larger than the number of {what} ({available}); use k <= {available}"
         )
     return k
+
+
+# --- Matryoshka prefixes (retrieval grids and training) ---
+
+__all__ += ["check_dims"]
+
+
+def check_dims(dims: Any, name: str = "dims", maximum: int | None = None) -> tuple[int, ...]:
+    """A non-empty, strictly increasing sequence of prefix sizes >= 1 (Matryoshka dims),
+    none above ``maximum`` (the embedding size) when it is given."""
+    if isinstance(dims, str | bytes) or not isinstance(dims, Sequence):
+        raise ArgumentTypeError(
+            f"`{name}` must be a list of prefix sizes such as [32, 64, 128], got {dims!r}"
+        )
+    if not dims:
+        raise ValueError(f"`{name}` must hold at least one prefix size, got an empty list")
+    out = tuple(check_int(f"{name}[{i}]", d, minimum=1) for i, d in enumerate(dims))
+    if any(b <= a for a, b in zip(out, out[1:], strict=False)):
+        raise ValueError(
+            f"`{name}` must be strictly increasing (each prefix larger than the one before), "
+            f"got {list(out)}; e.g. {sorted(set(out))}"
+        )
+    if maximum is not None and out[-1] > maximum:
+        raise ValueError(
+            f"`{name}` = {list(out)} asks for a prefix of {out[-1]} coordinates, but the "
+            f"embedding has only {maximum}; use sizes <= {maximum}, e.g. "
+            f"{[d for d in out if d < maximum] + [maximum]}"
+        )
+    return out

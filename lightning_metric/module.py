@@ -32,6 +32,7 @@ from lightning_metric.checks import (
 )
 from lightning_metric.heads import MarginHead
 from lightning_metric.heads.sharding import ShardingError
+from lightning_metric.matryoshka import Matryoshka, check_matryoshka_objective
 from lightning_metric.necks import EmbeddingNeck
 from lightning_metric.nonfinite import NonFiniteGuard, StepPosition, zero_loss
 from lightning_metric.pml import (
@@ -101,6 +102,17 @@ class MetricLearningModule(LightningModule):
             ranks). With ``precision="16-mixed"`` the gradients are left to the GradScaler,
             which skips steps with Inf/NaN gradients and lowers its scale by design (an
             overflow there is routine, not an error); loss and embeddings are still checked.
+        matryoshka_dims: train every listed prefix of the embedding as an embedding of its
+            own (Matryoshka representation learning, Kusupati et al. 2022), e.g.
+            ``[16, 32, 64, 128]``: strictly increasing, the last one ``embedding_dim``. The
+            loss is the weighted mean over the prefixes ``d`` of the objective applied to the
+            first ``d`` coordinates, L2-normalised; a margin head scores each prefix against
+            the prefixes of its one centre matrix, a PML miner and loss mine and score each
+            prefix on its own (see :mod:`lightning_metric.matryoshka`). ``train/loss`` logs
+            the total, ``train/loss/d64`` each prefix's loss. None (default): the plain
+            objective. Not with ``CrossBatchMemory`` or PML losses that hold proxies.
+        matryoshka_weights: one weight >= 0 per prefix of ``matryoshka_dims`` (default 1
+            each); the loss divides by their sum.
     """
 
     def __init__(
@@ -118,6 +130,8 @@ class MetricLearningModule(LightningModule):
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         gather_across_ranks: bool = True,
         nonfinite: Literal["raise", "skip"] = "raise",
+        matryoshka_dims: Optional[list[int]] = None,
+        matryoshka_weights: Optional[list[float]] = None,
     ) -> None:
         super().__init__()
         check_modules(backbone, neck, head, loss, miner)
@@ -129,6 +143,11 @@ class MetricLearningModule(LightningModule):
         guard = NonFiniteGuard(nonfinite)
         check_objective(head, loss, miner, gather_across_ranks)
         check_choice("lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
+        if matryoshka_weights is not None and matryoshka_dims is None:
+            raise ValueError(
+                f"matryoshka_weights={matryoshka_weights!r} was given without matryoshka_dims; "
+                "give the prefix sizes too, e.g. matryoshka_dims=[32, 64, 128]"
+            )
         save_hyperparameters(
             self,
             inspect.currentframe(),  # type: ignore[arg-type]
@@ -154,6 +173,12 @@ class MetricLearningModule(LightningModule):
         self.nonfinite_guard = guard
         if loss is not None:
             check_pml_sizes(loss, self.embedding_dim, num_classes)
+        self.matryoshka: Optional[Matryoshka] = None
+        if matryoshka_dims is not None:
+            self.matryoshka = Matryoshka(matryoshka_dims, matryoshka_weights, self.embedding_dim)
+            check_matryoshka_objective(self.head, loss)
+        # Set by compute_loss with matryoshka_dims, logged by training_step: each prefix's loss.
+        self._prefix_losses: Optional[list[torch.Tensor]] = None
         # Set by compute_loss, logged by training_step: did this batch's mining come up empty?
         self._mined_nothing: Optional[bool] = None
 
@@ -188,6 +213,8 @@ class MetricLearningModule(LightningModule):
 
     def compute_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Training loss from un-normalised embeddings ``[B, D]`` and labels ``[B]``."""
+        if self.matryoshka is not None:
+            return self._matryoshka_loss(self.matryoshka, embeddings, labels)
         if self.head is not None:
             return self.head.loss(embeddings, labels)
         assert self.loss_fn is not None
@@ -196,10 +223,23 @@ class MetricLearningModule(LightningModule):
         )
         return loss
 
+    def _matryoshka_loss(
+        self, matryoshka: Matryoshka, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        if self.head is not None:
+            losses = matryoshka.head_losses(self.head, embeddings, labels)
+        else:
+            assert self.loss_fn is not None
+            losses, self._mined_nothing = matryoshka.pml_losses(
+                self.loss_fn, self.miner, embeddings, labels, self.gather_across_ranks
+            )
+        self._prefix_losses = losses
+        return matryoshka.total(losses)
+
     # -- steps -----------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, labels, _ = split_batch(batch)
-        self._mined_nothing = None
+        self._mined_nothing, self._prefix_losses = None, None
         self.nonfinite_guard.begin_step(self, self.loss_fn)
         embeddings = self.embed(x)
         loss = self.compute_loss(embeddings, labels)
@@ -217,6 +257,9 @@ class MetricLearningModule(LightningModule):
         if self.nonfinite == "skip":
             self._log_skipped(batch_size)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if self.matryoshka is not None and self._prefix_losses is not None:
+            for name, value in zip(self.matryoshka.log_names, self._prefix_losses, strict=True):
+                self.log(name, value.detach(), batch_size=batch_size)
         if self._mined_nothing is not None:
             # Per epoch: how many batches the miner found no pair/triplet in (loss 0 there).
             self._log_epoch_value(

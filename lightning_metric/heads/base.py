@@ -8,12 +8,21 @@ the non-target cosines (:meth:`MarginHead.negative_logits`) or a running statist
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_metric.checks import check_int, check_labels, check_num_classes, check_range
+from lightning_metric.checks import (
+    check_dims,
+    check_int,
+    check_labels,
+    check_num_classes,
+    check_range,
+)
 from lightning_metric.distributed import (
     all_reduce_sum,
     gather_uneven,
@@ -34,6 +43,15 @@ AUTO_STREAM_ROWS = 16384
 # chunk costs ~30 kernel launches / OpenMP parallel regions, and on a busy CPU every parallel
 # region waits for a core (4k-class chunks ran 7x slower than 32k ones under load).
 _AUTO_BLOCK = {"cpu": 2**22, "cuda": 2**25}
+
+
+class _Step(NamedTuple):
+    """The classes of one training step's softmax, shared by every Matryoshka prefix."""
+
+    target_class: Tensor  # each row's class as held by this rank's weight (-1: another rank's)
+    local: Tensor  # its column among the softmax's classes (-1: another rank's)
+    class_index: Tensor | None  # the sampled classes, sorted; None: all of them
+    n: int  # classes in this rank's softmax
 
 
 class MarginHead(nn.Module):
@@ -192,10 +210,10 @@ class MarginHead(nn.Module):
         w = l2_normalize(target_rows)[0].view(x.shape[0], self.sub_centers, -1)
         return (w @ x.unsqueeze(-1)).squeeze(-1)
 
-    def _rows(self, class_index: Tensor | None) -> Tensor:
+    def _rows(self, class_index: Tensor | None, weight: Tensor) -> Tensor:
         if class_index is None:
-            return self.weight
-        return self.weight[class_rows(class_index, self.sub_centers)]
+            return weight
+        return weight[class_rows(class_index, self.sub_centers)]
 
     def _prepare(self, embeddings: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Unit rows, norms and the finite-row mask (see ``functional.normalize_embeddings``)."""
@@ -237,10 +255,15 @@ class MarginHead(nn.Module):
             return torch.where(finite.unsqueeze(1), logits, float("nan"))
 
     def _margin_logits(
-        self, cos: Tensor, labels: Tensor, norms: Tensor, finite: Tensor | None = None
+        self,
+        cos: Tensor,
+        labels: Tensor,
+        norms: Tensor,
+        finite: Tensor | None = None,
+        update: bool = True,
     ) -> Tensor:
         cos_t = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
-        if self.training:
+        if self.training and update:
             self._guarded_update(cos_t.detach(), norms.detach(), finite)
         target = self.target_logit(cos_t, norms.detach())
         logits = self.negative_logits(cos, target.detach())
@@ -278,6 +301,39 @@ class MarginHead(nn.Module):
         With sharded classes every rank passes its own batch and gets the loss of all ranks'
         batches together (the same value on every rank).
         """
+        return self._losses(embeddings, labels, None)[0]
+
+    def prefix_losses(
+        self, embeddings: Tensor, labels: Tensor | None, dims: Sequence[int]
+    ) -> list[Tensor]:
+        """The loss of each Matryoshka prefix (Kusupati et al. 2022), in the order of ``dims``.
+
+        The prefix of size ``d`` of an embedding is its first ``d`` coordinates, L2-normalised;
+        it is scored against the prefixes of the *same* class centres, re-normalised (the
+        paper's "efficient" variant: one centre matrix, no extra parameters, and the centres'
+        first coordinates learn to serve every prefix). A prefix of the full ``embedding_dim``
+        is exactly :meth:`loss`. Everything that belongs to the step is shared by all
+        prefixes: partial FC's sampled classes (one draw), the sharded gather, the streaming
+        chunks; running statistics (CurricularFace's ``t``, AdaFace's norm mean and std) are
+        updated once, in the pass of the largest prefix, and every prefix reads the updated
+        values; AdaFace's norms are those of the whole embedding (the image-quality signal
+        does not depend on the prefix). Non-finite rows behave as in :meth:`loss`.
+
+        >>> import torch
+        >>> from lightning_metric.heads import CosFaceHead
+        >>> head = CosFaceHead(embedding_dim=4, num_classes=3)
+        >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+        >>> small, full = head.prefix_losses(x, y, dims=[2, 4])
+        >>> bool(torch.equal(full, head.loss(x, y)))
+        True
+        """
+        dims = check_dims(dims, "dims", maximum=self.embedding_dim)
+        return self._losses(embeddings, labels, dims)
+
+    def _losses(
+        self, embeddings: Tensor, labels: Tensor | None, dims: tuple[int, ...] | None
+    ) -> list[Tensor]:
+        """The losses of ``dims`` (None: the whole embedding only, one loss)."""
         if labels is None:
             raise ValueError(
                 f"{type(self).__name__}.loss needs labels; call forward(embeddings) without "
@@ -298,31 +354,66 @@ class MarginHead(nn.Module):
                 embeddings, labels = gather_with_grad(embeddings), gather_uneven(labels)
             x, norms, finite = self._prepare(embeddings, labels)
             poison = torch.where(finite.all(), 0.0, float("nan"))
-            return self._loss(x, norms, finite, labels) + poison
+            step = self._select(labels.long())
+            if dims is None:
+                return [self._loss(x, norms, finite, step, self.weight, True) + poison]
+            losses: dict[int, Tensor] = {}
+            for d in reversed(dims):  # the largest first: its pass updates the statistics
+                full = d == self.embedding_dim
+                x_d = x if full else normalize_embeddings(x[:, :d])[0]
+                weight = self.weight if full else self.weight[:, :d]
+                losses[d] = self._loss(x_d, norms, finite, step, weight, d == dims[-1]) + poison
+            return [losses[d] for d in dims]
 
-    def _loss(self, x: Tensor, norms: Tensor, finite: Tensor, labels: Tensor) -> Tensor:
-        """The loss of prepared (unit, finite-masked) rows: dense or streamed, maybe sampled."""
-        labels = labels.long()
-        if self.class_shard is not None:
-            return self._sharded_loss(x, norms, finite, labels)
-        local, class_index, n = labels, None, self.num_classes
-        if self.training and self.sample_rate < 1.0:
+    def _select(self, labels: Tensor) -> _Step:
+        """The classes in this step's softmax (partial FC draws here, once per step)."""
+        sample = self.training and self.sample_rate < 1.0
+        shard = self.class_shard
+        if shard is None:
+            if not sample:
+                return _Step(labels, labels, None, self.num_classes)
             class_index, local = self.select_classes(labels, self.num_classes)
-            n = class_index.numel()
+            return _Step(labels, local, class_index, class_index.numel())
+        here = (labels >= shard.start) & (labels < shard.stop)
+        target_class = torch.where(here, labels - shard.start, -1)
+        if not sample:
+            return _Step(target_class, target_class, None, shard.num_classes)
+        # Partial FC per shard: this shard's positives plus a uniform sample of the rest.
+        class_index, picked = self.select_classes(target_class[here], shard.num_classes)
+        local = torch.full_like(labels, -1)
+        local[here] = picked
+        return _Step(target_class, local, class_index, class_index.numel())
+
+    def _loss(
+        self, x: Tensor, norms: Tensor, finite: Tensor, step: _Step, weight: Tensor, update: bool
+    ) -> Tensor:
+        """The loss of prepared (unit, finite-masked) rows against the class centres
+        ``weight`` (``self.weight`` or its column prefix): dense or streamed, maybe sampled;
+        ``update``: whether this pass updates the running statistics."""
+        if self.class_shard is not None:
+            return self._sharded_loss(x, norms, finite, step, weight, update)
         chunk = self.chunk_size
-        if chunk is None and n * self.sub_centers > AUTO_STREAM_ROWS:
+        if chunk is None and step.n * self.sub_centers > AUTO_STREAM_ROWS:
             chunk = self._auto_chunk(x)
         if chunk is None:
-            cos = self.class_cosine(x, self._rows(class_index))
-            logits = self._margin_logits(cos, local, norms, finite)
-            return F.cross_entropy(logits, local, label_smoothing=self.label_smoothing)
-        if self.training and self._keeps_statistics:
+            cos = self.class_cosine(x, self._rows(step.class_index, weight))
+            logits = self._margin_logits(cos, step.local, norms, finite, update)
+            return F.cross_entropy(logits, step.local, label_smoothing=self.label_smoothing)
+        if self.training and self._keeps_statistics and update:
             with torch.no_grad():
-                rows = self.weight[class_rows(labels, self.sub_centers)]
+                rows = weight[class_rows(step.target_class, self.sub_centers)]
                 cos_t = self.target_cosine(x, rows)
             self._guarded_update(cos_t, norms.detach(), finite)
         return streaming_margin_cross_entropy(
-            self, x, norms.detach(), labels, local, class_index, chunk, self.label_smoothing
+            self,
+            x,
+            norms.detach(),
+            step.target_class,
+            step.local,
+            step.class_index,
+            chunk,
+            self.label_smoothing,
+            weight=weight,
         )
 
     def _auto_chunk(self, x: Tensor) -> int:
@@ -331,7 +422,9 @@ class MarginHead(nn.Module):
             block //= 4
         return max(256, block // (x.shape[0] * self.sub_centers))
 
-    def _sharded_loss(self, x: Tensor, norms: Tensor, finite: Tensor, labels: Tensor) -> Tensor:
+    def _sharded_loss(
+        self, x: Tensor, norms: Tensor, finite: Tensor, step: _Step, weight: Tensor, update: bool
+    ) -> Tensor:
         """The loss of every rank's rows (gathered) against this rank's classes.
 
         Always the streaming kernel: it combines the softmax over ranks and, with a chunk of
@@ -339,35 +432,28 @@ class MarginHead(nn.Module):
         """
         shard = self.class_shard
         assert shard is not None
-        here = (labels >= shard.start) & (labels < shard.stop)
-        target_class = torch.where(here, labels - shard.start, -1)
-        local, class_index, n = target_class, None, shard.num_classes
-        if self.training and self.sample_rate < 1.0:
-            # Partial FC per shard: this shard's positives plus a uniform sample of the rest.
-            class_index, picked = self.select_classes(target_class[here], shard.num_classes)
-            local = torch.full_like(labels, -1)
-            local[here] = picked
-            n = class_index.numel()
-        if self.training and self._keeps_statistics:
+        if self.training and self._keeps_statistics and update:
+            here = step.target_class >= 0
             with torch.no_grad():
                 cos_t = torch.zeros_like(norms)
-                rows = self.weight[class_rows(target_class[here], self.sub_centers)]
+                rows = weight[class_rows(step.target_class[here], self.sub_centers)]
                 cos_t[here] = self.target_cosine(x[here], rows)
                 cos_t = all_reduce_sum(cos_t)
             self._guarded_update(cos_t, norms.detach(), finite)
         chunk = self.chunk_size or (
-            self._auto_chunk(x) if n * self.sub_centers > AUTO_STREAM_ROWS else n
+            self._auto_chunk(x) if step.n * self.sub_centers > AUTO_STREAM_ROWS else step.n
         )
         return streaming_margin_cross_entropy(
             self,
             x,
             norms.detach(),
-            target_class,
-            local,
-            class_index,
+            step.target_class,
+            step.local,
+            step.class_index,
             chunk,
             self.label_smoothing,
             shard,
+            weight,
         )
 
     # -- sharding ----------------------------------------------------------------------------

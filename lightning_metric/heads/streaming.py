@@ -81,6 +81,7 @@ def streaming_margin_cross_entropy(
     chunk_size: int,
     label_smoothing: float = 0.0,
     shard: ClassShard | None = None,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Mean margin cross-entropy of unit embeddings ``x [B, D]`` (float32).
 
@@ -93,10 +94,14 @@ def streaming_margin_cross_entropy(
     (gathered) rows: a row whose class lives on another rank has ``-1`` in both. The target
     logit comes from the rank that owns it, the log-sum-exp is combined over ranks, and the
     gradient of ``x`` is this rank's part (``distributed.gather_with_grad`` sums the parts).
+
+    ``weight`` replaces ``head.weight`` as the class centres (same rows; a Matryoshka prefix
+    passes ``head.weight[:, :d]`` with ``x`` of width ``d``); its gradient flows back to
+    whatever it is a view of.
     """
     return _StreamingMarginCE.apply(
         x,
-        head.weight,
+        head.weight if weight is None else weight,
         head,
         norms,
         target_class,
@@ -111,10 +116,12 @@ def streaming_margin_cross_entropy(
 class _Plan:
     """Which weight rows each chunk of (sampled) classes reads."""
 
-    def __init__(self, head: StreamingHead, class_index: Tensor | None, chunk_size: int) -> None:
+    def __init__(
+        self, head: StreamingHead, weight: Tensor, class_index: Tensor | None, chunk_size: int
+    ) -> None:
         self.k = head.sub_centers
         self.class_index = class_index
-        self.n = head.weight.shape[0] // self.k if class_index is None else class_index.numel()
+        self.n = weight.shape[0] // self.k if class_index is None else class_index.numel()
         self.bounds = [(a, min(a + chunk_size, self.n)) for a in range(0, self.n, chunk_size)]
 
     def rows(self, weight: Tensor, a: int, b: int) -> tuple[Tensor, Tensor | slice]:
@@ -153,7 +160,7 @@ class _StreamingMarginCE(torch.autograd.Function):
         smoothing: float,
         shard: ClassShard | None,
     ) -> Tensor:
-        plan = _Plan(head, class_index, chunk_size)
+        plan = _Plan(head, weight, class_index, chunk_size)
         # Classes in the softmax over all ranks; None when sharded without label smoothing, the
         # one use of the exact count (which costs a collective and a host sync per step): a
         # sharded softmax always has several classes, every rank holding at least one.

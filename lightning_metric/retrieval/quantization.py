@@ -41,6 +41,7 @@ from torch import Tensor
 from lightning_metric.checks import (
     ArgumentTypeError,
     check_choice,
+    check_dims,
     check_int,
     check_range,
     check_top_k,
@@ -298,23 +299,6 @@ def bytes_per_vector(dim: int, precision: Precision) -> int:
     d = check_int("dim", dim, minimum=1)
     check_choice("precision", precision, PRECISIONS)
     return {"float32": 4 * d, "int8": d}.get(precision, -(-d // 8))
-
-
-def check_dims(dims: Any, name: str = "dims") -> tuple[int, ...]:
-    """A non-empty, strictly increasing sequence of prefix sizes >= 1 (Matryoshka dims)."""
-    if isinstance(dims, str | bytes) or not isinstance(dims, Sequence):
-        raise ArgumentTypeError(
-            f"`{name}` must be a list of prefix sizes such as [32, 64, 128], got {dims!r}"
-        )
-    if not dims:
-        raise ValueError(f"`{name}` must hold at least one prefix size, got an empty list")
-    out = tuple(check_int(f"{name}[{i}]", d, minimum=1) for i, d in enumerate(dims))
-    if any(b <= a for a, b in zip(out, out[1:], strict=False)):
-        raise ValueError(
-            f"`{name}` must be strictly increasing (each prefix larger than the one before), "
-            f"got {list(out)}; e.g. {sorted(set(out))}"
-        )
-    return out
 
 
 def check_precisions(precisions: Any, name: str = "precisions") -> tuple[Precision, ...]:
