@@ -42,6 +42,11 @@ def check_index_options(
 ) -> tuple[str, Optional[int], Optional[int], str]:
     """``(precision, dim, rescore_multiplier, factory)`` checked against each other; the
     default ``"Flat"`` factory becomes the flat index of the precision (``"SQ8"`` for int8)."""
+    if precision == "binary_rescore":
+        raise ValueError(
+            "`precision` 'binary_rescore' is written precision='binary', rescore_multiplier=4 "
+            f"(or another multiplier) for an index; precisions: {INDEX_PRECISIONS}"
+        )
     check_choice("precision", precision, INDEX_PRECISIONS)
     if dim is not None:
         if isinstance(dim, bool) or not isinstance(dim, int):
