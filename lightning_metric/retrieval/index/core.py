@@ -365,6 +365,20 @@ class EmbeddingIndex:
         """The dimension searched: the prefix ``dim`` if one was given, else the full one."""
         return self.prefix_dim or self.dim
 
+    @property
+    def descending(self) -> bool:
+        """Whether better neighbours have higher scores (similarities), not lower ones
+        (``l2`` distances; Hamming distances of a binary index without re-scoring)."""
+        hamming = self.precision == "binary" and self.rescore_multiplier is None
+        return self.metric != "l2" and not hamming
+
+    def set_rescore_multiplier(self, value: Optional[int]) -> None:
+        """Re-rank ``value * k`` code candidates by the float vectors (``None``: rank by the
+        codes alone); kept in the manifest on :meth:`save`."""
+        self.rescore_multiplier = check_index_options(
+            self.precision, self.prefix_dim, self.dim, value, self.factory
+        )[2]
+
     def _indexed(self, emb: np.ndarray) -> np.ndarray:
         """What the FAISS index holds of ``emb`` rows (before coding): the prefix if any,
         prepared for the metric as :mod:`~lightning_metric.retrieval.knn` does."""
@@ -423,7 +437,7 @@ class EmbeddingIndex:
                 binary_codes(q) if binary else q,
                 len(self),
                 depth,
-                descending=self.metric != "l2" and not binary,
+                descending=self.metric != "l2" and not binary,  # the codes' order
             )
             if m is not None:
                 return self._rescored(q, rows.numpy(), int(k))
