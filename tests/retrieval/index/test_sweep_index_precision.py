@@ -109,6 +109,18 @@ ERRORS: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
         r"`nprobe`=4 .*binary index",
     ),
     (
+        "nprobe override on a binary search",
+        lambda: build(precision="binary").search(Q, k=2, nprobe=2),
+        ValueError,
+        r"`nprobe`=2 .*binary index is searched exactly",
+    ),
+    (
+        "ef_search override on a flat int8 search",
+        lambda: build(precision="int8").search(Q, k=2, ef_search=8),
+        ValueError,
+        r"`ef_search`=8 applies to HNSW indexes; this index is 'SQ8'",
+    ),
+    (
         "query of neither dim",
         lambda: build(dim=8, precision="int8").search(Q[:, :10], k=2),
         ValueError,
