@@ -38,14 +38,20 @@ class ExportError(RuntimeError):
 
 
 class _Embedder(nn.Module):
-    """``module(x)`` in float32: the unit-norm embeddings of a MetricLearningModule."""
+    """``module(x)`` in float32: the unit-norm embeddings of a MetricLearningModule; with
+    ``dim``, their Matryoshka prefix (the operations of
+    :func:`~lightning_metric.retrieval.quantization.prefix`, inside the exported graph)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, dim: Optional[int] = None) -> None:
         super().__init__()
         self.module = module
+        self.dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.module(x).float()
+        out = self.module(x).float()
+        if self.dim is None:
+            return out
+        return nn.functional.normalize(out[:, : self.dim], dim=1)
 
 
 def sidecar_path(path: Union[str, os.PathLike[str]]) -> Path:
@@ -144,6 +150,7 @@ def export(
     opset: int = 17,
     check: bool = True,
     extra: Optional[Mapping[str, Any]] = None,
+    dim: Optional[int] = None,
 ) -> Path:
     """Write ``module`` (input -> unit-norm embedding) to ``path``: ONNX for ``.onnx``,
     TorchScript (traced) for ``.pt``; the batch axis is dynamic. Returns ``path``.
@@ -163,6 +170,9 @@ def export(
             ``example_input`` and compare with ``module`` (cosine >= 0.9999 per row); ONNX
             needs ``onnxruntime`` for this.
         extra: more JSON-serialisable fields for the sidecar (checkpoint, model class).
+        dim: export the Matryoshka prefix of this size: the graph keeps the first ``dim``
+            coordinates and L2-normalises them (what an index built with ``dim=`` searches);
+            the sidecar records ``dim`` and the model's ``full_embedding_dim``.
     """
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
@@ -178,6 +188,8 @@ def export(
         )
     check_metric(metric)
     check_int("opset", opset, minimum=7)
+    if dim is not None:
+        dim = check_int("dim", dim, minimum=1)
     info = dict(input_info) if input_info is not None else describe_input(datamodule, example_input)
     if info.get("preprocessing") is not None:
         # A record handed in is read back by `search --query`: refuse one that cannot be.
@@ -191,10 +203,16 @@ def export(
     was_training = module.training
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     module.eval().cpu()
-    wrapper = _Embedder(module).eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = _Embedder(module, dim).eval()
     try:
         with torch.no_grad():
+            full_dim = int(module(example[:1]).shape[1])
+            if dim is not None and dim > full_dim:
+                raise ValueError(
+                    f"`dim`={dim} is larger than the model's {full_dim}-d embeddings: export "
+                    f"a prefix size in [1, {full_dim}], or dim=None for all of them"
+                )
+            path.parent.mkdir(parents=True, exist_ok=True)
             reference = wrapper(example)
             # Another batch size and other values than the traced example: catches a batch
             # axis or an input that the trace froze into constants.
@@ -229,6 +247,8 @@ def export(
         "input": {"name": "input", "batch_axis": 0, "dynamic_batch": True, **info},
         "output": {"name": "embedding", "normalized": True},
         "embedding_dim": int(reference.shape[1]),
+        "dim": dim,
+        "full_embedding_dim": full_dim,
         "metric": metric,
         **(dict(extra) if extra else {}),
     }

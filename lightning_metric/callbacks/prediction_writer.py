@@ -15,6 +15,8 @@ from lightning_metric.callbacks.collect import EmbeddingCollector, EvaluationCal
 from lightning_metric.checks import check_factory_string, check_int, check_metric
 from lightning_metric.provenance import checkpoint_mismatch, checkpoint_record
 from lightning_metric.retrieval.index import MANIFEST, EmbeddingIndex
+from lightning_metric.retrieval.index.compact import check_index_options
+from lightning_metric.retrieval.index.core import IndexPrecision
 from lightning_metric.retrieval.knn import Similarity
 
 __all__ = ["EmbeddingIndexWriter"]
@@ -60,6 +62,10 @@ class EmbeddingIndexWriter(EvaluationCallback):
             ``"IVF1024,Flat"``, ``"IVF1024,PQ16"``, ... approximate, trained on the predicted
             embeddings); see :class:`~lightning_metric.retrieval.EmbeddingIndex`.
         nprobe, ef_search: search parameters stored with an IVF / HNSW index.
+        dim, precision, rescore_multiplier: index the Matryoshka prefix of size ``dim`` as
+            ``"float32"``, ``"int8"`` (ranges calibrated on the predicted embeddings) or
+            ``"binary"`` codes, re-ranking ``rescore_multiplier * k`` code candidates by the
+            float vectors; see :class:`~lightning_metric.retrieval.EmbeddingIndex`.
     """
 
     stages: tuple[Stage, ...] = ("predict",)
@@ -73,6 +79,9 @@ class EmbeddingIndexWriter(EvaluationCallback):
         nprobe: Optional[int] = None,
         ef_search: Optional[int] = None,
         allow_untrained: bool = False,
+        dim: Optional[int] = None,
+        precision: IndexPrecision = "float32",
+        rescore_multiplier: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not isinstance(output_dir, str | Path) or not str(output_dir):
@@ -89,6 +98,11 @@ class EmbeddingIndexWriter(EvaluationCallback):
         self.overwrite: Overwrite = overwrite
         self.allow_untrained = allow_untrained
         self.factory = check_factory_string(factory)  # PQ's M checked once D is known
+        # Checked here, not after a predict pass: all but dim's upper bound (the model's D).
+        self.precision, _, self.rescore_multiplier, _ = check_index_options(
+            precision, None, 1, rescore_multiplier, self.factory
+        )
+        self.dim = None if dim is None else check_int("dim", dim, minimum=1)
         self.nprobe = None if nprobe is None else check_int("nprobe", nprobe, minimum=1)
         self.ef_search = None if ef_search is None else check_int("ef_search", ef_search, minimum=1)
         self._collectors: dict[int, EmbeddingCollector] = {}
@@ -203,12 +217,15 @@ class EmbeddingIndexWriter(EvaluationCallback):
                 factory=self.factory,
                 nprobe=self.nprobe,
                 ef_search=self.ef_search,
+                dim=self.dim,
+                precision=self.precision,  # type: ignore[arg-type]
+                rescore_multiplier=self.rescore_multiplier,
             )
             built.save(target)
             self.written.append(target)
             rank_zero_info(
                 f"EmbeddingIndexWriter: wrote {len(built)} embeddings of dimension {built.dim} "
-                f"({self.metric}, {self.factory}) to {target} in {time.perf_counter() - self._start:.1f} s"
+                f"({self.metric}, {built.factory}, {built.precision}, dim {built.index_dim}) to {target} in {time.perf_counter() - self._start:.1f} s"
             )
         self._collectors = {}
 

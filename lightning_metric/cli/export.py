@@ -33,6 +33,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="model.onnx or model.pt")
     p.add_argument("--metric", default="cosine", choices=METRICS)
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument(
+        "--dim",
+        type=int,
+        help="export the Matryoshka prefix of this size (first dim coordinates, re-normalised)",
+    )
     return p
 
 
@@ -50,6 +55,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
         input_info=describe_input(datamodule, example),
         metric=args.metric,
         opset=args.opset,
+        dim=args.dim,
         extra={
             "checkpoint": str(Path(args.ckpt_path).resolve()),
             "model_class_path": f"{cls.__module__}.{cls.__qualname__}",

@@ -45,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="neighbours per query")
     p.add_argument("--nprobe", type=int, help="IVF lists visited (approximate indexes)")
     p.add_argument("--ef_search", type=int, help="HNSW search depth (approximate indexes)")
+    p.add_argument(
+        "--rescore_multiplier",
+        type=int,
+        help="int8 / binary indexes: re-rank this many times k code candidates by the float "
+        "vectors (default: the index's own setting)",
+    )
     p.add_argument("--output", help="write the results to a .json or .csv file")
     p.add_argument(
         "--evaluate",
@@ -84,6 +90,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     # Every search of this run, --evaluate's included, uses them; a parameter the index does
     # not have (nprobe on a Flat index) is refused here, before a model is built.
     index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
+    if args.rescore_multiplier is not None:
+        index.set_rescore_multiplier(args.rescore_multiplier)
     ckpt = args.ckpt_path or index.info.get("model", {}).get("checkpoint")
     if ckpt:
         _check_checkpoint(index, ckpt, args.allow_other_checkpoint)
@@ -129,6 +137,9 @@ def _search_description(index: Any, args: argparse.Namespace) -> dict[str, Any]:
     given = {n for n in ("nprobe", "ef_search") if getattr(args, n) is not None}
     return {
         "factory": index.factory,
+        "precision": index.precision,
+        "dim": index.index_dim,
+        "rescore_multiplier": index.rescore_multiplier,
         "search_params": dict(index.search_params),
         "search_params_from": {
             n: ("--" + n if n in given else "manifest") for n in index.search_params

@@ -55,7 +55,7 @@ def evaluate(
     _, ordered = order_ties(
         torch.from_numpy(result.scores),
         torch.from_numpy(rows_of(index, found)),
-        descending=index.metric != "l2",
+        descending=index.descending,
     )
     rows = without_excluded(ordered, torch.from_numpy(own)).numpy()
     neighbour_labels = np.where(rows >= 0, index.labels[np.maximum(rows, 0)], -1)

@@ -3,10 +3,14 @@
 The directory holds only FAISS and NumPy files plus JSON, all read without pickle:
 
     manifest.json    format, version, embedding size, metric, count, FAISS factory string and
-                     search parameters (nprobe, efSearch), model / data description
+                     search parameters (nprobe, efSearch), model / data description; the
+                     Matryoshka prefix ``dim``, ``precision`` (float32 / int8 / binary), the
+                     int8 ``calibration`` (low / high per dimension) and ``rescore_multiplier``
+                     (missing in older indexes: float32, full dimension)
     index.faiss      FAISS index built by ``faiss.index_factory(factory)`` ("Flat" = exact;
                      "HNSW32", "IVF1024,Flat", "IVF1024,PQ16", ... approximate), inner
-                     product for cosine/ip, L2 for l2
+                     product for cosine/ip, L2 for l2; int8: an IndexScalarQuantizer ("SQ8")
+                     or "IVF<n>,SQ8"; binary: an IndexBinaryFlat (faiss.read_index_binary)
     embeddings.npy   float32 [N, D], as the model produced them
                      (index.faiss holds them L2-normalised for the cosine metric)
     ids.npy          int64 [N], the item ids search returns (dataset index by default)
@@ -30,6 +34,7 @@ Example::
     index = EmbeddingIndex.load("outputs/digits_arcface/index")
     ids, scores = index.search(query_embeddings, k=5)
     approx = EmbeddingIndex(embeddings, factory="IVF1024,Flat", nprobe=16)  # trained on them
+    compact = EmbeddingIndex(embeddings, dim=64, precision="binary", rescore_multiplier=4)
     index.add(new_embeddings, ids=new_ids)
     index.save()
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -234,14 +234,20 @@ def _structure(index: Any, where: str = "index") -> dict[str, Any]:
 
 
 def _check_structure(
-    index: Any, factory: str, dim: int, metric: str, recorded_type: Any, path: Path
+    index: Any,
+    factory: str,
+    dim: int,
+    metric: str,
+    recorded_type: Any,
+    path: Path,
+    build: Callable[[int, str, str], Any] = _new_faiss_index,
 ) -> None:
     """``index.faiss`` must be what the manifest's factory string builds: the manifest has
     no hash of its own, so an edited factory (or ``faiss_index``) is caught here."""
     manifest = path.parent / MANIFEST
     try:
         # Kept in a name: the wrapper _structure downcasts to does not own the index.
-        built = _new_faiss_index(dim, metric, factory)
+        built = build(dim, metric, factory)
         expected = _structure(built)
     except ValueError as err:
         raise IndexFormatError(f"{str(manifest)!r}: factory {factory!r}: {err}") from err

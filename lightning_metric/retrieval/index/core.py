@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -31,11 +31,17 @@ from lightning_metric.retrieval.index.backend import (
     _faiss_metric,
     _given,
     _lossless,
-    _new_faiss_index,
     _prepared,
     _reset_search_params,
     _set_faiss_param,
     _train,
+)
+from lightning_metric.retrieval.index.compact import (
+    binary_codes,
+    check_index_options,
+    check_loaded,
+    new_code_index,
+    set_calibration,
 )
 from lightning_metric.retrieval.index.embedding import embed
 from lightning_metric.retrieval.index.files import (
@@ -58,15 +64,18 @@ from lightning_metric.retrieval.index.files import (
     _verify_hashes,
 )
 from lightning_metric.retrieval.knn import Similarity, search_complete
+from lightning_metric.retrieval.quantization import Calibration, calibrate, prefix, rescore
 
 __all__ = ["EmbeddingIndex", "SearchResult"]
 
 ArrayLike = Union[Tensor, np.ndarray]
+IndexPrecision = Literal["float32", "int8", "binary"]
 
 
 class SearchResult(NamedTuple):
     """``ids [Q, k]`` of the neighbours (the stored ids, not row numbers) and their ``scores``:
-    similarities for ``cosine``/``ip`` (descending), squared distances for ``l2`` (ascending)."""
+    similarities for ``cosine``/``ip`` (descending), squared distances for ``l2`` (ascending);
+    Hamming distances (ascending) for a binary index without re-scoring."""
 
     ids: np.ndarray
     scores: np.ndarray
@@ -97,6 +106,20 @@ class EmbeddingIndex:
         ef_search: HNSW search depth ``efSearch`` (FAISS default 16); stored in the manifest.
         train_size: train on a random sample (seed 0) of this many embeddings instead of all
             of them (FAISS itself samples at most 256 per IVF list / PQ centroid).
+        dim: index the Matryoshka prefix of this size (:func:`~lightning_metric.retrieval.
+            quantization.prefix`: the first ``dim`` coordinates, L2-normalised) instead of the
+            whole vector; queries are cut the same way (they may have the full dimension or
+            ``dim``). ``embeddings.npy`` keeps the full vectors.
+        precision: ``"float32"``; ``"int8"``: FAISS ``IndexScalarQuantizer`` codes (factory
+            ``"SQ8"``, the default for int8, or ``"IVF<n>,SQ8"``) with ranges set to the
+            calibration of the indexed vectors (:func:`~lightning_metric.retrieval.
+            quantization.calibrate`), stored in the manifest and used for every later
+            :meth:`add`, never taken from queries; ``"binary"``: sign bits in an
+            ``IndexBinaryFlat``, ranked by Hamming distance.
+        rescore_multiplier: int8 / binary flat indexes: the ``rescore_multiplier * k`` best
+            items by the codes are re-ranked by the float vectors, read from
+            ``embeddings.npy`` (memory-mapped when a binary index is loaded, so only the
+            candidates' rows are read). Refused for float32 (nothing to re-rank).
 
     Example: three stored items with ids 10, 11, 12; a query close to the first one finds
     it first, and a saved and loaded index finds the same:
@@ -130,12 +153,27 @@ class EmbeddingIndex:
         nprobe: Optional[int] = None,
         ef_search: Optional[int] = None,
         train_size: Optional[int] = None,
+        dim: Optional[int] = None,
+        precision: IndexPrecision = "float32",
+        rescore_multiplier: Optional[int] = None,
     ) -> None:
         check_metric(metric)
         self.metric: Similarity = metric
         emb = _as_embeddings(embeddings, "embeddings", metric)
         self.dim = emb.shape[1]
-        self.factory = check_factory_string(factory, self.dim)
+        self.precision, self.prefix_dim, self.rescore_multiplier, factory = check_index_options(
+            precision, dim, self.dim, rescore_multiplier, check_factory_string(factory)
+        )
+        self.factory = check_factory_string(factory, self.index_dim)
+        self.calibration: Optional[Calibration] = None
+        if self.precision == "int8":
+            if emb.shape[0] == 0:
+                raise ValueError(
+                    "precision='int8' takes its ranges from the indexed embeddings, but none "
+                    "were given: build the index from at least one embedding (the calibration "
+                    "set), or use precision='float32' / 'binary'"
+                )
+            self.calibration = calibrate(torch.from_numpy(self._indexed(emb)))
         self.embeddings = np.empty((0, self.dim), dtype=np.float32)
         self.ids = np.empty(0, dtype=np.int64)
         self.labels = np.empty(0, dtype=np.int64)
@@ -143,13 +181,17 @@ class EmbeddingIndex:
         self.info: dict[str, Any] = dict(info or {})
         self.model = model
         self.directory: Optional[Path] = None
-        self._index = _new_faiss_index(self.dim, metric, self.factory)
+        self._index = new_code_index(self.precision, self.index_dim, metric, self.factory)
         self.search_params: dict[str, int] = {}
         self.set_search_params(nprobe=nprobe, ef_search=ef_search)
+        if self.calibration is not None and self.factory == "SQ8":
+            set_calibration(self._index, self.calibration)
         if not self._index.is_trained:
             if train_size is not None:
                 train_size = check_int("train_size", train_size, minimum=1)
-            _train(self._index, _prepared(emb, metric), self.factory, show_progress, train_size)
+            _train(self._index, self._indexed(emb), self.factory, show_progress, train_size)
+            if self.calibration is not None:  # IVF: FAISS trained the lists; ranges are ours
+                set_calibration(self._index, self.calibration)
         self.add(emb, ids=ids, labels=labels, paths=paths, show_progress=show_progress)
 
     # ------------------------------------------------------------------ construction
@@ -201,7 +243,43 @@ class EmbeddingIndex:
         if verify:
             _verify_hashes(root, manifest)
         n, dim, metric = manifest["count"], manifest["embedding_dim"], manifest["metric"]
-        embeddings = _load_npy(root / EMBEDDINGS_FILE, np.float32, (n, dim))
+        factory = manifest.get("factory", DEFAULT_FACTORY)  # older indexes: flat
+        params = manifest.get("search_params", {})
+        if (
+            not isinstance(factory, str)
+            or not isinstance(params, dict)
+            or not set(params) <= set(_SEARCH_PARAMS)
+        ):
+            raise IndexFormatError(
+                f"{str(root / MANIFEST)!r}: 'factory' must be a string and 'search_params' a "
+                f"mapping with keys among {sorted(_SEARCH_PARAMS)}, got {factory!r} and {params!r}"
+            )
+        # Older indexes have none of these keys: float32, the full dimension.
+        try:
+            precision, prefix_dim, multiplier, factory = check_index_options(
+                manifest.get("precision", "float32"),
+                manifest.get("dim"),
+                dim,
+                manifest.get("rescore_multiplier"),
+                check_factory_string(factory),
+            )
+            raw_calibration = manifest.get("calibration")
+            calibration = (
+                None if raw_calibration is None else Calibration.from_dict(raw_calibration)
+            )
+        except (TypeError, ValueError) as err:
+            raise IndexFormatError(f"{str(root / MANIFEST)!r}: {err}") from err
+        indexed_dim = prefix_dim or dim
+        if calibration is not None and (precision != "int8" or calibration.dim != indexed_dim):
+            raise IndexFormatError(
+                f"{str(root / MANIFEST)!r}: a calibration of {calibration.dim} dimensions does "
+                f"not fit a {precision} index of {indexed_dim}-d vectors"
+            )
+        # A binary index searches its codes in memory; the float rows are read only for the
+        # candidates it re-scores, so they stay on disk (memory-mapped).
+        embeddings = _load_npy(
+            root / EMBEDDINGS_FILE, np.float32, (n, dim), mmap=precision == "binary"
+        )
         bad = ~np.isfinite(embeddings).all(axis=1)
         if bad.any():
             raise IndexFormatError(
@@ -214,32 +292,49 @@ class EmbeddingIndex:
         if not index_path.is_file():
             raise IndexFormatError(f"missing FAISS index file {str(index_path)!r}")
         try:
-            index = faiss.read_index(str(index_path))
+            read = faiss.read_index_binary if precision == "binary" else faiss.read_index
+            index: Any = read(str(index_path))
         except RuntimeError as err:
             raise IndexFormatError(
                 f"cannot read FAISS index {str(index_path)!r} (corrupt or not a FAISS file): {err}"
             ) from err
-        factory = manifest.get("factory", DEFAULT_FACTORY)  # older indexes: flat
-        params = manifest.get("search_params", {})
-        if (
-            not isinstance(factory, str)
-            or not isinstance(params, dict)
-            or not set(params) <= set(_SEARCH_PARAMS)
-        ):
-            raise IndexFormatError(
-                f"{str(root / MANIFEST)!r}: 'factory' must be a string and 'search_params' a "
-                f"mapping with keys among {sorted(_SEARCH_PARAMS)}, got {factory!r} and {params!r}"
-            )
         expected_type = _faiss_metric(metric)
-        if index.d != dim or index.ntotal != n or index.metric_type != expected_type:
+        expected_d = 8 * -(-indexed_dim // 8) if precision == "binary" else indexed_dim
+        found_type = expected_type if precision == "binary" else index.metric_type
+        if index.d != expected_d or index.ntotal != n or found_type != expected_type:
             raise IndexFormatError(
                 f"{str(index_path)!r} holds {index.ntotal} vectors of dimension {index.d} "
-                f"(FAISS metric type {index.metric_type}), but {MANIFEST} says {n} vectors of "
-                f"dimension {dim} with metric {metric!r} (FAISS metric type {expected_type})"
+                f"(FAISS metric type {found_type}), but {MANIFEST} says {n} vectors of "
+                f"dimension {expected_d} ({precision}) with metric {metric!r} (FAISS metric type "
+                f"{expected_type})"
             )
-        _check_structure(index, factory, dim, metric, manifest.get("faiss_index"), index_path)
-        if _lossless(factory):
-            _check_same_vectors(index, embeddings, metric, index_path)
+        self = cls.__new__(cls)
+        self.metric = metric
+        self.dim = dim
+        self.prefix_dim = prefix_dim
+        self.precision = precision
+        self.rescore_multiplier = multiplier
+        self.calibration = calibration
+        self.embeddings = embeddings
+        if precision != "binary":
+
+            def build(d: int, m: str, f: str) -> Any:
+                return new_code_index(precision, d, m, f)
+
+            recorded = manifest.get("faiss_index")
+            _check_structure(index, factory, indexed_dim, metric, recorded, index_path, build)
+        if precision == "float32" and _lossless(factory):
+            full = embeddings if prefix_dim is None else self._indexed_rows(slice(None))
+            _check_same_vectors(index, full, metric, index_path)
+        if precision != "float32":
+            check_loaded(
+                index,
+                precision,
+                calibration,
+                lambda rows: binary_codes(self._indexed_rows(rows)),
+                n,
+                index_path,
+            )
         paths = None
         if PATHS_FILE in manifest.get("files", {}).values() and not (root / PATHS_FILE).is_file():
             raise IndexFormatError(f"missing {str(root / PATHS_FILE)!r} (listed in {MANIFEST})")
@@ -250,10 +345,6 @@ class EmbeddingIndex:
                     f"{str(root / PATHS_FILE)!r} has {len(paths)} lines, expected {n} (count in "
                     f"{MANIFEST})"
                 )
-        self = cls.__new__(cls)
-        self.metric = metric
-        self.dim = dim
-        self.embeddings = embeddings
         self.ids = ids
         self.labels = labels
         self.paths = paths
@@ -268,6 +359,37 @@ class EmbeddingIndex:
         if model is not None:
             self.attach_model(model)
         return self
+
+    @property
+    def index_dim(self) -> int:
+        """The dimension searched: the prefix ``dim`` if one was given, else the full one."""
+        return self.prefix_dim or self.dim
+
+    @property
+    def descending(self) -> bool:
+        """Whether better neighbours have higher scores (similarities), not lower ones
+        (``l2`` distances; Hamming distances of a binary index without re-scoring)."""
+        hamming = self.precision == "binary" and self.rescore_multiplier is None
+        return self.metric != "l2" and not hamming
+
+    def set_rescore_multiplier(self, value: Optional[int]) -> None:
+        """Re-rank ``value * k`` code candidates by the float vectors (``None``: rank by the
+        codes alone); kept in the manifest on :meth:`save`."""
+        self.rescore_multiplier = check_index_options(
+            self.precision, self.prefix_dim, self.dim, value, self.factory
+        )[2]
+
+    def _indexed(self, emb: np.ndarray) -> np.ndarray:
+        """What the FAISS index holds of ``emb`` rows (before coding): the prefix if any,
+        prepared for the metric as :mod:`~lightning_metric.retrieval.knn` does."""
+        if self.prefix_dim is not None and emb.shape[0]:
+            emb = prefix(torch.from_numpy(np.ascontiguousarray(emb)), self.prefix_dim).numpy()
+        elif self.prefix_dim is not None:
+            emb = np.empty((0, self.prefix_dim), dtype=np.float32)
+        return _prepared(np.ascontiguousarray(emb, dtype=np.float32), self.metric)
+
+    def _indexed_rows(self, rows: Any) -> np.ndarray:
+        return self._indexed(np.asarray(self.embeddings[rows], dtype=np.float32))
 
     def attach_model(self, model: nn.Module) -> None:
         """Use ``model`` to embed raw inputs passed to :meth:`search`."""
@@ -305,12 +427,21 @@ class EmbeddingIndex:
         ``l2``) where it found fewer than ``k`` items (raise ``nprobe``).
         """
         k = check_top_k(k, len(self), "indexed items")
-        q = _prepared(self._query_embeddings(queries, inputs), self.metric)
-        if self.factory == DEFAULT_FACTORY and nprobe is None and ef_search is None:
+        q = self._indexed(self._query_embeddings(queries, inputs))
+        binary = self.precision == "binary"
+        if self.factory in (DEFAULT_FACTORY, "SQ8") and nprobe is None and ef_search is None:
+            m = self.rescore_multiplier
+            depth = int(k) if m is None else min(len(self), m * int(k))
             scores, rows = search_complete(
-                self._index.search, q, len(self), int(k), descending=self.metric != "l2"
+                self._index.search,
+                binary_codes(q) if binary else q,
+                len(self),
+                depth,
+                descending=self.metric != "l2" and not binary,  # the codes' order
             )
-            return SearchResult(self.ids[rows.numpy()], scores.numpy())
+            if m is not None:
+                return self._rescored(q, rows.numpy(), int(k))
+            return SearchResult(self.ids[rows.numpy()], scores.numpy().astype(np.float32))
         stored = dict(self.search_params)
         try:
             self.set_search_params(nprobe=nprobe, ef_search=ef_search)
@@ -324,6 +455,17 @@ class EmbeddingIndex:
         worst = np.inf if self.metric == "l2" else -np.inf
         return SearchResult(ids, np.where(missing, worst, raw_scores).astype(np.float32))
 
+    def _rescored(self, q: np.ndarray, rows: np.ndarray, k: int) -> SearchResult:
+        """The ``k`` best of each query's candidate ``rows`` by the float vectors, which are
+        computed for the candidates only."""
+        unique, inverse = np.unique(rows, return_inverse=True)
+        reference = torch.from_numpy(self._indexed_rows(unique))
+        candidates = torch.from_numpy(inverse.reshape(rows.shape).astype(np.int64))
+        metric: Literal["ip", "l2"] = "l2" if self.metric == "l2" else "ip"
+        # unique is sorted, so rescore's tie rule (lower row first) holds for stored rows too.
+        best = rescore(torch.from_numpy(q), reference, candidates, k, metric)
+        return SearchResult(self.ids[unique[best.indices.numpy()]], best.values.numpy())
+
     def set_search_params(
         self, nprobe: Optional[int] = None, ef_search: Optional[int] = None
     ) -> None:
@@ -333,6 +475,11 @@ class EmbeddingIndex:
             if value is None:
                 continue
             value = check_int(name, value, minimum=1)
+            if self.precision == "binary":
+                raise ValueError(
+                    f"`{name}`={value} applies to approximate indexes; this binary index is "
+                    "searched exactly (IndexBinaryFlat): leave it unset"
+                )
             _set_faiss_param(self._index, name, value, self.factory)
             self.search_params[name] = value
 
@@ -340,8 +487,18 @@ class EmbeddingIndex:
         looks_like_embeddings = (
             isinstance(queries, Tensor | np.ndarray)
             and queries.ndim == 2
-            and queries.shape[1] == self.dim
+            and queries.shape[1] in (self.dim, self.index_dim)
         )
+        integer = (
+            isinstance(queries, np.ndarray) and not np.issubdtype(queries.dtype, np.floating)
+        ) or (isinstance(queries, Tensor) and not queries.is_floating_point())
+        if integer and self.precision != "float32" and (self.model is None or inputs is False):
+            dtype = queries.dtype
+            raise ValueError(
+                f"queries must be float embeddings [count, {self.dim}] (or [count, "
+                f"{self.index_dim}]), got {dtype} codes: this {self.precision} index codes "
+                "queries itself with its stored calibration; pass the float embeddings"
+            )
         if inputs is None:
             inputs = self.model is not None and not looks_like_embeddings
             shape = tuple(getattr(queries, "shape", ()))
@@ -358,7 +515,14 @@ class EmbeddingIndex:
                     "or index.attach_model(model)"
                 )
             queries = embed(self.model, queries)
-        return _as_embeddings(queries, "queries", self.metric, dim=self.dim)
+        q = _as_embeddings(queries, "queries", self.metric)
+        if q.shape[1] not in (self.dim, self.index_dim):
+            also = f" or {self.index_dim}-d (its prefix dim)" if self.prefix_dim else ""
+            raise ValueError(
+                f"queries have dimension {q.shape[1]}, but the index holds {self.dim}-d "
+                f"embeddings: pass {self.dim}-d queries{also}"
+            )
+        return q
 
     # ------------------------------------------------------------------ updates
 
@@ -401,7 +565,11 @@ class EmbeddingIndex:
             bad = [p for p in paths if "\n" in p or "\r" in p]
             if bad:
                 raise ValueError(f"paths must not contain line breaks, got {bad[0]!r}")
-        _add_in_chunks(self._index, _prepared(emb, self.metric), show_progress)
+        # Codes come from the stored calibration (int8) or the signs (binary): adding an item
+        # codes it as building with it would, without touching the ranges.
+        indexed = self._indexed(emb)
+        codes = binary_codes(indexed) if self.precision == "binary" and n else indexed
+        _add_in_chunks(self._index, codes, show_progress)
         self.embeddings = np.concatenate([self.embeddings, emb])
         self.ids = np.concatenate([self.ids, new_ids])
         self.labels = np.concatenate([self.labels, new_labels])
@@ -442,7 +610,8 @@ class EmbeddingIndex:
         np.save(root / EMBEDDINGS_FILE, self.embeddings)
         np.save(root / IDS_FILE, self.ids)
         np.save(root / LABELS_FILE, self.labels)
-        faiss.write_index(self._index, str(root / INDEX_FILE))
+        write = faiss.write_index_binary if self.precision == "binary" else faiss.write_index
+        write(self._index, str(root / INDEX_FILE))
         if self.paths is not None:
             text = "".join(f"{p}\n" for p in self.paths)
             (root / PATHS_FILE).write_text(text, encoding="utf-8")
@@ -458,6 +627,10 @@ class EmbeddingIndex:
             "faiss_index": type(self._index).__name__,
             "factory": self.factory,
             "search_params": dict(self.search_params),
+            "precision": self.precision,
+            "dim": self.prefix_dim,
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "rescore_multiplier": self.rescore_multiplier,
             "files": {
                 "index": INDEX_FILE,
                 "embeddings": EMBEDDINGS_FILE,
@@ -479,6 +652,12 @@ class EmbeddingIndex:
 
     def __repr__(self) -> str:
         extra = "" if self.factory == DEFAULT_FACTORY else f", factory={self.factory!r}"
+        if self.prefix_dim is not None:
+            extra += f", prefix_dim={self.prefix_dim}"
+        if self.precision != "float32":
+            extra += f", precision={self.precision!r}"
+        if self.rescore_multiplier is not None:
+            extra += f", rescore_multiplier={self.rescore_multiplier}"
         return f"EmbeddingIndex(count={len(self)}, dim={self.dim}, metric={self.metric!r}{extra})"
 
 

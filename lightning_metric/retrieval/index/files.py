@@ -132,11 +132,11 @@ def _verify_hashes(root: Path, manifest: dict[str, Any]) -> None:
             )
 
 
-def _load_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+def _load_npy(path: Path, dtype: Any, shape: tuple[int, ...], mmap: bool = False) -> np.ndarray:
     if not path.is_file():
         raise IndexFormatError(f"missing {str(path)!r}")
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as err:
         raise IndexFormatError(f"cannot read {str(path)!r} as a NumPy array: {err}") from err
     if arr.shape != shape or arr.dtype != dtype:
