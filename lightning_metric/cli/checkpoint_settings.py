@@ -33,7 +33,16 @@ __all__ = ["APPLIED", "TRAINING_ONLY", "CheckpointSettingsError", "reconcile_che
 
 APPLIED = frozenset({"nonfinite", "gather_across_ranks"})
 """Settings whose given value is used on resume: no state of theirs is in the checkpoint."""
-TRAINING_ONLY = frozenset({"optimizer", "lr_scheduler", "objective_lr", "lr_scheduler_interval"})
+TRAINING_ONLY = frozenset(
+    {
+        "optimizer",
+        "lr_scheduler",
+        "objective_lr",
+        "lr_scheduler_interval",
+        "matryoshka_dims",  # only the loss reads them: the embedding is the same
+        "matryoshka_weights",
+    }
+)
 """Settings that only training reads: applied (unused) when evaluating a checkpoint."""
 _EVALUATION = frozenset({"validate", "test", "predict"})
 
