@@ -61,8 +61,8 @@ def single_threaded_bookkeeping() -> Iterator[None]:
     """Run torch's small CPU ops single-threaded; FAISS keeps the caller's thread count.
 
     Element-wise ops on ``[queries, k]`` tensors gain nothing from threads, but OpenMP
-    barriers stall badly when the cores are oversubscribed (measured ~65x slower on a busy
-    2-core machine). torch and FAISS may share one OpenMP runtime, so FAISS calls set their
+    barriers stall badly when the cores are oversubscribed (every op waits for a core that
+    another process holds). torch and FAISS may share one OpenMP runtime, so FAISS calls set their
     thread count explicitly (:func:`_faiss_knn`).
     """
     threads = torch.get_num_threads()
