@@ -33,6 +33,8 @@ NECK = ["neck.bn.bias", "neck.bn.num_batches_tracked", "neck.bn.running_mean",
 HPARAMS = {
     "num_classes": 4, "embedding_dim": 8, "objective_lr": None,
     "lr_scheduler_interval": "epoch", "gather_across_ranks": True,
+    # Added in 0.3 with defaults that leave training unchanged: older checkpoints load as off.
+    "matryoshka_dims": None, "matryoshka_weights": None,
 }  # fmt: skip
 CASES = {
     "head": (
