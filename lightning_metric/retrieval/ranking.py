@@ -81,6 +81,8 @@ __all__ = ["neighbour_list_metrics", "retrieval_metrics", "retrieval_metrics_per
 Average = Literal["micro", "macro"]
 # Neighbour-label entries held at once while scoring (bounds memory for large classes).
 _SCORE_BLOCK_ELEMENTS = 1 << 22
+# Queries searched at once at most: one FAISS call (knn._FAISS_CHUNK) per block.
+_FAISS_QUERIES = 1 << 16
 
 
 @dataclass
@@ -233,7 +235,7 @@ def _score(s: _Setup, ks: tuple[int, ...], o: _Scoring) -> list[_PerQuery]:
     ]
     depth = max(ks[-1], max(r_max) if (o.map_at_r or o.mrr) else 0)
     width = max(lv.query.shape[1] if lv.multi else 1 for lv in s.levels)
-    chunk = o.chunk_size or max(1, min(16384, _SCORE_BLOCK_ELEMENTS // (depth * width)))
+    chunk = o.chunk_size or max(1, min(_FAISS_QUERIES, _SCORE_BLOCK_ELEMENTS // (depth * width)))
     # Position of each query among its level's scorable queries.
     position = [torch.cumsum(r > 0, 0) - 1 for r in r_counts]
     for start in range(0, searched.numel(), chunk):
