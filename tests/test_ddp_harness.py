@@ -113,11 +113,10 @@ def _sleeps_forever(rank: int, folder: str) -> None:
 
 
 def test_deadline_kills_a_rank_that_never_returns(tmp_path: Path) -> None:
-    # Rank 0 returns as soon as it has started; on a loaded machine it may still be importing
-    # torch at the deadline, so it may be named too. Rank 1 never returns: it is always named.
-    deadline = 25.0
+    # 60 s: rank 0 must have imported torch and returned by then, even on a loaded machine.
+    deadline = 60.0
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"^ranks \[(0, )?1\] still running after 25 s: killed$"):
+    with pytest.raises(TimeoutError, match=r"^ranks \[1\] still running after 60 s: killed$"):
         run_ranks(_sleeps_forever, 2, tmp_path, args=(str(tmp_path),), timeout=deadline)
     assert deadline <= time.monotonic() - start < deadline + REACTION_S
     _assert_all_gone(tmp_path)
