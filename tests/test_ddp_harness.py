@@ -108,6 +108,9 @@ def test_peer_waiting_for_an_absent_rank_fails(tmp_path: Path, linger: float) ->
 
 def _sleeps_forever(rank: int, folder: str) -> None:
     _note(folder, "started", rank)
+    # Rank 0 leaves the group only once rank 1 has joined it: a rank still connecting when its
+    # peer destroys the group fails, which would end the test before the deadline.
+    dist.barrier()
     if rank == 1:
         time.sleep(10**6)
 
