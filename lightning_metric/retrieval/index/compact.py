@@ -171,5 +171,19 @@ def check_loaded(
             )
 
 
+def search_binary(index: Any, codes: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ``k`` nearest codes of an ``IndexBinaryFlat`` by Hamming distance, equal
+    distances by lower row, in one pass.
+
+    FAISS's counting search (``use_heap=False``) gathers the rows of each distance in scan
+    order, so it returns that order itself; its heap search (the default) keeps an arbitrary
+    part of a tie group at the cut-off and would have to search again, deeper, to complete it
+    (Hamming distances tie all the time). The tests hold it to a brute-force sort.
+    """
+    index.use_heap = False
+    distances, rows = index.search(codes, k)
+    return torch.from_numpy(distances), torch.from_numpy(rows)
+
+
 def binary_codes(vectors: np.ndarray) -> np.ndarray:
     return binarize(torch.from_numpy(vectors)).numpy()

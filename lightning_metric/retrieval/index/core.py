@@ -41,6 +41,7 @@ from lightning_metric.retrieval.index.compact import (
     check_index_options,
     check_loaded,
     new_code_index,
+    search_binary,
     set_calibration,
 )
 from lightning_metric.retrieval.index.embedding import embed
@@ -432,13 +433,12 @@ class EmbeddingIndex:
         if self.factory in (DEFAULT_FACTORY, "SQ8") and nprobe is None and ef_search is None:
             m = self.rescore_multiplier
             depth = int(k) if m is None else min(len(self), m * int(k))
-            scores, rows = search_complete(
-                self._index.search,
-                binary_codes(q) if binary else q,
-                len(self),
-                depth,
-                descending=self.metric != "l2" and not binary,  # the codes' order
-            )
+            if binary:
+                scores, rows = search_binary(self._index, binary_codes(q), depth)
+            else:
+                scores, rows = search_complete(
+                    self._index.search, q, len(self), depth, descending=self.metric != "l2"
+                )
             if m is not None:
                 return self._rescored(q, rows.numpy(), int(k))
             return SearchResult(self.ids[rows.numpy()], scores.numpy().astype(np.float32))

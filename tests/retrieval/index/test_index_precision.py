@@ -63,6 +63,28 @@ def test_binary_equals_search_codes_with_hamming_ties_to_lower_row() -> None:
     assert np.array_equal(found.scores, expected.values.numpy().astype(np.float32))
 
 
+@pytest.mark.parametrize(("dim", "k"), [(8, 1), (8, 150), (20, 37), (32, 399)])
+def test_binary_search_is_a_brute_force_sort_by_hamming_then_row(
+    dim: int, k: int, tmp_path: Path
+) -> None:
+    """Tie groups of hundreds of rows (8 bits over 400 items) cross every cut-off: the
+    result is the stable sort of the brute-force Hamming distances, before and after save /
+    load, searched alone or in a batch."""
+    bits = np.unpackbits(
+        binarize(reference(Q, dim)).numpy()[:, None, :]
+        ^ binarize(reference(X, dim)).numpy()[None, :, :],
+        axis=2,
+    ).sum(2)
+    order = np.argsort(bits, axis=1, kind="stable")[:, :k]
+    index = EmbeddingIndex(X, dim=dim, precision="binary")
+    loaded = EmbeddingIndex.load(index.save(tmp_path / "index"))
+    for searched in (index, loaded):
+        found = searched.search(Q, k=k)
+        assert np.array_equal(found.ids, order)
+        assert np.array_equal(found.scores, np.take_along_axis(bits, order, 1).astype(np.float32))
+        assert np.array_equal(searched.search(Q[3:4], k=k).ids, order[3:4])
+
+
 @pytest.mark.parametrize(("precision", "metric"), [("binary", "cosine"), ("int8", "l2")])
 def test_rescore_equals_codes_then_float(precision: str, metric: str) -> None:
     k, m = 5, 4
