@@ -64,7 +64,12 @@ from lightning_metric.retrieval.index.files import (
     _swap_in,
     _verify_hashes,
 )
-from lightning_metric.retrieval.knn import Similarity, search_complete
+from lightning_metric.retrieval.knn import (
+    Similarity,
+    faiss_threads_for,
+    search_complete,
+    single_threaded_bookkeeping,
+)
 from lightning_metric.retrieval.quantization import Calibration, calibrate, prefix, rescore
 
 __all__ = ["EmbeddingIndex", "SearchResult"]
@@ -428,11 +433,19 @@ class EmbeddingIndex:
         ``l2``) where it found fewer than ``k`` items (raise ``nprobe``).
         """
         k = check_top_k(k, len(self), "indexed items")
-        q = self._indexed(self._query_embeddings(queries, inputs))
+        q = self._query_embeddings(queries, inputs)
+        # Small tensor work on one torch thread, FAISS on one thread per query at most: a
+        # parallel region that wakes idle threads costs more than a few queries' search.
+        with single_threaded_bookkeeping(), faiss_threads_for(len(q)):
+            return self._search(self._indexed(q), int(k), nprobe, ef_search)
+
+    def _search(
+        self, q: np.ndarray, k: int, nprobe: Optional[int], ef_search: Optional[int]
+    ) -> SearchResult:
         binary = self.precision == "binary"
         if self.factory in (DEFAULT_FACTORY, "SQ8") and nprobe is None and ef_search is None:
             m = self.rescore_multiplier
-            depth = int(k) if m is None else min(len(self), m * int(k))
+            depth = k if m is None else min(len(self), m * k)
             if binary:
                 scores, rows = search_binary(self._index, binary_codes(q), depth)
             else:
@@ -440,12 +453,12 @@ class EmbeddingIndex:
                     self._index.search, q, len(self), depth, descending=self.metric != "l2"
                 )
             if m is not None:
-                return self._rescored(q, rows.numpy(), int(k))
+                return self._rescored(q, rows.numpy(), k)
             return SearchResult(self.ids[rows.numpy()], scores.numpy().astype(np.float32))
         stored = dict(self.search_params)
         try:
             self.set_search_params(nprobe=nprobe, ef_search=ef_search)
-            raw_scores, raw_rows = self._index.search(q, int(k))
+            raw_scores, raw_rows = self._index.search(q, k)
         finally:
             self.search_params = {}
             _reset_search_params(self._index, set(stored) | _given(nprobe, ef_search))
