@@ -43,3 +43,23 @@ def smoke_args(tmp_path: Path) -> list[str]:
         "--trainer.limit_train_batches=3",
         "--trainer.enable_progress_bar=false",
     ]
+
+
+def tiny_index(root: Path, *writer_flags: str) -> tuple[Path, Path]:
+    """A tiny digits checkpoint and the index ``lightning-metric predict`` writes with it
+    through ``EmbeddingIndexWriter`` into ``root/index``; ``writer_flags`` are its options
+    (``"factory=HNSW32"`` becomes ``--trainer.callbacks.factory=HNSW32``)."""
+    ckpt = tiny_checkpoint(root)
+    out = root / "index"
+    main(
+        [
+            "predict",
+            *tiny_args(root),
+            "--trainer.precision=32-true",
+            "--trainer.callbacks+=lightning_metric.callbacks.EmbeddingIndexWriter",
+            f"--trainer.callbacks.output_dir={out}",
+            *(f"--trainer.callbacks.{flag}" for flag in writer_flags),
+            f"--ckpt_path={ckpt}",
+        ]
+    )
+    return ckpt, out

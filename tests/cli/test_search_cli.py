@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from repo_paths import CONFIGS
+from tiny_digits import tiny_index
 
 from lightning_metric.cli.console import main
 from lightning_metric.data.preprocess import load_images
@@ -24,23 +25,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ship")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        common = ["--config", CONFIG, *QUIET, f"--trainer.default_root_dir={root}"]
-        main(["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-              "--trainer.limit_val_batches=1"])  # fmt: skip
-        (ckpt,) = root.rglob("*.ckpt")
-        out = root / "hnsw"
-        main(
-            [
-                "predict",
-                *common,
-                "--trainer.precision=32-true",
-                "--trainer.callbacks+=lightning_metric.callbacks.EmbeddingIndexWriter",
-                f"--trainer.callbacks.output_dir={out}",
-                "--trainer.callbacks.factory=HNSW32",
-                "--trainer.callbacks.ef_search=64",
-                f"--ckpt_path={ckpt}",
-            ]
-        )
+        ckpt, out = tiny_index(root, "factory=HNSW32", "ef_search=64")
     return {"root": root, "ckpt": ckpt, "index": out}
 
 

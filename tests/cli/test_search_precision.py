@@ -11,6 +11,7 @@ import pytest
 import torch
 from repo_paths import CONFIGS
 from test_search_evaluate import brute_force
+from tiny_digits import tiny_index
 
 from lightning_metric.callbacks import EmbeddingIndexWriter
 from lightning_metric.cli.console import main
@@ -26,24 +27,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("compact")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        common = ["--config", CONFIG, *QUIET, f"--trainer.default_root_dir={root}"]
-        main(["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-              "--trainer.limit_val_batches=1"])  # fmt: skip
-        (ckpt,) = root.rglob("*.ckpt")
-        out = root / "binary"
-        main(
-            [
-                "predict",
-                *common,
-                "--trainer.precision=32-true",
-                "--trainer.callbacks+=lightning_metric.callbacks.EmbeddingIndexWriter",
-                f"--trainer.callbacks.output_dir={out}",
-                "--trainer.callbacks.dim=16",
-                "--trainer.callbacks.precision=binary",
-                "--trainer.callbacks.rescore_multiplier=2",
-                f"--ckpt_path={ckpt}",
-            ]
-        )
+        ckpt, out = tiny_index(root, "dim=16", "precision=binary", "rescore_multiplier=2")
     return {"ckpt": ckpt, "index": out}
 
 
