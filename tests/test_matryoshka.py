@@ -16,10 +16,17 @@ import torch.nn.functional as F
 from ddp_harness import run_ranks
 from lightning import Trainer
 from pytorch_metric_learning import losses, miners
+from sharded_heads import (
+    ShardedHeadModel,
+    all_batches,
+    close,
+    rank_batch,
+    record_sampling,
+    replay_sampling,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_metric.heads.base as head_base
 from lightning_metric import MetricLearningModule
 from lightning_metric.heads import (
     AdaFaceHead,
@@ -272,7 +279,7 @@ def test_a_nan_row_makes_every_prefix_loss_nan_and_keeps_statistics() -> None:
 
 
 # ------------------------------------------------------------------- sharded centres (DDP)
-F_IN, WORLD = 6, 2
+WORLD = 2
 DDP_CASES: list[tuple[type[MarginHead], float, dict[str, Any]]] = [
     (ArcFaceHead, 1.0, {}),
     (CosFaceHead, 0.5, {"chunk_size": 2}),
@@ -281,24 +288,13 @@ DDP_CASES: list[tuple[type[MarginHead], float, dict[str, Any]]] = [
 ]
 
 
-def _rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + rank)
-    size = 5 + rank  # uneven batches
-    return torch.randn(size, F_IN, generator=g) * (1.0 + rank), torch.randint(
-        0, C, (size,), generator=g
-    )
+def _prefix_losses(head: MarginHead, embeddings: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    per_prefix = head.prefix_losses(embeddings, y, DIMS)
+    return torch.stack([*per_prefix, _weighted_mean(per_prefix, WEIGHTS)])
 
 
-class _Model(nn.Module):
-    def __init__(self, cls: type[MarginHead], rate: float, kwargs: dict[str, Any]) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.backbone = nn.Linear(F_IN, D)
-        self.head = cls(D, C, sample_rate=rate, shard_classes=True, **kwargs)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        per_prefix = self.head.prefix_losses(self.backbone(x), y, DIMS)
-        return torch.stack([*per_prefix, _weighted_mean(per_prefix, WEIGHTS)])
+def _model(cls: type[MarginHead], rate: float, kwargs: dict[str, Any]) -> ShardedHeadModel:
+    return ShardedHeadModel(cls, rate, kwargs, D, C, _prefix_losses)
 
 
 def _ddp_worker(rank: int, world: int, folder: str) -> None:
@@ -306,21 +302,14 @@ def _ddp_worker(rank: int, world: int, folder: str) -> None:
 
     record: list[torch.Tensor] = []
     offset = [0]
-    original = head_base.sample_classes
-
-    def recording(labels: torch.Tensor, n: int, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
-        index, local = original(labels, n, rate)
-        record.append(index + offset[0])
-        return index, local
-
-    head_base.sample_classes = recording  # type: ignore[assignment]
+    record_sampling(record, offset)
     results = []
     for cls, rate, kwargs in DDP_CASES:
-        model = _Model(cls, rate, kwargs)
+        model = _model(cls, rate, kwargs)
         model.head.shard(rank, world)
         offset[0] = model.head.class_shard.start  # type: ignore[union-attr]
         record.clear()
-        x, y = _rank_batch(rank)
+        x, y = rank_batch(rank, C)
         values = model(x, y)
         values[-1].backward()
         backbone = []
@@ -343,20 +332,10 @@ def _ddp_worker(rank: int, world: int, folder: str) -> None:
 def _one_process(
     cls: type[MarginHead], rate: float, kwargs: dict[str, Any], sampled: Any
 ) -> dict[str, Any]:
-    model = _Model(cls, rate, kwargs)
-    batches = [_rank_batch(r) for r in range(WORLD)]
-    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    original = head_base.sample_classes
-    if sampled is not None:  # the union of the shards' picks, as one process would pick them
-
-        def forced(labels: torch.Tensor, n: int, r: float) -> tuple[torch.Tensor, torch.Tensor]:
-            return sampled, torch.searchsorted(sampled, labels)
-
-        head_base.sample_classes = forced  # type: ignore[assignment]
-    try:
+    model = _model(cls, rate, kwargs)
+    x, y = all_batches(WORLD, C)
+    with replay_sampling(sampled):
         values = model(x, y)
-    finally:
-        head_base.sample_classes = original
     values[-1].backward()
     return {
         "values": values.detach(),
@@ -379,21 +358,13 @@ def test_sharded_centres_equal_one_process(tmp_path: Path) -> None:
         ref = _one_process(cls, rate, kwargs, sampled)
         for r, g in enumerate(got):
             case = f"{cls.__name__} rate={rate} rank {r}"
-            _close(g["values"], ref["values"], f"losses, {case}")
+            close(g["values"], ref["values"], f"losses, {case}")
             for a, b in zip(g["backbone"], ref["backbone"], strict=True):
-                _close(a, b, f"backbone gradient, {case}")
+                close(a, b, f"backbone gradient, {case}")
             start, stop = shard_bounds(C, WORLD)[r]
-            _close(g["centres"], ref["centres"][start:stop], f"centre gradient, {case}")
+            close(g["centres"], ref["centres"][start:stop], f"centre gradient, {case}")
             for name, value in ref["buffers"].items():
-                _close(g["buffers"][name], value, f"{name}, {case}")
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, msg: str) -> None:
-    """Equal to 1e-5 of the tensor's scale (at least 1): float32 sums taken in another order
-    (chunks, ranks) differ by ~1e-7 relative, and gradients at s=64 reach a few hundred."""
-    scale = max(1.0, float(want.abs().max()))
-    err = float((got.double() - want.double()).abs().max())
-    assert err <= 1e-5 * scale, f"{msg}: max difference {err:.3g} (scale {scale:.3g})"
+                close(g["buffers"][name], value, f"{name}, {case}")
 
 
 # ------------------------------------------------------------------------ training and YAML

@@ -10,10 +10,16 @@ from typing import Any
 import pytest
 import torch
 from ddp_harness import run_ranks
-from torch import nn
+from sharded_heads import (
+    ShardedHeadModel,
+    all_batches,
+    close,
+    rank_batch,
+    record_sampling,
+    replay_sampling,
+)
 from torch.nn.parallel import DistributedDataParallel
 
-import lightning_metric.heads.base as head_base
 from lightning_metric.heads import (
     AdaFaceHead,
     ArcFaceHead,
@@ -27,7 +33,7 @@ from lightning_metric.heads import (
 )
 from lightning_metric.heads.sharding import shard_bounds
 
-F_IN, D, C = 6, 8, 11
+D, C = 8, 11
 
 # (head, extra arguments); every one runs with sample_rate 1.0 and 0.5.
 CASES: list[tuple[type[MarginHead], dict[str, Any]]] = [
@@ -42,44 +48,22 @@ CASES: list[tuple[type[MarginHead], dict[str, Any]]] = [
 RATES = (1.0, 0.5)
 
 
-def _batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + rank)
-    size = 5 + rank  # uneven batches
-    return torch.randn(size, F_IN, generator=g) * (1.0 + rank), torch.randint(
-        0, C, (size,), generator=g
-    )
+def _loss(head: MarginHead, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return head.loss(embeddings, labels)
 
 
-class _Model(nn.Module):
-    def __init__(self, cls: type[MarginHead], rate: float, kwargs: dict[str, Any]) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.backbone = nn.Linear(F_IN, D)
-        self.head = cls(D, C, sample_rate=rate, shard_classes=True, **kwargs)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.head.loss(self.backbone(x), y)
-
-
-def _recording_sampler(record: list[torch.Tensor], offset: list[int]) -> Any:
-    original = head_base.sample_classes
-
-    def sample(labels: torch.Tensor, n: int, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
-        index, local = original(labels, n, rate)
-        record.append(index + offset[0])
-        return index, local
-
-    return sample
+def _model(cls: type[MarginHead], rate: float, kwargs: dict[str, Any]) -> ShardedHeadModel:
+    return ShardedHeadModel(cls, rate, kwargs, D, C, _loss)
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
     results = []
     record: list[torch.Tensor] = []
     offset = [0]
-    head_base.sample_classes = _recording_sampler(record, offset)  # type: ignore[assignment]
+    record_sampling(record, offset)
     for cls, kwargs in CASES:
         for rate in RATES:
-            model = _Model(cls, rate, kwargs)
+            model = _model(cls, rate, kwargs)
             model.head.shard(rank, world)
             offset[0] = model.head.class_shard.start  # type: ignore[union-attr]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -87,7 +71,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
             )
             ddp = DistributedDataParallel(model)
             record.clear()
-            x, y = _batch(rank)
+            x, y = rank_batch(rank, C)
             loss = ddp(x, y)
             loss.backward()
             sampled = torch.cat(record) if record else None
@@ -106,21 +90,10 @@ def _worker(rank: int, world: int, folder: str) -> None:
 def _reference(
     cls: type[MarginHead], rate: float, kwargs: dict[str, Any], world: int, sampled: Any
 ) -> dict[str, Any]:
-    model = _Model(cls, rate, kwargs)
-    batches = [_batch(r) for r in range(world)]
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    original = head_base.sample_classes
-    if sampled is not None:  # the union of the shards' picks, as one process would pick them
-
-        def forced(labels: torch.Tensor, n: int, r: float) -> tuple[torch.Tensor, torch.Tensor]:
-            return sampled, torch.searchsorted(sampled, labels)
-
-        head_base.sample_classes = forced  # type: ignore[assignment]
-    try:
+    model = _model(cls, rate, kwargs)
+    x, y = all_batches(world, C)
+    with replay_sampling(sampled):
         loss = model(x, y)
-    finally:
-        head_base.sample_classes = original
     loss.backward()
     return {
         "loss": loss.detach(),
@@ -128,16 +101,6 @@ def _reference(
         "centres": model.head.weight.grad,
         "buffers": dict(model.head.named_buffers()),
     }
-
-
-def close(got: torch.Tensor, want: torch.Tensor, msg: str, tol: float = 1e-5) -> None:
-    """Equal to ``tol`` of the tensor's scale (at least 1): float32 sums taken in another
-    order (chunks, ranks) differ by ~1e-7 relative, and gradients at s=64 reach a few
-    hundred. ``tol=0`` asks for exact equality."""
-    assert got.shape == want.shape, msg
-    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
-    err = float((got.double() - want.double()).abs().max()) if want.numel() else 0.0
-    assert err <= tol * scale, f"{msg}: max difference {err:.3g} (scale {scale:.3g})"
 
 
 @pytest.mark.ddp

@@ -13,7 +13,7 @@ import pytest
 import torch
 from ddp_harness import FileRendezvousDDP
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_sharded_heads import close
+from sharded_heads import close
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
