@@ -57,8 +57,8 @@ class EmbeddingAccumulator(Metric):
     roles: list[Tensor] | Tensor
     ranks: list[Tensor] | Tensor
 
-    def __init__(self, compute_on_cpu: bool = False) -> None:
-        super().__init__(compute_on_cpu=compute_on_cpu)
+    def __init__(self, compute_on_cpu: bool = False, sync_on_compute: bool = True) -> None:
+        super().__init__(compute_on_cpu=compute_on_cpu, sync_on_compute=sync_on_compute)
         self._warned_no_index = False
         self._dataset_sizes: dict[int, int] = {}
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
