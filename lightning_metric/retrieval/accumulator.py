@@ -143,6 +143,19 @@ class EmbeddingAccumulator(Metric):
     def compute(self) -> Gathered:  # type: ignore[override]
         return self._gathered()
 
+    def local_rows(self) -> Gathered:
+        """This rank's rows as they were updated, padding included, nothing gathered."""
+        name = type(self).__name__
+        if isinstance(self.embeddings, list) and not self.embeddings:
+            raise ValueError(f"{name}: no rows were collected")
+        emb = dim_zero_cat(self.embeddings)
+        return Gathered(
+            emb,
+            dim_zero_cat(self.labels).to(emb.device),
+            dim_zero_cat(self.indexes).to(emb.device),
+            dim_zero_cat(self.roles).to(emb.device),
+        )
+
     def _gathered(self) -> Gathered:
         """The rows of all ranks, padding dropped; call it inside ``compute`` (which syncs)."""
         name = type(self).__name__

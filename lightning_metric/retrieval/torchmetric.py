@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torchmetrics.utilities import dim_zero_cat
 
 from lightning_metric.checks import (
     ArgumentTypeError,
@@ -225,10 +224,7 @@ class RetrievalMetrics(EmbeddingAccumulator):
         """:meth:`_compute` with every rank holding only its own rows (no gather)."""
         if isinstance(self.embeddings, list) and not self.embeddings:
             raise ValueError("RetrievalMetrics.compute() called before any update()")
-        emb = dim_zero_cat(self.embeddings)
-        labels = dim_zero_cat(self.labels).to(emb.device)
-        index = dim_zero_cat(self.indexes).to(emb.device)
-        roles = dim_zero_cat(self.roles).to(emb.device)
+        emb, labels, index, roles = self.local_rows()
         lay = layout(roles, index, self._dataset_sizes, emb.device)
         if lay.split and lay.num_queries == 0:
             raise ValueError("RetrievalMetrics got reference items but no query items")
