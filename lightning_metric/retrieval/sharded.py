@@ -363,17 +363,20 @@ def sharded_metrics(
     _check_local(embeddings)
     x = embeddings if dim is None else prefix(embeddings, dim)
     shard, prepared = _shard(x, labels, lay, o.metric, quantization, rescore_multiplier)
-    # R: the class histogram of all reference rows, minus the query's own row.
-    top = _all_reduce(
-        torch.tensor([int(labels.max()) if labels.numel() else -1], device=device),
-        dist.ReduceOp.MAX,
+    ref_rows = (lay.reference >= 0).nonzero()[:, 0]
+    # R: the class histogram of all reference rows, minus the query's own row. Classes are
+    # numbered by the sorted table of every rank's labels (any int64 labels, as in one
+    # process; its size is the number of classes, not the label range).
+    local_classes = torch.unique(labels)
+    classes = torch.unique(
+        _gather_rows(local_classes, _all_gather_counts(local_classes.numel(), device))
     )
-    histogram = torch.bincount(shard.labels, minlength=int(top) + 1)
-    histogram = _all_reduce(histogram)
+    class_of = torch.searchsorted(classes, labels)
+    histogram = _all_reduce(torch.bincount(class_of[ref_rows], minlength=classes.numel()))
     is_query = lay.query >= 0
     qrows = is_query.nonzero()[:, 0]
     qrows = qrows[torch.argsort(lay.query[qrows])]
-    r = histogram[labels[qrows]] - lay.own[qrows].long()
+    r = histogram[class_of[qrows]] - lay.own[qrows].long()
     scorable = r > 0
     scored = int(_all_reduce(scorable.sum().reshape(1)))
     unscorable = lay.num_queries - scored

@@ -41,6 +41,8 @@ def floats(n: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     x = centres[labels] + 0.8 * torch.randn(n, 8, generator=g)
     x[11] = x[5]
     labels[0] = 999
+    labels[2] = -7  # any int64 labels, as in one process: negative ...
+    labels[[3, 4]] = 10**12  # ... or far apart
     return x, labels
 
 
