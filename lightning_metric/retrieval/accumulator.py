@@ -149,6 +149,9 @@ class EmbeddingAccumulator(Metric):
         if isinstance(self.embeddings, list) and not self.embeddings:
             raise ValueError(f"{name}: no rows were collected")
         emb = dim_zero_cat(self.embeddings)
+        # The states become the one concatenated tensor, the same rows: the batches' copies
+        # are freed instead of living beside it (the sharded paths' memory is this rank's rows).
+        self.embeddings = [emb]
         return Gathered(
             emb,
             dim_zero_cat(self.labels).to(emb.device),

@@ -218,11 +218,14 @@ class _Shard:
 
 
 def _take(x: Tensor, rows: Tensor) -> Tensor:
-    """``x[rows]`` without a copy when ``rows`` is every row in order (leave-one-out)."""
-    if rows.numel() == x.shape[0] and bool(
-        (rows == torch.arange(len(rows), device=rows.device)).all()
-    ):
-        return x
+    """``x[rows]``, a view when ``rows`` is a run of consecutive rows (leave-one-out: all of
+    them; a gallery loader after a query loader: the gallery's), else a copy."""
+    if rows.numel() == 0:
+        return x[rows]
+    first = int(rows[0])
+    run = torch.arange(first, first + rows.numel(), device=rows.device)
+    if bool((rows == run).all()):
+        return x[first : first + rows.numel()]
     return x[rows]
 
 
