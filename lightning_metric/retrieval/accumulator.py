@@ -148,9 +148,9 @@ class EmbeddingAccumulator(Metric):
         name = type(self).__name__
         if isinstance(self.embeddings, list) and not self.embeddings:
             raise ValueError(f"{name}: no rows were collected")
-        emb = dim_zero_cat(self.embeddings)
-        # The states become the one concatenated tensor, the same rows: the batches' copies
-        # are freed instead of living beside it (the sharded paths' memory is this rank's rows).
+        emb = _concatenate_freeing(self.embeddings)  # type: ignore[arg-type]
+        # The states become the one concatenated tensor, the same rows: the sharded paths'
+        # memory is this rank's rows once, not the batches beside their concatenation.
         self.embeddings = [emb]
         return Gathered(
             emb,
@@ -192,3 +192,22 @@ class EmbeddingAccumulator(Metric):
             keep.append(rows[kept])
         order = torch.cat(keep)
         return Gathered(emb[order], labels[order], index[order], roles[order])
+
+
+def _concatenate_freeing(parts: list[Tensor] | Tensor) -> Tensor:
+    """``torch.cat(parts)``, each part dropped from the list once copied, so the rows are
+    held about once (plus one batch), not twice, while they are concatenated."""
+    if isinstance(parts, Tensor):
+        return parts
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    out = first.new_empty((sum(p.shape[0] for p in parts), *first.shape[1:]))
+    del first
+    start = 0
+    while parts:
+        part = parts.pop(0)
+        out[start : start + part.shape[0]] = part
+        start += part.shape[0]
+        del part
+    return out
