@@ -18,9 +18,11 @@ padding dropped), and
 4. per-query values are computed by the same functions as in one process and gathered in
    query order, so the means are the same float sums.
 
-Peak embedding memory per rank is its ``N / W`` rows (plus their prepared copy) and one
-query block; the bookkeeping is a few integers per local row, a class histogram and, at the
-end, the per-query values (8 bytes per query and metric).
+Peak embedding memory per rank is its ``N / W`` rows (a view of them is searched when its
+reference rows are consecutive, as when a query loader precedes a gallery loader) and one
+query block; the bookkeeping is a few integers per local row, the table of class labels
+(built from every rank's distinct labels) with its histogram and, at the end, the
+per-query values (8 bytes per query and metric, on every rank).
 
 Not shardable, refused by :class:`~lightning_metric.retrieval.RetrievalMetrics` at
 construction: re-ranking (needs the whole distance matrix), clustering (a k-means over all
