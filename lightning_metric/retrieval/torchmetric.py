@@ -105,7 +105,8 @@ class RetrievalMetrics(EmbeddingAccumulator):
             it embedded, query blocks are broadcast, every rank searches its rows and the
             block's owner merges the candidates, ties by lower one-process row as exact search
             breaks them. Same values as one process; embedding memory per rank about
-            ``N * D * 4 / W`` bytes (plus a prepared copy and a query block) instead of
+            ``N * D * 4 / W`` bytes (plus a normalised copy for ``cosine`` when the rows are
+            not unit-norm already, and a query block) instead of
             several copies of ``N * D * 4``. Off by default: below a few million rows the
             gathered search is faster (one FAISS call, no per-block collectives). Single
             labels only; refuses ``rerank``, ``clustering`` and ``"binary_rescore"``, which
