@@ -32,6 +32,7 @@ from lightning_metric.retrieval import (
     verification_metrics,
 )
 from lightning_metric.retrieval.index import EmbeddingIndex, IndexFormatError
+from lightning_metric.retrieval.rerank import KReciprocal
 
 G = torch.Generator().manual_seed(0)
 X = torch.randn(10, 4, generator=G)
@@ -249,6 +250,18 @@ RETRIEVAL_CASES: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
         lambda: retrieval_metrics(X, Y, average="weighted"),
         ValueError,
         r"`average` must be one of \('micro', 'macro'\), got 'weighted'",
+    ),
+    (
+        "sharded reference with re-ranking",
+        lambda: RecallAtK(shard_reference=True, rerank=KReciprocal()),
+        ValueError,
+        r"RetrievalMetrics\(shard_reference=True\) cannot use `rerank`: re-ranking needs",
+    ),
+    (
+        "sharded reference with hierarchical labels",
+        lambda: RetrievalMetrics(shard_reference=True, label_kind="hierarchical"),
+        ValueError,
+        r"takes single class ids, got label_kind='hierarchical'",
     ),
     (
         "role",

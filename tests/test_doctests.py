@@ -13,6 +13,7 @@ import pytest
 MODULES = [
     "lightning_metric.retrieval.knn",
     "lightning_metric.retrieval.ranking",
+    "lightning_metric.retrieval.sharded",
     "lightning_metric.retrieval.verification",
     "lightning_metric.retrieval.index.core",
     "lightning_metric.retrieval.index.embedding",

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from lightning_metric.batch import step_embeddings
 from lightning_metric.distributed import world_size
-from lightning_metric.retrieval.accumulator import EmbeddingAccumulator
+from lightning_metric.retrieval.accumulator import ROLE_CODES, EmbeddingAccumulator
+from lightning_metric.retrieval.sharded import layout
 
 __all__ = [
     "Collected",
@@ -164,6 +165,32 @@ class EmbeddingCollector:
         self._rows.to("cpu")
         index = rows.indexes if bool((rows.indexes >= 0).all()) else torch.arange(len(rows.labels))
         return index.cpu(), rows.embeddings.cpu(), rows.labels.cpu()
+
+    def local(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, dataloader_idx: int
+    ) -> tuple[Tensor, Collected]:
+        """This rank's rows without DistributedSampler's padding and without gathering
+        anything, with each row's position in one-process order: ``(position, rows)``; every
+        rank must call this (the ranks exchange their row counts)."""
+        loaders = stage_loaders(trainer, stage)
+        size = dataset_size(loaders, dataloader_idx)
+        rows = self._rows.local_rows()
+        if bool((rows.indexes < 0).any()):
+            raise ValueError(
+                f"{self.owner}: under DDP batches need an 'index' entry (dataset position) "
+                "to remove DistributedSampler padding"
+            )
+        device = pl_module.device  # NCCL exchanges device tensors only
+        roles = torch.full_like(rows.roles, ROLE_CODES["both"]).to(device)
+        sizes = {} if size is None else {ROLE_CODES["both"]: size}
+        position = layout(roles, rows.indexes.to(device), sizes, device).query.cpu()
+        kept = position >= 0
+        return position[kept], Collected(
+            rows.indexes[kept],
+            rows.embeddings[kept],
+            rows.labels[kept],
+            loader_dataset(loaders, dataloader_idx),
+        )
 
     def collected(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, dataloader_idx: int

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_metric.callbacks.collect import EmbeddingCollector, EvaluationCallback, Stage, Step
 from lightning_metric.checks import check_factory_string, check_int, check_metric
+from lightning_metric.distributed import world_size
 from lightning_metric.provenance import checkpoint_mismatch, checkpoint_record
 from lightning_metric.retrieval.index import MANIFEST, EmbeddingIndex
 from lightning_metric.retrieval.index.compact import check_index_options
 from lightning_metric.retrieval.index.core import IndexPrecision
+from lightning_metric.retrieval.index.files import _swap_in
+from lightning_metric.retrieval.index.shards import Shard, shard_name, write_manifest, write_shard
 from lightning_metric.retrieval.knn import Similarity
 
 __all__ = ["EmbeddingIndexWriter"]
@@ -33,8 +40,12 @@ class EmbeddingIndexWriter(EvaluationCallback):
     ``manifest.json`` (model class, checkpoint path and sha256, embedding size, metric, count,
     data module class, split and size).
     Under DDP the embeddings of all ranks are gathered and DistributedSampler padding removed;
-    rank 0 writes. With several predict dataloaders, each is written to
-    ``output_dir/dataloader_idx_{i}``.
+    rank 0 writes. With ``shard=True`` nothing is gathered: each rank writes its own rows
+    (padding dropped) as one shard folder, and rank 0 the manifest
+    (:mod:`~lightning_metric.retrieval.index.shards`; every rank must see the same
+    filesystem); :meth:`~lightning_metric.retrieval.EmbeddingIndex.load` merges the shards
+    into the index one process would have built. With several predict dataloaders, each is
+    written to ``output_dir/dataloader_idx_{i}``.
 
     In YAML::
 
@@ -66,6 +77,10 @@ class EmbeddingIndexWriter(EvaluationCallback):
             ``"float32"``, ``"int8"`` (ranges calibrated on the predicted embeddings) or
             ``"binary"`` codes, re-ranking ``rescore_multiplier * k`` code candidates by the
             float vectors; see :class:`~lightning_metric.retrieval.EmbeddingIndex`.
+        shard: under DDP, write one shard per rank instead of gathering every embedding to
+            rank 0 (no effect in one process). The FAISS index is built when the directory
+            is loaded (from all shards' rows, so int8 ranges and IVF / PQ training are global,
+            never per shard); ``EmbeddingIndex.load(dir).save(other)`` stores it built.
     """
 
     stages: tuple[Stage, ...] = ("predict",)
@@ -82,8 +97,12 @@ class EmbeddingIndexWriter(EvaluationCallback):
         dim: Optional[int] = None,
         precision: IndexPrecision = "float32",
         rescore_multiplier: Optional[int] = None,
+        shard: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(shard, bool):
+            raise ValueError(f"shard must be True or False, got {shard!r}")
+        self.shard = shard
         if not isinstance(output_dir, str | Path) or not str(output_dir):
             raise ValueError(f"output_dir must be a directory path, got {output_dir!r}")
         check_metric(metric)
@@ -198,10 +217,13 @@ class EmbeddingIndexWriter(EvaluationCallback):
         several = len(self._collectors) > 1
         self.written = []
         for idx, collector in sorted(self._collectors.items()):
+            target = self.output_dir / f"dataloader_idx_{idx}" if several else self.output_dir
+            if self.shard and world_size() > 1:
+                self._write_shards(trainer, pl_module, idx, collector, target)
+                continue
             index, embeddings, labels, dataset = collector.collected(trainer, pl_module, stage, idx)
             if not trainer.is_global_zero:
                 continue
-            target = self.output_dir / f"dataloader_idx_{idx}" if several else self.output_dir
             all_paths = getattr(dataset, "paths", None)
             paths = [str(all_paths[i]) for i in index.tolist()] if all_paths is not None else None
             built = EmbeddingIndex(
@@ -228,6 +250,84 @@ class EmbeddingIndexWriter(EvaluationCallback):
                 f"({self.metric}, {built.factory}, {built.precision}, dim {built.index_dim}) to {target} in {time.perf_counter() - self._start:.1f} s"
             )
         self._collectors = {}
+
+    def _write_shards(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        idx: int,
+        collector: EmbeddingCollector,
+        target: Path,
+    ) -> None:
+        """Each rank's rows to its shard folder in a staging folder beside ``target``; rank 0
+        adds the manifest and swaps the folder in (an existing index stays whole until then)."""
+        position, (index, embeddings, labels, dataset) = collector.local(
+            trainer, pl_module, "predict", idx
+        )
+        width = embeddings.shape[1]
+        if self.dim is not None and self.dim > width:
+            raise ValueError(
+                f"EmbeddingIndexWriter(dim={self.dim}) asks for a prefix of {self.dim} "
+                f"dimensions, but the embeddings have {width}: use dim <= {width}"
+            )
+        check_factory_string(self.factory, self.dim or width)
+        world, rank = world_size(), trainer.global_rank
+        name = [f".{target.name}.saving-{uuid.uuid4().hex[:8]}" if rank == 0 else None]
+        dist.broadcast_object_list(name, src=0)
+        staging = target.parent / str(name[0])
+        all_paths = getattr(dataset, "paths", None)
+        paths = [str(all_paths[i]) for i in index.tolist()] if all_paths is not None else None
+        rows = Shard(embeddings.numpy(), index.numpy(), labels.numpy(), position.numpy(), paths)
+        device = pl_module.device  # NCCL reduces device tensors only
+        failed: BaseException | None = None
+        for step in ("folder", "shard"):
+            try:
+                if step == "folder" and rank == 0:
+                    staging.mkdir(parents=True)
+                elif step == "shard":
+                    write_shard(staging / shard_name(rank, world), rows, self.metric)
+            except Exception as err:  # every rank must learn of it, or the others wait
+                failed = err
+            if not _all_ranks_ok(failed is None, device):  # also the barrier between steps
+                if rank == 0:
+                    shutil.rmtree(staging, ignore_errors=True)
+                if failed is not None:
+                    raise failed
+                raise RuntimeError(f"EmbeddingIndexWriter: another rank failed writing {target}")
+        if rank == 0:
+            settings = {
+                "metric": self.metric,
+                "factory": self.factory,
+                "search_params": {
+                    k: v
+                    for k, v in (("nprobe", self.nprobe), ("ef_search", self.ef_search))
+                    if v is not None
+                },
+                "dim": self.dim,
+                "precision": self.precision,
+                "rescore_multiplier": self.rescore_multiplier,
+                "info": _describe(
+                    trainer, pl_module, idx, self._examples.get(idx), self._weights, dataset
+                ),
+            }
+            try:
+                write_manifest(staging, world, settings)
+                _swap_in(staging, target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self.written.append(target)
+            rank_zero_info(
+                f"EmbeddingIndexWriter: wrote {world} shards of {width}-d embeddings to {target} "
+                f"in {time.perf_counter() - self._start:.1f} s"
+            )
+        trainer.strategy.barrier()
+
+
+def _all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
 
 
 def _describe(

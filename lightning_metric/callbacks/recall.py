@@ -32,7 +32,10 @@ class RecallAtK(EvaluationCallback):
     stay on the device they were produced on (exact search by chunked matmul on GPU, FAISS
     on CPU) unless ``offload_to_cpu`` is set. Under DDP the embeddings of all ranks are
     gathered, DistributedSampler padding is removed by dataset index, and every rank logs
-    the same values.
+    the same values. With ``shard_reference=True`` nothing is gathered: each rank keeps the
+    rows it embedded and searches them for every rank's queries (same values, about ``1/W``
+    of the embedding memory per rank; see
+    :class:`~lightning_metric.retrieval.RetrievalMetrics`).
 
     Logged (with prefix ``val/`` or ``test/``): ``recall@k`` for every ``k``, ``map@r``,
     ``r_precision``, ``mrr`` and ``precision@k`` when enabled, ``nmi``/``ami`` when
@@ -50,7 +53,8 @@ class RecallAtK(EvaluationCallback):
     Args:
         **metric_args: ``k``, ``metric``, ``map_at_r``, ``mrr``, ``precision``,
             ``clustering``, ``average``, ``fast``, ``rerank``, ``label_kind``,
-            ``level_names``, ``dims``, ``precisions``, ``rescore_multiplier``: passed to
+            ``level_names``, ``dims``, ``precisions``, ``rescore_multiplier``,
+            ``shard_reference``: passed to
             :class:`~lightning_metric.retrieval.RetrievalMetrics` (``.metrics`` is that
             object; each evaluated set gets a copy): ``k`` larger than the evaluation set
             allows is clamped with a warning; ``precision`` logs ``precision@k``;

@@ -57,8 +57,8 @@ class EmbeddingAccumulator(Metric):
     roles: list[Tensor] | Tensor
     ranks: list[Tensor] | Tensor
 
-    def __init__(self, compute_on_cpu: bool = False) -> None:
-        super().__init__(compute_on_cpu=compute_on_cpu)
+    def __init__(self, compute_on_cpu: bool = False, sync_on_compute: bool = True) -> None:
+        super().__init__(compute_on_cpu=compute_on_cpu, sync_on_compute=sync_on_compute)
         self._warned_no_index = False
         self._dataset_sizes: dict[int, int] = {}
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
@@ -143,6 +143,22 @@ class EmbeddingAccumulator(Metric):
     def compute(self) -> Gathered:  # type: ignore[override]
         return self._gathered()
 
+    def local_rows(self) -> Gathered:
+        """This rank's rows as they were updated, padding included, nothing gathered."""
+        name = type(self).__name__
+        if isinstance(self.embeddings, list) and not self.embeddings:
+            raise ValueError(f"{name}: no rows were collected")
+        emb = _concatenate_freeing(self.embeddings)  # type: ignore[arg-type]
+        # The states become the one concatenated tensor, the same rows: the sharded paths'
+        # memory is this rank's rows once, not the batches beside their concatenation.
+        self.embeddings = [emb]
+        return Gathered(
+            emb,
+            dim_zero_cat(self.labels).to(emb.device),
+            dim_zero_cat(self.indexes).to(emb.device),
+            dim_zero_cat(self.roles).to(emb.device),
+        )
+
     def _gathered(self) -> Gathered:
         """The rows of all ranks, padding dropped; call it inside ``compute`` (which syncs)."""
         name = type(self).__name__
@@ -176,3 +192,22 @@ class EmbeddingAccumulator(Metric):
             keep.append(rows[kept])
         order = torch.cat(keep)
         return Gathered(emb[order], labels[order], index[order], roles[order])
+
+
+def _concatenate_freeing(parts: list[Tensor] | Tensor) -> Tensor:
+    """``torch.cat(parts)``, each part dropped from the list once copied, so the rows are
+    held about once (plus one batch), not twice, while they are concatenated."""
+    if isinstance(parts, Tensor):
+        return parts
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    out = first.new_empty((sum(p.shape[0] for p in parts), *first.shape[1:]))
+    del first
+    start = 0
+    while parts:
+        part = parts.pop(0)
+        out[start : start + part.shape[0]] = part
+        start += part.shape[0]
+        del part
+    return out

@@ -16,6 +16,7 @@ from lightning_metric.checks import (
     check_k,
     check_metric,
 )
+from lightning_metric.distributed import world_size
 from lightning_metric.retrieval.accumulator import ROLE_CODES, EmbeddingAccumulator, Role
 from lightning_metric.retrieval.knn import Similarity, prepare
 from lightning_metric.retrieval.protocol import (
@@ -38,6 +39,12 @@ from lightning_metric.retrieval.relevance import (
     normalize_labels,
 )
 from lightning_metric.retrieval.rerank import Reranker, check_reranked, ranking_metrics
+from lightning_metric.retrieval.sharded import (
+    ShardedOptions,
+    layout,
+    repeats_local,
+    sharded_metrics,
+)
 
 __all__ = ["RetrievalMetrics"]
 
@@ -93,6 +100,18 @@ class RetrievalMetrics(EmbeddingAccumulator):
             clustering is applied to the cells.
         rescore_multiplier: binary candidates per neighbour re-scored in float for
             ``"binary_rescore"``.
+        shard_reference: under DDP, keep the embeddings sharded instead of gathering them to
+            every rank (:mod:`~lightning_metric.retrieval.sharded`): each rank keeps the rows
+            it embedded, query blocks are broadcast, every rank searches its rows and the
+            block's owner merges the candidates, ties by lower one-process row as exact search
+            breaks them. Same values as one process; embedding memory per rank about
+            ``N * D * 4 / W`` bytes (plus a normalised copy for ``cosine`` when the rows are
+            not unit-norm already, and a query block) instead of
+            several copies of ``N * D * 4``. Off by default: below a few million rows the
+            gathered search is faster (one FAISS call, no per-block collectives). Single
+            labels only; refuses ``rerank``, ``clustering`` and ``"binary_rescore"``, which
+            need every row in one place. Collectives use the embeddings' device. In one
+            process it changes nothing.
     """
 
     higher_is_better = True
@@ -114,8 +133,10 @@ class RetrievalMetrics(EmbeddingAccumulator):
         dims: Sequence[int] | None = None,
         precisions: Sequence[Precision] | None = None,
         rescore_multiplier: int = 4,
+        shard_reference: bool = False,
     ) -> None:
-        super().__init__(compute_on_cpu=compute_on_cpu)
+        # Sharded: no torchmetrics gather at compute; the ranks exchange query blocks instead.
+        super().__init__(compute_on_cpu=compute_on_cpu, sync_on_compute=not shard_reference)
         self.k = check_k(k)
         check_metric(metric)
         check_choice("average", average, ("micro", "macro"))
@@ -138,6 +159,11 @@ class RetrievalMetrics(EmbeddingAccumulator):
         self.dims = None if dims is None else check_dims(dims)
         self.precisions = None if precisions is None else check_precisions(precisions)
         self.rescore_multiplier = check_int("rescore_multiplier", rescore_multiplier, minimum=1)
+        if not isinstance(shard_reference, bool):
+            raise ArgumentTypeError(f"`shard_reference` must be a bool, got {shard_reference!r}")
+        self.shard_reference = shard_reference
+        if shard_reference:
+            _check_shardable(self)
         self._kinds_seen: tuple[Any, ...] = ()
 
     def update(  # type: ignore[override]
@@ -166,6 +192,12 @@ class RetrievalMetrics(EmbeddingAccumulator):
                 )
             if kind == "multi_label":
                 normalize_labels(labels, kind, labels.shape[0])  # no empty label set
+            if self.shard_reference and kind != "single":
+                raise ValueError(
+                    f"RetrievalMetrics(shard_reference=True) takes single class ids [B], got "
+                    f"{kind} labels of shape {tuple(labels.shape)}: evaluate them gathered "
+                    "(shard_reference=False)"
+                )
             seen = self._kinds_seen
             if seen and (seen[0] != kind or seen[1] != tuple(labels.shape[1:])):
                 raise ValueError(
@@ -182,9 +214,62 @@ class RetrievalMetrics(EmbeddingAccumulator):
 
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
         """Metrics as 0-d float tensors; see :func:`retrieval_metrics` for the keys."""
-        emb, labels, _, roles = self._gathered()
-        values = self._compute(emb, labels, roles)
+        if self.shard_reference and world_size() > 1:
+            values = self._compute_sharded()
+        else:
+            emb, labels, _, roles = self._gathered()
+            values = self._compute(emb, labels, roles)
         return {name: torch.tensor(v, dtype=torch.float32) for name, v in values.items()}
+
+    def _compute_sharded(self) -> dict[str, float]:
+        """:meth:`_compute` with every rank holding only its own rows (no gather)."""
+        if isinstance(self.embeddings, list) and not self.embeddings:
+            raise ValueError("RetrievalMetrics.compute() called before any update()")
+        emb, labels, index, roles = self.local_rows()
+        lay = layout(roles, index, self._dataset_sizes, emb.device)
+        if lay.split and lay.num_queries == 0:
+            raise ValueError("RetrievalMetrics got reference items but no query items")
+        if lay.split and lay.num_references == 0:
+            raise ValueError("RetrievalMetrics got query items but no reference items")
+        if lay.split and repeats_local(emb, labels, roles, lay):
+            warnings.warn(
+                "RetrievalMetrics: the reference items are the query items again (same "
+                "embeddings and labels); evaluating them leave-one-out instead, so that no "
+                "query retrieves itself",
+                UserWarning,
+                stacklevel=3,
+            )
+            queries = roles == ROLE_CODES["query"]
+            emb, labels, index = emb[queries], labels[queries], index[queries]
+            roles = torch.full_like(roles[queries], ROLE_CODES["both"])
+            sizes = self._dataset_sizes.get(ROLE_CODES["query"])
+            both = {} if sizes is None else {ROLE_CODES["both"]: sizes}
+            lay = layout(roles, index, both, emb.device)
+        candidates = lay.num_references - (1 if lay.any_own else 0)
+        if candidates < 1:
+            warnings.warn(
+                f"only {lay.num_references} item(s) to search: retrieval metrics "
+                "are unavailable (not reported)",
+                UserWarning,
+                stacklevel=3,
+            )
+            return {"unscorable_queries": float(lay.num_queries)}
+        ks = clamp_k(self.k, candidates, stacklevel=4)
+        used = tuple(sorted(set(ks.values())))
+        o = ShardedOptions(self.metric, self.map_at_r, self.mrr, self.precision, self.average)  # type: ignore[arg-type]
+        out = _requested(sharded_metrics(emb, labels, lay, used, o), ks, ("recall", "precision"))
+        if self.dims is not None or self.precisions is not None:
+            for dim in self.dims or (emb.shape[1],):
+                for precision in self.precisions or ("float32",):
+                    result = sharded_metrics(
+                        emb, labels, lay, used, o, dim, precision, self.rescore_multiplier
+                    )
+                    cell = f"d{dim}/{precision}/"
+                    for name, value in _requested(result, ks, ("recall", "precision")).items():
+                        if not name.startswith("unscorable_queries"):
+                            out[cell + name] = value
+                    out[cell + "bytes_per_vector"] = float(bytes_per_vector(dim, precision))
+        return out
 
     def _kind(self) -> str:
         return self._kinds_seen[0] if self._kinds_seen else self.label_kind
@@ -335,6 +420,35 @@ class RetrievalMetrics(EmbeddingAccumulator):
             for name, value in picked.items()
             if not name.startswith("unscorable_queries")
         }
+
+
+_NOT_SHARDABLE = (
+    ("rerank", "re-ranking needs the whole query x reference distance matrix"),
+    ("clustering", "the k-means clustering runs over every query"),
+)
+
+
+def _check_shardable(m: RetrievalMetrics) -> None:
+    """The options a sharded reference cannot serve, refused at construction."""
+    for name, why in _NOT_SHARDABLE:
+        if getattr(m, name):
+            raise ValueError(
+                f"RetrievalMetrics(shard_reference=True) cannot use `{name}`: {why}; set "
+                f"{name}={'None' if name == 'rerank' else 'False'} or shard_reference=False"
+            )
+    if m.label_kind in ("multi_label", "hierarchical") or m.level_names is not None:
+        raise ValueError(
+            f"RetrievalMetrics(shard_reference=True) takes single class ids, got "
+            f"label_kind={m.label_kind!r}"
+            + (f", level_names={m.level_names}" if m.level_names is not None else "")
+            + ": use shard_reference=False for multi-label or hierarchical labels"
+        )
+    if m.precisions is not None and "binary_rescore" in m.precisions:
+        raise ValueError(
+            "RetrievalMetrics(shard_reference=True) cannot use precision 'binary_rescore' "
+            "(it re-scores candidates with float vectors held by other ranks): use "
+            "'binary' or shard_reference=False"
+        )
 
 
 def _requested(

@@ -64,6 +64,7 @@ from lightning_metric.retrieval.index.files import (
     _swap_in,
     _verify_hashes,
 )
+from lightning_metric.retrieval.index.shards import SHARDS, read_shards
 from lightning_metric.retrieval.knn import (
     Similarity,
     faiss_threads_for,
@@ -246,6 +247,8 @@ class EmbeddingIndex:
             )
             raise FileNotFoundError(f"index directory {str(root)!r} does not exist{hint}")
         manifest = _read_manifest(root / MANIFEST)
+        if SHARDS in manifest:
+            return cls._from_shards(root, manifest, model, verify)
         if verify:
             _verify_hashes(root, manifest)
         n, dim, metric = manifest["count"], manifest["embedding_dim"], manifest["metric"]
@@ -362,6 +365,40 @@ class EmbeddingIndex:
         self.search_params = {}
         self.set_search_params(**params)
         self._check_unique_ids(ids)
+        if model is not None:
+            self.attach_model(model)
+        return self
+
+    @classmethod
+    def _from_shards(
+        cls, root: Path, manifest: dict[str, Any], model: Optional[nn.Module], verify: bool
+    ) -> EmbeddingIndex:
+        """A sharded directory (:mod:`~.shards`): the rows merged into one-process order and
+        the FAISS index built from them as one process builds it."""
+        rows = read_shards(root, manifest, verify)
+        params = manifest.get("search_params", {})
+        if not isinstance(params, dict) or not set(params) <= set(_SEARCH_PARAMS):
+            raise IndexFormatError(
+                f"{str(root / MANIFEST)!r}: 'search_params' must be a mapping with keys among "
+                f"{sorted(_SEARCH_PARAMS)}, got {params!r}"
+            )
+        try:
+            self = cls(
+                rows.embeddings,
+                ids=rows.ids,
+                labels=rows.labels,
+                metric=manifest["metric"],
+                paths=rows.paths,
+                info=manifest.get("info", {}),
+                factory=manifest.get("factory", DEFAULT_FACTORY),
+                dim=manifest.get("dim"),
+                precision=manifest.get("precision", "float32"),
+                rescore_multiplier=manifest.get("rescore_multiplier"),
+                **params,
+            )
+        except (TypeError, ValueError) as err:
+            raise IndexFormatError(f"{str(root / MANIFEST)!r}: {err}") from err
+        self.directory = root
         if model is not None:
             self.attach_model(model)
         return self
