@@ -142,8 +142,8 @@ def _run(rank: int, world: int, job: dict[str, Any]) -> None:
             centres.save(checkpoint, "head.weight", [optimizer], strategy)  # type: ignore[arg-type]
             pending = checkpoint.pop(PENDING_KEY, None)
             if pending is not None:
-                layout = checkpoint["lightning_metric_class_centres"]["layout"]
-                save_pieces(centres_directory(path / name), pending, layout)
+                meta = checkpoint["lightning_metric_class_centres"]
+                save_pieces(centres_directory(path / name), pending, meta)
             if rank == 0:
                 torch.save(checkpoint, path / name)
             del checkpoint, pending

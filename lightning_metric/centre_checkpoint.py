@@ -67,6 +67,8 @@ CENTRES_FORMAT = "dcp-row-pieces-1"
 """``CHECKPOINT_KEY["format"]`` of a checkpoint whose centres live in ``path.centres/``."""
 PENDING_KEY = "lightning_metric_centre_rows"
 """Transient entry: this rank's rows, from ``on_save_checkpoint`` to the strategy's save."""
+SAVE_ID_FILE = "save_id"
+"""In the directory: the ``save_id`` of the checkpoint file written with it."""
 BLOCK_BYTES = 16 * 2**20
 """Default piece size: small next to a rank's share at scale, large enough to read fast."""
 
@@ -184,6 +186,9 @@ def split_off_centres(
         "optimizer_state": [list(x) for x in _optimizer_keys(head.weight, optimizers)],
         "moments": moments,
         "layout": layout.to_dict(),
+        # Rank 0's is the one in the file; the directory gets the same: a file and a
+        # directory of two different saves are told apart however alike their shapes.
+        "save_id": uuid.uuid4().hex,
     }
     checkpoint[PENDING_KEY] = {"start": start, "stop": stop, "tensors": tensors}
 
@@ -261,10 +266,12 @@ def load_centres(
 # --- the DCP directory ---------------------------------------------------------------------
 
 
-def save_pieces(directory: PathLike, pending: dict[str, Any], layout: dict[str, Any]) -> None:
+def save_pieces(directory: PathLike, pending: dict[str, Any], meta: dict[str, Any]) -> None:
     """Every rank at once (a DCP collective when a process group is up): write this rank's
-    rows ``pending`` into ``directory``, cut into the layout's pieces. The directory is
-    replaced only once every rank has written (a half-written save never replaces a whole one)."""
+    rows ``pending`` into ``directory``, cut into the pieces of ``meta`` (the checkpoint's
+    ``CHECKPOINT_KEY`` entry). The directory is replaced only once every rank has written (a
+    half-written save never replaces a whole one)."""
+    layout = meta["layout"]
     final = Path(directory)
     grouped = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if grouped else 0
@@ -282,6 +289,8 @@ def save_pieces(directory: PathLike, pending: dict[str, Any], layout: dict[str, 
     }
     with _quiet_single_process():
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(partial)), no_dist=not grouped)
+    if rank == 0:
+        (partial / SAVE_ID_FILE).write_text(meta["save_id"])
     if grouped:
         dist.barrier()
     if rank == 0:
@@ -342,6 +351,14 @@ def check_directory(directory: Path, meta: dict[str, Any], source: str) -> Metad
     every file holding one exists and is long enough; checked for all pieces (not only this
     rank's) so that every rank fails alike."""
     metadata = _read_metadata(directory, source)
+    id_file = directory / SAVE_ID_FILE
+    saved_id = id_file.read_text().strip() if id_file.is_file() else None
+    if saved_id != meta.get("save_id"):
+        raise ShardingError(
+            f"{source}: {directory} was written by another save than this checkpoint file "
+            f"({id_file} holds {saved_id!r}, the file expects {meta.get('save_id')!r}): keep "
+            "each checkpoint file with its own .centres directory"
+        )
     layout = CentreLayout.from_dict(meta["layout"])
     for name in _tensor_names(meta):
         for a, b in layout.pieces():

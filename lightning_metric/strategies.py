@@ -52,7 +52,7 @@ class ShardedCentresDDPStrategy(DDPStrategy):
         into ``filepath``, after the directory is complete."""
         pending = checkpoint.pop(PENDING_KEY, None)
         if pending is not None:
-            save_pieces(centres_directory(filepath), pending, checkpoint[CHECKPOINT_KEY]["layout"])
+            save_pieces(centres_directory(filepath), pending, checkpoint[CHECKPOINT_KEY])
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def remove_checkpoint(self, filepath: _PATH) -> None:

@@ -161,7 +161,10 @@ def test_the_file_holds_no_centres_and_each_rank_wrote_its_pieces(sharded_step: 
     layout = CentreLayout.from_dict(checkpoint[CHECKPOINT_KEY]["layout"])
     assert layout.row_bounds == ((0, 4), (4, 7)) and layout.block_rows == BLOCK
     files = sorted(p.name for p in centres_directory(path).iterdir())
-    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "save_id"]
+    assert (centres_directory(path) / "save_id").read_text() == checkpoint[CHECKPOINT_KEY][
+        "save_id"
+    ]
 
 
 @pytest.mark.ddp
@@ -247,7 +250,7 @@ def _write_sharded(path: Path, num_classes: int = C, dim: int = D) -> dict[str, 
     strategy = ShardedCentresDDPStrategy(centre_block_rows=BLOCK)
     ShardedCentres(head).save(checkpoint, "head.weight", [optimizer], strategy)
     pending = checkpoint.pop(PENDING_KEY)
-    save_pieces(centres_directory(path), pending, checkpoint[CHECKPOINT_KEY]["layout"])
+    save_pieces(centres_directory(path), pending, checkpoint[CHECKPOINT_KEY])
     torch.save(checkpoint, path)
     return {"weight": head.weight.detach().clone(), **optimizer.state[head.weight]}
 
@@ -324,6 +327,12 @@ def test_bad_directories_name_the_file_and_what_was_expected(tmp_path: Path) -> 
     copy_of = tmp_path / "b.ckpt"
     copy_of.write_bytes(path.read_bytes())
     centres_directory(other).rename(centres_directory(copy_of))
+    with pytest.raises(ShardingError, match=r"b\.ckpt\.centres was written by another save"):
+        _resume_load(copy_of)
+    # ... even if its save id were made to match, its pieces are not this file's.
+    (centres_directory(copy_of) / "save_id").write_text(
+        torch.load(copy_of, weights_only=False)[CHECKPOINT_KEY]["save_id"]
+    )
     with pytest.raises(
         ShardingError, match=r"holds \(2, 8\) as `weight/rows6`, expected rows \[6, 7\)"
     ):
