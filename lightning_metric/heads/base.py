@@ -145,6 +145,9 @@ class MarginHead(nn.Module):
     """
 
     sub_centers: int = 1
+    # Set by ``drop_centres``: loaded for inference without its centres (a class default, so
+    # heads pickled before it existed read it too).
+    centres_dropped: bool = False
     # Upper bound of ``negative_logits`` (unscaled); the streaming loss sizes its shift by it.
     max_negative_cos: float = 1.0
 
@@ -184,11 +187,12 @@ class MarginHead(nn.Module):
         self.init_seed = draw_seed()
         if not self.weight.is_meta:
             with torch.no_grad():
-                self.weight.copy_(self._initial_rows(0, self.weight.shape[0]))
+                seeded_rows(
+                    self.init_seed, 0, self.weight.shape[0], self.embedding_dim, out=self.weight
+                )
 
     def _initial_rows(self, start: int, stop: int) -> Tensor:
-        rows = seeded_rows(self.init_seed, start, stop, self.embedding_dim)
-        return rows.to(dtype=self.weight.dtype)
+        return seeded_rows(self.init_seed, start, stop, self.embedding_dim, self.weight.dtype)
 
     def materialize(self) -> None:
         """Build the whole centre matrix of a head created inside :func:`deferred_centres`
@@ -211,10 +215,10 @@ class MarginHead(nn.Module):
             raise ShardingError(
                 f"{type(self).__name__}'s class centres are not built yet (created inside "
                 "deferred_centres(), as MetricLearningModule does with shard_classes=True until "
-                "its setup): "
-                "call head.materialize() in one process, or head.shard(rank, world_size)"
+                "its setup): call head.materialize() in one process, or head.shard(rank, "
+                "world_size)"
             )
-        if getattr(self, "centres_dropped", False):
+        if self.centres_dropped:
             raise ShardingError(
                 f"{type(self).__name__} was loaded for inference from a sharded checkpoint, "
                 "without its class centres (embeddings do not need them): convert the "

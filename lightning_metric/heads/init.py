@@ -31,9 +31,15 @@ def draw_seed() -> int:
 
 
 def seeded_rows(
-    seed: int, start: int, stop: int, dim: int, dtype: torch.dtype = torch.float32
+    seed: int,
+    start: int,
+    stop: int,
+    dim: int,
+    dtype: torch.dtype = torch.float32,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Rows ``[start, stop)`` of the centre matrix of width ``dim`` drawn with ``seed``.
+    """Rows ``[start, stop)`` of the centre matrix of width ``dim`` drawn with ``seed``
+    (written into ``out`` when given, block by block: no second copy of the rows).
 
     >>> whole = seeded_rows(7, 0, 10, 4)
     >>> parts = [seeded_rows(7, a, b, 4) for a, b in [(0, 4), (4, 7), (7, 10)]]
@@ -42,7 +48,10 @@ def seeded_rows(
     """
     if not 0 <= start <= stop:
         raise ValueError(f"row range [{start}, {stop}) must satisfy 0 <= start <= stop")
-    out = torch.empty(stop - start, dim, dtype=dtype)
+    if out is None:
+        out = torch.empty(stop - start, dim, dtype=dtype)
+    elif tuple(out.shape) != (stop - start, dim):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(stop - start, dim)}")
     generator = torch.Generator()
     first, last = start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS
     for block in range(first, last + 1 if stop > start else first):
