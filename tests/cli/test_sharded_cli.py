@@ -13,6 +13,7 @@ from repo_paths import CONFIGS
 
 from lightning_metric.centre_checkpoint import centres_directory
 from lightning_metric.cli import main
+from lightning_metric.cli.console import main as console_main
 from lightning_metric.strategies import ShardedCentresDDPStrategy
 
 
@@ -101,11 +102,11 @@ def test_per_rank_checkpoint_of_fit_runs_test_predict_and_export_in_one_process(
         "__1_0.distcp",
     ]
     one = tmp_path / "whole.ckpt"
-    main(["convert-checkpoint", "--ckpt_path", str(ckpt), "--output", str(one)])
+    console_main(["convert-checkpoint", "--ckpt_path", str(ckpt), "--output", str(one)])
     whole = torch.load(one, map_location="cpu", weights_only=False)
     assert whole["state_dict"]["head.weight"].shape[1] == 128
     with pytest.raises(FileExistsError, match=r"whole\.ckpt exists"):
-        main(["convert-checkpoint", "--ckpt_path", str(ckpt), "--output", str(one)])
+        console_main(["convert-checkpoint", "--ckpt_path", str(ckpt), "--output", str(one)])
 
     test = main(["test", *_args(tmp_path), "--trainer.devices=1", f"--ckpt_path={ckpt}"])
     assert test.model.head.weight.shape == (0, 128)  # inference never reads the centres
@@ -128,8 +129,13 @@ def test_per_rank_checkpoint_of_fit_runs_test_predict_and_export_in_one_process(
     assert (index / "manifest.json").is_file()
 
     out = tmp_path / "model.pt"
-    main(["export", "--config", str(CONFIGS / "glyphs_arcface.yaml"), "--ckpt_path", str(ckpt),
-          "--output", str(out), "--data=lightning_metric.data.DigitsDataModule",
-          "--model.neck.init_args.in_features=512", "--model.head.init_args.shard_classes=true",
-          "--trainer.accelerator=cpu"])  # fmt: skip
+    digits = tmp_path / "digits.yaml"  # export takes configs, and only dotted overrides
+    digits.write_text(
+        "data:\n  class_path: lightning_metric.data.DigitsDataModule\n"
+        "model:\n  neck:\n    init_args:\n      in_features: 512\n"
+        "  head:\n    init_args:\n      shard_classes: true\n"
+    )
+    console_main(["export", "--config", str(CONFIGS / "glyphs_arcface.yaml"), "--config",
+                  str(digits), "--ckpt_path", str(ckpt), "--output", str(out),
+                  "--trainer.accelerator=cpu"])  # fmt: skip
     assert torch.jit.load(str(out))(torch.rand(3, 1, 8, 8)).shape == (3, 128)
