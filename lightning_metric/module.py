@@ -31,6 +31,7 @@ from lightning_metric.checks import (
     object_name,
 )
 from lightning_metric.heads import MarginHead
+from lightning_metric.heads.base import deferred_centres
 from lightning_metric.heads.sharding import ShardingError
 from lightning_metric.matryoshka import Matryoshka, check_matryoshka_objective
 from lightning_metric.necks import EmbeddingNeck
@@ -341,7 +342,7 @@ class MetricLearningModule(LightningModule):
         then leaves them out of its gradient average (they are not replicas)."""
         centres = self.class_centres
         if centres is not None and centres.setup(
-            self.trainer.strategy, self.global_rank, self.trainer.world_size
+            self.trainer.strategy, self.global_rank, self.trainer.world_size, stage
         ):
             self._ddp_params_and_buffers_to_ignore = [centres.weight_key(self.named_parameters())]
 
@@ -351,21 +352,29 @@ class MetricLearningModule(LightningModule):
             centres.after_training(self.trainer.strategy)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The checkpoint holds every class centre (gathered from the shards), so it loads in
-        any world size. With sharded centres this is a collective: every rank saves together
-        (Lightning's ``ModelCheckpoint`` and ``trainer.save_checkpoint`` do)."""
+        """Every rank saves together (Lightning's ``ModelCheckpoint`` and
+        ``trainer.save_checkpoint`` do). Sharded centres are written per rank under
+        :class:`~lightning_metric.strategies.ShardedCentresDDPStrategy`; under any other
+        strategy the checkpoint holds every class centre (gathered from the shards). Either
+        loads in any world size."""
         centres = self.class_centres
         if centres is not None:
-            optimizers = self.trainer.optimizers if self._trainer is not None else []
-            centres.save(checkpoint, centres.weight_key(self.named_parameters()), optimizers)
+            trainer = self._trainer
+            optimizers = trainer.optimizers if trainer is not None else []
+            strategy = trainer.strategy if trainer is not None else None
+            key = centres.weight_key(self.named_parameters())
+            centres.save(checkpoint, key, optimizers, strategy)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the centres' shape and keep this rank's part of them (sharded heads)."""
+        """Check the centres' shape and keep this rank's part of them (sharded heads); a
+        checkpoint whose centres were saved per rank has them read only to resume ``fit``."""
         centres = self.class_centres
         if centres is not None:
             path = getattr(self._trainer, "ckpt_path", None)
             source = f"checkpoint {path}" if path else "the checkpoint"
-            centres.load(checkpoint, centres.weight_key(self.named_parameters()), source)
+            fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+            key = centres.weight_key(self.named_parameters())
+            centres.load(checkpoint, key, source, path, fitting)
 
     def on_fit_start(self) -> None:
         """Labels of the data must fit the objective's classes: checked before the first step."""
@@ -495,4 +504,9 @@ def _build_head(
             f"head={object_name(head)} is built here and needs num_classes (the number of training "
             "classes); pass num_classes=..., or in the CLI let it be linked from data.num_classes"
         )
+    if getattr(head, "keywords", {}).get("shard_classes") is True:
+        # Sharded centres are built at setup, each rank its own rows (MarginHead.shard): the
+        # whole C x D matrix is never allocated on any rank.
+        with deferred_centres():
+            return head(embedding_dim, num_classes)
     return head(embedding_dim, num_classes)

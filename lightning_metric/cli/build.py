@@ -25,5 +25,9 @@ def build(configs: list[str], ckpt_path: str, overrides: list[str]) -> tuple[nn.
     cli = main([*argv, *overrides, "--trainer.logger=false"], run=False)
     assert cli is not None
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if "state_dict" in state:
+        # As Lightning's load_from_checkpoint: the module checks and adapts the checkpoint
+        # first (class centres saved per rank are not read for inference).
+        cli.model.on_load_checkpoint(state)
     cli.model.load_state_dict(state.get("state_dict", state))
     return cli.model.eval(), cli.datamodule

@@ -5,11 +5,13 @@ compare training recipes under equal conditions.
     lightning-metric search --index DIR --query img.png folder/ --k 5 --output hits.csv
     lightning-metric search --index DIR --config CFG --ckpt_path CKPT --evaluate
     lightning-metric benchmark --config arcface=A.yaml,B.yaml --config ... --num_folds 4 --output DIR
+    lightning-metric convert-checkpoint --ckpt_path CKPT --output one.ckpt
 
 All build the model (and data module) from the same YAML as ``fit``; any further
 ``--trainer.* / --model.* / --data.*`` flags are passed to that config as overrides. Each
 command is a module with ``parser()`` and ``run(args, overrides)``: :mod:`.export`,
-:mod:`.search`, :mod:`.benchmark.command`.
+:mod:`.search`, :mod:`.benchmark.command`, :mod:`.convert` (``convert-checkpoint``: a
+checkpoint saved per rank as one file; it takes no config).
 """
 
 from __future__ import annotations
@@ -19,17 +21,23 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from lightning_metric.cli import export, search
+from lightning_metric.cli import convert, export, search
 from lightning_metric.cli.benchmark import command as benchmark
 
 __all__ = ["COMMANDS", "run_command"]
 
-COMMANDS = ("export", "search", "benchmark")
-_MODULES: dict[str, ModuleType] = {"export": export, "search": search, "benchmark": benchmark}
+COMMANDS = ("export", "search", "benchmark", "convert-checkpoint")
+_MODULES: dict[str, ModuleType] = {
+    "export": export,
+    "search": search,
+    "benchmark": benchmark,
+    "convert-checkpoint": convert,
+}
 
 
 def run_command(argv: Sequence[str]) -> Any:
-    """Run ``export``, ``search`` or ``benchmark``; ``argv[0]`` names the command."""
+    """Run ``export``, ``search``, ``benchmark`` or ``convert-checkpoint``; ``argv[0]`` names
+    the command."""
     name, rest = argv[0], list(argv[1:])
     if name not in COMMANDS:
         raise ValueError(f"unknown command {name!r}; expected one of {COMMANDS}")

@@ -1,6 +1,6 @@
 """The console script `lightning-metric`: LightningCLI's subcommands (``fit``, ``validate``,
 ``test``, ``predict``) go to :func:`lightning_metric.cli.lightning_cli.main`, the argparse
-commands (``export``, ``search``, ``benchmark``) to
+commands (``export``, ``search``, ``benchmark``, ``convert-checkpoint``) to
 :func:`lightning_metric.cli.commands.run_command`.
 
 Kept apart from :mod:`.lightning_cli` so that the commands may build models through it

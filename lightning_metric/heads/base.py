@@ -8,7 +8,9 @@ the non-target cosines (:meth:`MarginHead.negative_logits`) or a running statist
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -30,11 +32,12 @@ from lightning_metric.distributed import (
     sync_mean,
 )
 from lightning_metric.heads.functional import l2_normalize, normalize_embeddings
+from lightning_metric.heads.init import draw_seed, seeded_rows
 from lightning_metric.heads.sampling import class_rows, sample_classes
 from lightning_metric.heads.sharding import ClassShard, ShardingError, shard_bounds
 from lightning_metric.heads.streaming import streaming_margin_cross_entropy
 
-__all__ = ["MarginHead", "ShardingError"]
+__all__ = ["MarginHead", "ShardingError", "deferred_centres"]
 
 # Above this many (sampled) class rows ``loss()`` streams by default: a dense [B, C] float32
 # logit matrix and its softmax are then the largest activations of a typical model.
@@ -43,6 +46,28 @@ AUTO_STREAM_ROWS = 16384
 # chunk costs ~30 kernel launches / OpenMP parallel regions, and on a busy CPU every parallel
 # region waits for a core, so many small chunks suffer most when the machine is busy.
 _AUTO_BLOCK = {"cpu": 2**22, "cuda": 2**25}
+
+
+_DEFERRED = ContextVar("lightning_metric_deferred_centres", default=False)
+
+
+@contextmanager
+def deferred_centres() -> Iterator[None]:
+    """Margin heads built inside allocate no class-centre memory: their ``weight`` is on the
+    meta device until :meth:`MarginHead.shard` builds this rank's rows or
+    :meth:`MarginHead.materialize` the whole matrix (the same values either way).
+
+    >>> from lightning_metric.heads import ArcFaceHead
+    >>> with deferred_centres():
+    ...     head = ArcFaceHead(embedding_dim=4, num_classes=10**9)
+    >>> head.weight.is_meta
+    True
+    """
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
 
 
 class _Step(NamedTuple):
@@ -111,9 +136,18 @@ class MarginHead(nn.Module):
             the softmax is computed in pieces, so centre and optimizer memory per rank is
             ``C x D / W``. A no-op in one process. ``MetricLearningModule`` applies it at
             setup (see :meth:`shard`).
+
+    The centres' initial values are a pure function of a seed drawn from torch's global
+    generator at construction and of the row (:func:`~lightning_metric.heads.init.seeded_rows`),
+    so a rank can build its own rows alone. A head built inside :func:`deferred_centres` (as
+    ``MetricLearningModule`` builds one with ``shard_classes=True``) holds no centre memory
+    until :meth:`shard` builds this rank's rows or :meth:`materialize` the whole matrix.
     """
 
     sub_centers: int = 1
+    # Set by ``drop_centres``: loaded for inference without its centres (a class default, so
+    # heads pickled before it existed read it too).
+    centres_dropped: bool = False
     # Upper bound of ``negative_logits`` (unscaled); the streaming loss sizes its shift by it.
     max_negative_cos: float = 1.0
 
@@ -143,12 +177,77 @@ class MarginHead(nn.Module):
         self.shard_classes = shard_classes
         # Set by ``shard``: the classes this rank holds (None: all of them).
         self.class_shard: ClassShard | None = None
-        self.weight = nn.Parameter(torch.empty(self.num_classes * self.sub_centers, embedding_dim))
+        device = "meta" if _DEFERRED.get() else None
+        rows = self.num_classes * self.sub_centers
+        self.weight = nn.Parameter(torch.empty(rows, embedding_dim, device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # insightface's init; the scale of W is irrelevant to cosines, only its directions.
-        nn.init.normal_(self.weight, std=0.01)
+        """Draw a new seed and the centres from it (a meta head keeps only the seed)."""
+        self.init_seed = draw_seed()
+        if not self.weight.is_meta:
+            with torch.no_grad():
+                seeded_rows(
+                    self.init_seed, 0, self.weight.shape[0], self.embedding_dim, out=self.weight
+                )
+
+    def _initial_rows(self, start: int, stop: int) -> Tensor:
+        return seeded_rows(self.init_seed, start, stop, self.embedding_dim, self.weight.dtype)
+
+    def materialize(self) -> None:
+        """Build the whole centre matrix of a head created inside :func:`deferred_centres`
+        (the values a head built in one process has); a no-op for a built head."""
+        if self.weight.is_meta:
+            self._replace_weight(self._initial_rows(0, self.weight.shape[0]))
+
+    def _replace_weight(self, data: Tensor) -> None:
+        self.weight = nn.Parameter(data, requires_grad=self.weight.requires_grad)
+
+    def drop_centres(self) -> None:
+        """Hold no class centres (an empty ``[0, D]`` weight): a model loaded for inference
+        from a sharded checkpoint embeds without them; ``forward`` and ``loss`` then raise."""
+        self._replace_weight(torch.empty(0, self.embedding_dim, dtype=self.weight.dtype))
+        self.class_shard = None
+        self.centres_dropped = True
+
+    def _check_built(self) -> None:
+        if self.weight.is_meta:
+            raise ShardingError(
+                f"{type(self).__name__}'s class centres are not built yet (created inside "
+                "deferred_centres(), as MetricLearningModule does with shard_classes=True until "
+                "its setup): call head.materialize() in one process, or head.shard(rank, "
+                "world_size)"
+            )
+        if self.centres_dropped:
+            raise ShardingError(
+                f"{type(self).__name__} was loaded for inference from a sharded checkpoint, "
+                "without its class centres (embeddings do not need them): convert the "
+                "checkpoint to one file with lightning_metric.centre_checkpoint."
+                "convert_checkpoint and load that for logits or a loss"
+            )
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Deferred centres have no data to move or cast (inference never builds them): they
+        # stay on the meta device through ``.to(device)``, and keep their place in the order.
+        if not self.weight.is_meta:
+            return super()._apply(fn, recurse)
+        order = list(self._parameters)
+        weight = self._parameters.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight
+            for name in order:
+                self._parameters[name] = self._parameters.pop(name)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Copying into a meta parameter is silently a no-op: give it storage first (of its
+        # own shape, so that a checkpoint of another size is still reported as a mismatch).
+        incoming = state_dict.get(prefix + "weight")
+        if self.weight.is_meta and isinstance(incoming, Tensor) and not incoming.is_meta:
+            self._replace_weight(torch.empty(self.weight.shape, dtype=self.weight.dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- the public hooks a subclass overrides (float32, unscaled cosine units) -------------
     def target_logit(self, cos_target: Tensor, norms: Tensor) -> Tensor:
@@ -245,6 +344,7 @@ class MarginHead(nn.Module):
                 "training, the embeddings for retrieval, or load the checkpoint in one process "
                 "for full logits"
             )
+        self._check_built()
         with torch.autocast(embeddings.device.type, enabled=False):
             x, norms, finite = self._prepare(embeddings, labels)
             cos = self.class_cosine(x, self.weight)
@@ -345,6 +445,7 @@ class MarginHead(nn.Module):
                 f"{tuple(embeddings.shape)}): the mean cross-entropy of no rows is undefined; "
                 "drop empty batches before the loss"
             )
+        self._check_built()
         with torch.autocast(embeddings.device.type, enabled=False):
             if self.class_shard is not None:
                 # The shape before gathering; the labels after, where every rank sees all of
@@ -460,14 +561,18 @@ class MarginHead(nn.Module):
     def shard(self, rank: int, world_size: int) -> None:
         """Keep only this rank's class centres (``shard_classes=True``; called on every rank).
 
-        The full matrix of rank 0 is broadcast first, so the shards together are exactly the
-        weights a single process would hold. ``MetricLearningModule.setup`` calls this under
-        DDP; a world of one leaves the head whole.
+        A head not built yet (meta, as ``MetricLearningModule`` creates it) builds only its own
+        rows from rank 0's seed (one integer is broadcast): no rank ever holds the whole
+        matrix, and the shards together equal the matrix one process draws. A built head
+        (trained in one process, say) is cut instead, after rank 0's matrix is broadcast, so
+        the shards are exactly the weights of rank 0. ``MetricLearningModule.setup`` calls
+        this under DDP; a world of one leaves the head whole (and builds it).
         """
         # A negative rank would index the shard list from its end: a silently wrong shard.
         world_size = check_int("world_size", world_size, minimum=1)
         rank = check_int("rank", rank, minimum=0, maximum=world_size - 1)
         if world_size == 1 or self.class_shard is not None:
+            self.materialize()
             return
         if type(self).loss is not MarginHead.loss or type(self).forward is not MarginHead.forward:
             raise ShardingError(
@@ -482,13 +587,23 @@ class MarginHead(nn.Module):
                 f"cannot give each of the {world_size} DDP ranks at least one class; use fewer "
                 "ranks or shard_classes=False"
             )
+        grouped = dist.is_available() and dist.is_initialized()
+        start, stop = shard_bounds(self.num_classes, world_size)[rank]
+        k = self.sub_centers
         with torch.no_grad():
-            if dist.is_available() and dist.is_initialized():
-                dist.broadcast(self.weight.data, src=0)
-            start, stop = shard_bounds(self.num_classes, world_size)[rank]
-            k = self.sub_centers
-            local = self.weight.data[start * k : stop * k].clone()
-        self.weight = nn.Parameter(local, requires_grad=self.weight.requires_grad)
+            if self.weight.is_meta:
+                if grouped:
+                    # NCCL broadcasts device tensors only; the module is still on the CPU here.
+                    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+                    seed = torch.tensor([self.init_seed], dtype=torch.int64, device=device)
+                    dist.broadcast(seed, src=0)
+                    self.init_seed = int(seed.item())
+                local = self._initial_rows(start * k, stop * k)
+            else:
+                if grouped:
+                    dist.broadcast(self.weight.data, src=0)
+                local = self.weight.data[start * k : stop * k].clone()
+        self._replace_weight(local)
         self.class_shard = ClassShard(rank, world_size, start, stop)
 
     def unshard(self) -> None:

@@ -1,5 +1,6 @@
 """The main job's config with ``--model.head.init_args.shard_classes=true`` trains under DDP (2
-spawned gloo ranks) and its checkpoint then runs ``test`` in one process."""
+spawned gloo ranks) and its checkpoint then runs ``test`` in one process; with the per-rank
+checkpointing strategy, ``test``, ``predict`` and ``export`` run from the file alone."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_harness import FileRendezvousDDP
 from repo_paths import CONFIGS
 
+from lightning_metric.centre_checkpoint import centres_directory
 from lightning_metric.cli import main
+from lightning_metric.cli.console import main as console_main
+from lightning_metric.strategies import ShardedCentresDDPStrategy
 
 
 def _args(tmp_path: Path) -> list[str]:
@@ -68,3 +73,69 @@ def test_shard_classes_on_a_pml_loss_is_a_parser_error(
             ]
         )
     assert "shard_classes" in capsys.readouterr().err
+
+
+class FileRendezvousShardedDDP(FileRendezvousDDP, ShardedCentresDDPStrategy):
+    """The library's per-rank checkpointing strategy, meeting through a FileStore."""
+
+
+@pytest.mark.ddp
+def test_per_rank_checkpoint_of_fit_runs_test_predict_and_export_in_one_process(
+    tmp_path: Path,
+) -> None:
+    main(
+        [
+            "fit",
+            *_args(tmp_path),
+            "--trainer.strategy=test_sharded_cli.FileRendezvousShardedDDP",
+            f"--trainer.strategy.folder={tmp_path}",
+            "--trainer.devices=2",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4",
+        ]
+    )
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert "head.weight" not in saved["state_dict"]  # the centres are in the directory
+    assert sorted(p.name for p in centres_directory(ckpt).glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    one = tmp_path / "whole.ckpt"
+    console_main(["convert-checkpoint", "--ckpt_path", str(ckpt), "--output", str(one)])
+    whole = torch.load(one, map_location="cpu", weights_only=False)
+    assert whole["state_dict"]["head.weight"].shape[1] == 128
+    with pytest.raises(FileExistsError, match=r"whole\.ckpt exists"):
+        console_main(["convert-checkpoint", "--ckpt_path", str(ckpt), "--output", str(one)])
+
+    test = main(["test", *_args(tmp_path), "--trainer.devices=1", f"--ckpt_path={ckpt}"])
+    assert test.model.head.weight.shape == (0, 128)  # inference never reads the centres
+    for name, value in test.model.state_dict().items():
+        if name != "head.weight":
+            torch.testing.assert_close(value, whole["state_dict"][name], rtol=0, atol=0)
+    assert 0.0 <= test.trainer.callback_metrics["test/recall@1"].item() <= 1.0
+
+    index = tmp_path / "index"
+    main(
+        [
+            "predict",
+            *_args(tmp_path),
+            "--trainer.devices=1",
+            "--trainer.callbacks+=lightning_metric.callbacks.EmbeddingIndexWriter",
+            f"--trainer.callbacks.output_dir={index}",
+            f"--ckpt_path={ckpt}",
+        ]
+    )
+    assert (index / "manifest.json").is_file()
+
+    out = tmp_path / "model.pt"
+    digits = tmp_path / "digits.yaml"  # export takes configs, and only dotted overrides
+    digits.write_text(
+        "data:\n  class_path: lightning_metric.data.DigitsDataModule\n"
+        "model:\n  neck:\n    init_args:\n      in_features: 512\n"
+        "  head:\n    init_args:\n      shard_classes: true\n"
+    )
+    console_main(["export", "--config", str(CONFIGS / "glyphs_arcface.yaml"), "--config",
+                  str(digits), "--ckpt_path", str(ckpt), "--output", str(out),
+                  "--trainer.accelerator=cpu"])  # fmt: skip
+    assert torch.jit.load(str(out))(torch.rand(3, 1, 8, 8)).shape == (3, 128)
