@@ -32,7 +32,7 @@ from lightning_metric.distributed import (
     sync_mean,
 )
 from lightning_metric.heads.functional import l2_normalize, normalize_embeddings
-from lightning_metric.heads.init import draw_seed, seeded_rows
+from lightning_metric.heads.init import INIT_STD, draw_seed, seeded_rows
 from lightning_metric.heads.sampling import class_rows, sample_classes
 from lightning_metric.heads.sharding import ClassShard, ShardingError, shard_bounds
 from lightning_metric.heads.streaming import streaming_margin_cross_entropy
@@ -53,13 +53,13 @@ _DEFERRED = ContextVar("lightning_metric_deferred_centres", default=False)
 
 @contextmanager
 def deferred_centres() -> Iterator[None]:
-    """Margin heads built inside allocate no class-centre memory: their ``weight`` is on the
-    meta device until :meth:`MarginHead.shard` builds this rank's rows or
+    """Margin heads with ``shard_classes=True`` built inside allocate no class-centre memory
+    (a whole head is built at once): their ``weight`` is on the meta device until :meth:`MarginHead.shard` builds this rank's rows or
     :meth:`MarginHead.materialize` the whole matrix (the same values either way).
 
     >>> from lightning_metric.heads import ArcFaceHead
     >>> with deferred_centres():
-    ...     head = ArcFaceHead(embedding_dim=4, num_classes=10**9)
+    ...     head = ArcFaceHead(embedding_dim=4, num_classes=10**9, shard_classes=True)
     >>> head.weight.is_meta
     True
     """
@@ -137,9 +137,10 @@ class MarginHead(nn.Module):
             ``C x D / W``. A no-op in one process. ``MetricLearningModule`` applies it at
             setup (see :meth:`shard`).
 
-    The centres' initial values are a pure function of a seed drawn from torch's global
-    generator at construction and of the row (:func:`~lightning_metric.heads.init.seeded_rows`),
-    so a rank can build its own rows alone. A head built inside :func:`deferred_centres` (as
+    With ``shard_classes=True`` the centres' initial values are a pure function of a seed drawn
+    from torch's global generator at construction and of the row
+    (:func:`~lightning_metric.heads.init.seeded_rows`), so a rank can build its own rows alone
+    (a whole head draws them from the global generator directly, as before). A head built inside :func:`deferred_centres` (as
     ``MetricLearningModule`` builds one with ``shard_classes=True``) holds no centre memory
     until :meth:`shard` builds this rank's rows or :meth:`materialize` the whole matrix.
     """
@@ -177,13 +178,19 @@ class MarginHead(nn.Module):
         self.shard_classes = shard_classes
         # Set by ``shard``: the classes this rank holds (None: all of them).
         self.class_shard: ClassShard | None = None
-        device = "meta" if _DEFERRED.get() else None
+        # Only a head that will be sharded waits for its rows: a whole head is built now.
+        device = "meta" if _DEFERRED.get() and shard_classes else None
         rows = self.num_classes * self.sub_centers
         self.weight = nn.Parameter(torch.empty(rows, embedding_dim, device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Draw a new seed and the centres from it (a meta head keeps only the seed)."""
+        """Draw new centres: with ``shard_classes``, a seed and the rows from it (a meta head
+        keeps only the seed); otherwise insightface's init, from torch's global generator as
+        every release drew it, so seeded runs of a whole head keep their numbers."""
+        if not self.shard_classes:
+            nn.init.normal_(self.weight, std=INIT_STD)
+            return
         self.init_seed = draw_seed()
         if not self.weight.is_meta:
             with torch.no_grad():
