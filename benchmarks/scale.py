@@ -1,7 +1,10 @@
-"""Memory per rank past one host: sharded class centres (``--part centres``).
+"""Memory per rank past one host: sharded class centres (``--part centres``, here) and sharded
+evaluation (``--part evaluation``: benchmarks/scale_evaluation.py, with its own flags).
 
     python benchmarks/scale.py --part centres                    # C=4M, D=128, W = 1, 2, 4
     python benchmarks/scale.py --part centres --classes 20000 --dim 16 --worlds 1 2
+    python benchmarks/scale.py --part evaluation                 # 1M x 128 gallery, W = 1, 2, 4
+    python benchmarks/scale.py --part evaluation --n 20000 --queries 500 --worlds 1 2
 
 CPU processes joined by gloo (spawned, FileStore rendezvous), each reporting its own peak
 resident memory (VmHWM, reset through /proc/self/clear_refs before each phase) per phase:
@@ -31,7 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import runpy
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -221,8 +226,16 @@ ORDER = {"setup": 0, "step": 1, "save": 2, "load": 3, "resume": 4}
 
 
 def main() -> None:
+    part = argparse.ArgumentParser(add_help=False)
+    part.add_argument("--part", choices=["centres", "evaluation"], default="centres")
+    chosen, rest = part.parse_known_args()
+    if chosen.part == "evaluation":  # its own script, with its own flags
+        script = Path(__file__).with_name("scale_evaluation.py")
+        sys.argv = [str(script), *rest]
+        runpy.run_path(str(script), run_name="__main__")
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["centres"], default="centres")
+    parser.add_argument("--part", choices=["centres", "evaluation"], default="centres")
     parser.add_argument("--classes", type=int, default=4_000_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
