@@ -42,8 +42,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         patch.chdir(root)
         # One epoch (14 steps): two steps leave all embeddings within cosine 1e-5 of each
         # other, where float rounding alone reorders neighbours between FAISS kernels.
+        # fp32 everywhere: the CLI picks bf16 on CPUs that run it natively, and the model
+        # (hence which neighbours each IVF list holds) would depend on the machine.
         main(["fit", "--config", CONFIG, *QUIET, f"--trainer.default_root_dir={root}",
-              "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"])  # fmt: skip
+              "--trainer.max_epochs=1", "--trainer.limit_val_batches=1", FP32])  # fmt: skip
         (ckpt,) = root.rglob("*.ckpt")
         flat = _predict(root, ckpt, root / "flat")
         ivf = _predict(root, ckpt, root / "ivf", "--trainer.callbacks.factory=IVF4,Flat")
@@ -136,8 +138,10 @@ def test_ivf_one_probe_equals_brute_force_over_its_own_lists(
     expected = brute_force(index, depth, nprobe=1)
     _close(got["metrics"], expected, list(expected))
     full = _search(built["ivf"], built["ckpt"], tmp_path, "--nprobe", "4")
-    # one list of four misses neighbours: the index is scored as it searches
-    assert got["metrics"]["map@r"] < full["metrics"]["map@r"]
+    _close(full["metrics"], brute_force(index, depth, nprobe=4), list(expected))
+    # one list of four misses neighbours: the index is scored as it searches (whether that
+    # raises or lowers a metric depends on how the lists fall; that it changes them does not)
+    assert got["metrics"] != full["metrics"]
 
 
 def test_neighbour_list_metrics_equal_retrieval_metrics_on_exact_lists() -> None:
