@@ -77,9 +77,12 @@ def run_fold(output: Path, config_hash: str, fit_args: Sequence[str]) -> dict[st
     model = model.cpu()
     model.load_state_dict(state["state_dict"])
     datamodule.setup("test")
-    embeddings, labels, ids = embed_loader(
-        model, datamodule.test_dataloader(), "lightning-metric benchmark"
-    )
+    # In the run's precision (bf16 autocast where the CLI picked it), as `lightning-metric
+    # test` on the fold's checkpoint embeds: the fold reports the numbers a user reproduces.
+    with trainer.precision_plugin.forward_context():
+        embeddings, labels, ids = embed_loader(
+            model, datamodule.test_dataloader(), "lightning-metric benchmark"
+        )
     emb, lab = embeddings.numpy().astype(np.float32), labels.numpy().astype(np.int64)
     np.save(output / EMBEDDINGS, emb)
     np.save(output / LABELS, lab)
