@@ -255,7 +255,7 @@ CASES: list[tuple[str, Callable[..., Any], type[BaseException] | None, str | Non
         "unknown command",
         lambda: run_command(["serve"]),
         ValueError,
-        r"unknown command 'serve'; expected one of \('export', 'search', 'benchmark'\)",
+        r"unknown command 'serve'; expected one of \('export', 'search', 'benchmark', 'convert-checkpoint'\)",
     ),
     (
         "export missing checkpoint",
