@@ -34,17 +34,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import tempfile
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from spawned import run_spawned
 
 _BLOCK = 1 << 14  # rows made from one seed
 
@@ -136,25 +134,7 @@ def _rank(
 
 
 def _run(world: int, shard: bool, args: argparse.Namespace) -> list[dict]:  # type: ignore[type-arg]
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as out:
-        init = str(Path(out) / f"rendezvous-{uuid.uuid4().hex}")
-        procs = [
-            ctx.Process(target=_rank, args=(r, world, shard, args, init, out)) for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        try:
-            for p in procs:
-                p.join(timeout=args.timeout)
-                if p.exitcode != 0:
-                    raise RuntimeError(f"world {world}: a rank failed (exit code {p.exitcode})")
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                p.join()
-        return [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
+    return run_spawned(_rank, world, (shard, args), args.timeout)
 
 
 def main() -> None:

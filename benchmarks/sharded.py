@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import tempfile
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from spawned import run_spawned
 
 
 def _rss_kb(field: str) -> int:
@@ -94,23 +92,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init: str, out: str) 
 
 
 def _run(world: int, args: argparse.Namespace) -> list[dict[str, float]]:
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as out:
-        init = str(Path(out) / f"rendezvous-{uuid.uuid4().hex}")
-        procs = [ctx.Process(target=_rank, args=(r, world, args, init, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        try:
-            for p in procs:
-                p.join(timeout=args.timeout)
-                if p.exitcode != 0:
-                    raise RuntimeError(f"world {world}: a rank failed (exit code {p.exitcode})")
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                p.join()
-        return [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
+    return run_spawned(_rank, world, (args,), args.timeout)
 
 
 def main() -> None:
