@@ -46,22 +46,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from spawned import reset_peak, status_kb
 
 BASELINE_CLASSES = 1000
 BATCH = 64
-
-
-def _hwm_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS
-        f.write("5")
 
 
 class _Phases:
@@ -76,14 +64,14 @@ class _Phases:
     def begin(self, name: str) -> None:
         if dist.is_initialized():
             dist.barrier()
-        _reset_peak()
+        reset_peak()
         self._name, self._start = name, time.perf_counter()
 
     def end(self) -> None:
         if dist.is_initialized():
             dist.barrier()
         self.seconds[self._name] = time.perf_counter() - self._start
-        self.peaks[self._name] = _hwm_kb()
+        self.peaks[self._name] = status_kb("VmHWM")
 
 
 class _SavesShards:

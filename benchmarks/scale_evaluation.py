@@ -42,22 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from spawned import run_spawned
+from spawned import reset_peak, run_spawned, status_kb
 
 _BLOCK = 1 << 14  # rows made from one seed
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-        f.write("5")
 
 
 def _rows(n: int, world: int, rank: int) -> np.ndarray:
@@ -106,8 +93,8 @@ def _rank(
         )
     classes = max(1, args.n // 20)
     metric = RetrievalMetrics(k=(1, 2, 4, 8), metric="ip", shard_reference=shard)
-    _reset_peak()
-    before = _rss_kb("VmRSS")
+    reset_peak()
+    before = status_kb("VmRSS")
     nbytes = 0
     for role, n, seed in (("query", args.queries, 2), ("reference", args.n, 1)):
         rows = _rows(n, world, rank)
@@ -124,7 +111,7 @@ def _rank(
     seconds = time.perf_counter() - start_t
     result = {
         "rows_mb": nbytes / 2**20,
-        "peak_mb": (_rss_kb("VmHWM") - before) / 1024,
+        "peak_mb": (status_kb("VmHWM") - before) / 1024,
         "compute_s": seconds,
         "metrics": values,
     }

@@ -28,20 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from spawned import run_spawned
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-        f.write("5")
+from spawned import reset_peak, run_spawned, status_kb
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace, init: str, out: str) -> None:
@@ -56,7 +43,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init: str, out: str) 
             world_size=world,
             timeout=timedelta(seconds=600),
         )
-    before = _rss_kb("VmRSS")
+    before = status_kb("VmRSS")
     torch.manual_seed(0)
     head = ArcFaceHead(args.dim, args.classes, shard_classes=True)
     head.shard(rank, world)  # what MetricLearningModule.setup does under DDP
@@ -68,7 +55,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init: str, out: str) 
     times = []
     for step in range(args.steps + 1):
         if step == 1:
-            _reset_peak()  # the first step allocated the gradient and the moments
+            reset_peak()  # the first step allocated the gradient and the moments
         start = time.perf_counter()
         head.loss(x, y).backward()
         optimizer.step()
@@ -82,7 +69,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init: str, out: str) 
     centres = w.nbytes + w.grad.nbytes + sum(t.nbytes for t in state.values() if t.ndim == 2)
     result = {
         "centres_mb": centres / 2**20,
-        "peak_mb": (_rss_kb("VmHWM") - before) / 1024,
+        "peak_mb": (status_kb("VmHWM") - before) / 1024,
         "step_s": min(times),
         "rows": w.shape[0],
     }

@@ -1,7 +1,8 @@
 """Spawned CPU ranks for the benchmarks that measure a process group (gloo): each rank runs
 ``target(rank, world, *args, init, out)``, meets the others through the FileStore ``init`` and
 writes its figures to ``out/<rank>.json``; a rank that fails, or outlives ``timeout``, stops
-the run, and no rank is left behind."""
+the run, and no rank is left behind. A rank reads its own memory with :func:`status_kb` and
+:func:`reset_peak`."""
 
 from __future__ import annotations
 
@@ -37,3 +38,18 @@ def run_spawned(
                     p.kill()
                 p.join()
         return [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
+
+
+def status_kb(field: str) -> int:
+    """``/proc/self/status``'s ``field`` (``VmRSS``, ``VmHWM``: the peak) in kB; 0 if absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> None:
+    """Make ``VmHWM`` the current RSS, so a phase's peak is measured on its own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
