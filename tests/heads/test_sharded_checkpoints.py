@@ -19,8 +19,18 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from ddp_harness import FileRendezvousDDP, run_ranks
-from lightning.pytorch.callbacks import ModelCheckpoint
-from test_sharded_training import F_IN, B, C, D, _adam, _Data, _Items, _module, _SaveShard
+from test_sharded_training import (
+    F_IN,
+    B,
+    C,
+    D,
+    _adam,
+    _Data,
+    _Items,
+    _module,
+    _SaveShard,
+    trainer_for,
+)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -108,21 +118,8 @@ def _fit_sharded(
     root: Path, world: int, steps: int, ckpt_path: Path | None = None, shards: bool = False
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=FileRendezvousShardedDDP(root, centre_block_rows=BLOCK),
-        use_distributed_sampler=False,
-        max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-        callbacks=[ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1)]
-        + ([_SaveShard(root)] if shards else []),
-    )
+    strategy = FileRendezvousShardedDDP(root, centre_block_rows=BLOCK)
+    trainer = trainer_for(root, world, steps, strategy, [_SaveShard(root)] if shards else [])
     module = _module(optimizer=_adam())
     trainer.fit(module, _Data(B * 2 // world if world < 3 else B), ckpt_path=ckpt_path)
     return root / "last.ckpt"

@@ -88,6 +88,27 @@ def _module(
     )
 
 
+def trainer_for(
+    root: Path, world: int, steps: int, strategy: Any, callbacks: list[Callback]
+) -> pl.Trainer:
+    """A CPU Trainer of ``steps`` steps without validation, keeping every checkpoint in
+    ``root`` (``last.ckpt`` the newest), plus ``callbacks``."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        use_distributed_sampler=False,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        callbacks=[ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1), *callbacks],
+    )
+
+
 def _fit(
     root: Path,
     world: int,
@@ -97,21 +118,8 @@ def _fit(
     callbacks: list[Callback] | None = None,
 ) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=FileRendezvousDDP(root) if world > 1 else "auto",
-        use_distributed_sampler=False,
-        max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-        callbacks=[ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1)]
-        + (callbacks or []),
-    )
+    strategy = FileRendezvousDDP(root) if world > 1 else "auto"
+    trainer = trainer_for(root, world, steps, strategy, callbacks or [])
     trainer.fit(module, _Data(B * 2 // world if world < 3 else B), ckpt_path=ckpt_path)
     return torch.load(root / "last.ckpt", map_location="cpu", weights_only=False)
 
