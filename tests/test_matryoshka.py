@@ -405,7 +405,7 @@ def test_example_overlay_builds_a_matryoshka_model_and_its_grid() -> None:
     cli = main([*args, "--trainer.logger=false"], run=False)
     matryoshka = cli.model.matryoshka
     assert matryoshka is not None and matryoshka.dims == (16, 32, 64, 128)
-    assert matryoshka.weights == (1.0, 1.0, 1.0, 1.0)
+    assert matryoshka.weights == (1.0, 1.0, 1.0, 3.0)
     recall = [c for c in cli.trainer.callbacks if isinstance(c, RecallAtK)]
     assert len(recall) == 1 and recall[0].metrics.dims == (16, 32, 64, 128)
     x = torch.zeros(2, 1, 32, 32)
