@@ -107,11 +107,11 @@ def unpad_gathered(
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(g, device=ranks.device) - starts[sorted_ranks]
     order = by_rank[torch.argsort(sorted_ranks + slot * world)]
-    padded = _padding_count(counts, world, order, index, dataset_size)
+    padded = padding_count(counts, world, order, index, dataset_size)
     return order[: g - padded]
 
 
-def _padding_count(
+def padding_count(
     counts: Tensor, world: int, order: Tensor, index: Tensor | None, dataset_size: int | None
 ) -> int:
     g = int(counts.sum())

@@ -16,7 +16,7 @@ label of multi-label items, or the same class at each level of a hierarchy):
 
 Which rows query, which are searched and what a query may not retrieve is decided by
 :mod:`~.protocol`; each value is computed by one function of :mod:`~.functional`, composed in
-:func:`_match_values`. :func:`retrieval_metrics` averages the per-query values over queries
+:func:`match_values`. :func:`retrieval_metrics` averages the per-query values over queries
 or classes, :func:`retrieval_metrics_per_class` reports them per class; both run one pipeline
 (:func:`_scored`). :func:`neighbour_list_metrics` scores neighbour lists found elsewhere (an
 approximate :class:`~lightning_metric.retrieval.EmbeddingIndex`), :func:`ranked_metrics`
@@ -96,7 +96,7 @@ class _Protocol:
 
 
 @dataclass
-class _Scoring:
+class Scoring:
     """What is computed per query, and how the neighbours are searched."""
 
     metric: Similarity
@@ -122,7 +122,7 @@ class _Setup:
     encoded: EncodedReference | None = None  # the coded reference, None for float32
 
 
-def _setup(embeddings: Tensor | np.ndarray, labels: Any, p: _Protocol, o: _Scoring) -> _Setup:
+def _setup(embeddings: Tensor | np.ndarray, labels: Any, p: _Protocol, o: Scoring) -> _Setup:
     """The protocol (:mod:`~.protocol`) applied to the inputs: query and reference rows,
     exclusions, and the relevance of every level."""
     metric = o.metric
@@ -199,7 +199,7 @@ def _warn_same_inputs() -> None:
 
 
 @dataclass
-class _PerQuery:
+class PerQuery:
     labels: Tensor | None  # class id of every scorable query (single labels), for averages
     values: dict[str, Tensor]  # metric name -> float64 [num_scorable]
     num_queries: int
@@ -207,7 +207,7 @@ class _PerQuery:
     suffix: str = ""  # the level's key suffix
 
 
-def _score(s: _Setup, ks: tuple[int, ...], o: _Scoring) -> list[_PerQuery]:
+def _score(s: _Setup, ks: tuple[int, ...], o: Scoring) -> list[PerQuery]:
     """Per-query values of every level; the neighbours are searched once for all levels."""
     if o.chunk_size is not None:
         check_int("chunk_size", o.chunk_size, minimum=1)
@@ -221,7 +221,7 @@ def _score(s: _Setup, ks: tuple[int, ...], o: _Scoring) -> list[_PerQuery]:
     r_counts = [level.counts(s.exclude) for level in s.levels]
     scorable = [(r > 0).nonzero()[:, 0] for r in r_counts]
     results = [
-        _PerQuery(None if lv.multi else lv.query[sc], {}, nq, nq - sc.numel(), lv.name)
+        PerQuery(None if lv.multi else lv.query[sc], {}, nq, nq - sc.numel(), lv.name)
         for lv, sc in zip(s.levels, scorable, strict=True)
     ]
     if len(s.levels) == 1:
@@ -253,7 +253,7 @@ def _score(s: _Setup, ks: tuple[int, ...], o: _Scoring) -> list[_PerQuery]:
             if sub.numel() == 0:
                 continue
             match = level.matrix(sub, neighbours)
-            values = _match_values(match, r[sub], ks, o, rm)
+            values = match_values(match, r[sub], ks, o, rm)
             total = res.num_queries - res.num_unscorable
             for name, v in values.items():
                 if name not in res.values:
@@ -262,8 +262,8 @@ def _score(s: _Setup, ks: tuple[int, ...], o: _Scoring) -> list[_PerQuery]:
     return results
 
 
-def _match_values(
-    match: Tensor, r_count: Tensor, ks: tuple[int, ...], o: _Scoring, r_max: int
+def match_values(
+    match: Tensor, r_count: Tensor, ks: tuple[int, ...], o: Scoring, r_max: int
 ) -> dict[str, Tensor]:
     """Per-query metrics of ranked lists: ``match [Q, depth]`` says which neighbours are
     relevant to the query, ``r_count [Q]`` is each query's ``R`` (its relevant references).
@@ -379,13 +379,13 @@ def retrieval_metrics(
     if dim is not None:
         check_int("dim", dim, minimum=1)
     protocol = _Protocol(reference_embeddings, reference_labels, query_mask, reference_mask)
-    scoring = _Scoring(metric, map_at_r, mrr, precision, chunk_size, fast, label_kind, level_names)
+    scoring = Scoring(metric, map_at_r, mrr, precision, chunk_size, fast, label_kind, level_names)
     scoring.dim, scoring.quantization = dim, quantization
     scoring.rescore_multiplier = rescore_multiplier
     s, per_level = _scored(embeddings, labels, k, protocol, scoring, average)
     out: dict[str, float] = {}
     for pq in per_level:
-        out.update(_averaged(pq, average))
+        out.update(averaged(pq, average))
     if clustering:
         for level in s.levels:
             values = clustering_metrics(s.query, level.group(), seed)
@@ -393,7 +393,7 @@ def retrieval_metrics(
     return out
 
 
-def _averaged(pq: _PerQuery, average: Average) -> dict[str, float]:
+def averaged(pq: PerQuery, average: Average) -> dict[str, float]:
     out: dict[str, float] = {}
     if pq.num_unscorable < pq.num_queries:
         for name, values in pq.values.items():
@@ -459,10 +459,10 @@ def neighbour_list_metrics(
     r_count = check_labels("relevant_counts", relevant_counts, length=lists.shape[0])
     if r_count.numel() and int(r_count.min()) < 0:
         raise ValueError(f"`relevant_counts` must be >= 0, got {int(r_count.min())}")
-    o = _Scoring("cosine", map_at_r, mrr, precision, None, None)
+    o = Scoring("cosine", map_at_r, mrr, precision, None, None)
     scorable = (r_count > 0).nonzero()[:, 0]
     nq = lists.shape[0]
-    pq = _PerQuery(qlab[scorable], {}, nq, nq - scorable.numel())
+    pq = PerQuery(qlab[scorable], {}, nq, nq - scorable.numel())
     if scorable.numel():
         r_max = int(r_count[scorable].max())
         need = max(ks[-1], r_max if (map_at_r or mrr) else 0)
@@ -475,10 +475,10 @@ def neighbour_list_metrics(
             )
         lists = lists[scorable, :need].to(torch.int64)
         match = (lists == qlab[scorable][:, None]) & (lists >= 0)
-        pq.values = _match_values(match, r_count[scorable], ks, o, r_max)
+        pq.values = match_values(match, r_count[scorable], ks, o, r_max)
     else:
-        _warn_unscorable(nq)
-    return _averaged(pq, average)
+        warn_unscorable(nq)
+    return averaged(pq, average)
 
 
 def ranked_metrics(
@@ -486,7 +486,7 @@ def ranked_metrics(
     levels: list[Level],
     exclude: Tensor | None,
     ks: tuple[int, ...],
-    o: _Scoring,
+    o: Scoring,
 ) -> dict[str, float]:
     """Micro-averaged metrics of full rankings ``neighbours [Q, depth]`` (reference rows,
     nearest first, each query's excluded row already left out) found by any means (the
@@ -497,12 +497,12 @@ def ranked_metrics(
         r = level.counts(exclude)
         scorable = r > 0
         nq = neighbours.shape[0]
-        pq = _PerQuery(None, {}, nq, nq - int(scorable.sum()), level.name)
+        pq = PerQuery(None, {}, nq, nq - int(scorable.sum()), level.name)
         if bool(scorable.any()):
             match = level.matrix(rows[scorable], neighbours[scorable])
             r_max = int(r[scorable].max())
-            pq.values = _match_values(match, r[scorable], ks, o, r_max)
-        out.update(_averaged(pq, "micro"))
+            pq.values = match_values(match, r[scorable], ks, o, r_max)
+        out.update(averaged(pq, "micro"))
     return out
 
 
@@ -511,9 +511,9 @@ def _scored(
     labels: Any,
     k: Any,
     protocol: _Protocol,
-    scoring: _Scoring,
+    scoring: Scoring,
     average: Average = "micro",
-) -> tuple[_Setup, list[_PerQuery]]:
+) -> tuple[_Setup, list[PerQuery]]:
     """The pipeline of both public functions: check, search, score every query."""
     ks = check_k(k)
     with single_threaded_bookkeeping():
@@ -524,11 +524,11 @@ def _scored(
         per_level = _score(s, ks, scoring)
     for pq in per_level:
         if pq.num_unscorable == pq.num_queries:
-            _warn_unscorable(pq.num_queries, pq.suffix)
+            warn_unscorable(pq.num_queries, pq.suffix)
     return s, per_level
 
 
-def _warn_unscorable(n: int, level: str = "") -> None:
+def warn_unscorable(n: int, level: str = "") -> None:
     where = f" at level {level[1:]!r}" if level else ""
     warnings.warn(
         f"none of the {n} queries has another item of its class in the reference set{where}, "
@@ -572,7 +572,7 @@ def retrieval_metrics_per_class(
     items have no single class and are refused.
     """
     protocol = _Protocol(reference_embeddings, reference_labels, query_mask, reference_mask)
-    scoring = _Scoring(metric, map_at_r, mrr, precision, chunk_size, fast, label_kind, level_names)
+    scoring = Scoring(metric, map_at_r, mrr, precision, chunk_size, fast, label_kind, level_names)
     s, per_level = _scored(embeddings, labels, k, protocol, scoring, "macro")
     out: dict[str, dict[int, float]] = {}
     for level, pq in zip(s.levels, per_level, strict=True):

@@ -48,7 +48,7 @@ from lightning_metric.checks import (
 )
 from lightning_metric.retrieval.knn import Similarity
 from lightning_metric.retrieval.protocol import num_candidates
-from lightning_metric.retrieval.ranking import _Scoring, ranked_metrics
+from lightning_metric.retrieval.ranking import Scoring, ranked_metrics
 from lightning_metric.retrieval.relevance import (
     LabelKind,
     build_levels,
@@ -408,7 +408,7 @@ def ranking_metrics(
     check_top_k(ks[-1], candidates)
     order = torch.sort(dist, dim=1, stable=True).indices[:, :candidates]
     levels = build_levels(kind, qlab, rlab, level_names)
-    scoring = _Scoring(
+    scoring = Scoring(
         "cosine", map_at_r=True, mrr=True, precision=False, chunk_size=None, fast=None
     )
     return ranked_metrics(order, levels, ex, ks, scoring)

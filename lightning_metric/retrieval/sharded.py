@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_metric.distributed import _padding_count, rank, unpad_gathered, world_size
+from lightning_metric.distributed import padding_count, rank, unpad_gathered, world_size
 from lightning_metric.retrieval.knn import Similarity, check_embeddings, prepare, search_prepared
 from lightning_metric.retrieval.quantization import (
     Calibration,
@@ -52,11 +52,11 @@ from lightning_metric.retrieval.quantization import (
 )
 from lightning_metric.retrieval.ranking import (
     Average,
-    _averaged,
-    _match_values,
-    _PerQuery,
-    _Scoring,
-    _warn_unscorable,
+    PerQuery,
+    Scoring,
+    averaged,
+    match_values,
+    warn_unscorable,
 )
 
 __all__ = [
@@ -170,7 +170,7 @@ def _positions(
         pos[keep] = torch.arange(keep.numel(), device=device)
         start = sum(counts[:me])
         return pos[start : start + counts[me]], int(keep.numel())
-    padded = _padding_count(
+    padded = padding_count(
         torch.tensor(counts), world, torch.empty(0, dtype=torch.int64), None, dataset_size
     )
     return interleaved_positions(counts, me, padded).to(device), g - padded
@@ -388,9 +388,9 @@ def sharded_metrics(
     local_max = r[scorable].max() if bool(scorable.any()) else r.new_zeros(())
     r_max = int(_all_reduce(local_max.reshape(1), dist.ReduceOp.MAX))
     depth = max(ks[-1], r_max if (o.map_at_r or o.mrr) else 0)
-    scoring = _Scoring(o.metric, o.map_at_r, o.mrr, o.precision, None, None)
+    scoring = Scoring(o.metric, o.map_at_r, o.mrr, o.precision, None, None)
     empty = torch.zeros((0, depth), dtype=torch.bool)
-    names = list(_match_values(empty, r.new_zeros(0), ks, scoring, max(r_max, 1)))
+    names = list(match_values(empty, r.new_zeros(0), ks, scoring, max(r_max, 1)))
     rows = qrows[scorable]
     own = torch.where(lay.own[rows], lay.reference[rows], torch.full_like(rows, -1))
     values = torch.empty((rows.numel(), len(names) + 2), dtype=torch.float64, device=device)
@@ -400,7 +400,7 @@ def sharded_metrics(
 
     def on_block(block_rows: Tensor, neighbour_labels: Tensor) -> None:
         match = neighbour_labels == query_labels[block_rows][:, None]
-        per_query = _match_values(match, query_r[block_rows], ks, scoring, r_max)
+        per_query = match_values(match, query_r[block_rows], ks, scoring, r_max)
         for j, name in enumerate(names):
             values[block_rows, j + 2] = per_query[name]
 
@@ -410,7 +410,7 @@ def sharded_metrics(
     counts = _all_gather_counts(values.shape[0], device)
     everything = _gather_rows(values, counts)
     everything = everything[torch.argsort(everything[:, 0])]
-    pq = _PerQuery(
+    pq = PerQuery(
         everything[:, 1].long() if o.average == "macro" else None,
         # Contiguous, as in one process: a strided column may be summed in another order.
         {name: everything[:, j + 2].contiguous() for j, name in enumerate(names)},
@@ -418,8 +418,8 @@ def sharded_metrics(
         unscorable,
     )
     if unscorable == lay.num_queries:
-        _warn_unscorable(lay.num_queries)
-    return _averaged(pq, o.average)
+        warn_unscorable(lay.num_queries)
+    return averaged(pq, o.average)
 
 
 def repeats_local(embeddings: Tensor, labels: Tensor, roles: Tensor, lay: Layout) -> bool:
