@@ -253,7 +253,14 @@ def load_centres(
     # Lightning loads the state dict (which then copies the parameter onto itself).
     weight = head.weight.detach()
     into = {"weight": weight} if not weight.is_meta else {}
-    rows = read_rows(directory, meta, start, stop, source, into)
+    _place_rows(checkpoint, key, meta, read_rows(directory, meta, start, stop, source, into))
+
+
+def _place_rows(
+    checkpoint: dict[str, Any], key: str, meta: dict[str, Any], rows: dict[str, Tensor]
+) -> None:
+    """Put the centre rows read by :func:`read_rows` where Lightning loads them from: the
+    weight into the state dict under ``key``, each saved moment into its optimizer's state."""
     checkpoint["state_dict"][key] = rows["weight"]
     states = checkpoint.get("optimizer_states", [])
     for ij, names in meta.get("moments", {}).items():
@@ -468,13 +475,7 @@ def convert_checkpoint(source: PathLike, target: PathLike) -> Path:
         )
     meta = checkpoint[CHECKPOINT_KEY]
     rows = read_rows(centres_directory(source), meta, 0, int(meta["shape"][0]), str(source))
-    checkpoint["state_dict"][meta["key"]] = rows["weight"]
-    states = checkpoint.get("optimizer_states", [])
-    for ij, names in meta.get("moments", {}).items():
-        i, j = (int(x) for x in ij.split("."))
-        state = dict(states[i]["state"].get(j, {}))
-        state.update({n: rows[_moment_name(i, j, n)] for n in names})
-        states[i]["state"][j] = state
+    _place_rows(checkpoint, meta["key"], meta, rows)
     checkpoint[CHECKPOINT_KEY] = {
         "shape": list(meta["shape"]),
         "saved_by_world_size": meta["saved_by_world_size"],
