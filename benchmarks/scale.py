@@ -40,13 +40,12 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from spawned import reset_peak, status_kb
+from spawned import join_group, reset_peak, status_kb
 
 BASELINE_CLASSES = 1000
 BATCH = 64
@@ -105,14 +104,7 @@ def _run(rank: int, world: int, job: dict[str, Any]) -> None:
     from lightning_metric.sharded_centres import ShardedCentres
 
     torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{job['init']}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=1800),
-        )
+    join_group(rank, world, job["init"], timeout=1800)
     classes, dim, path = job["classes"], job["dim"], Path(job["path"])
     phases = _Phases()
     head, model = _model(classes, dim)

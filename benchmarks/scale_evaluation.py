@@ -36,13 +36,12 @@ import argparse
 import json
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from spawned import reset_peak, run_spawned, status_kb
+from spawned import join_group, reset_peak, run_spawned, status_kb
 
 _BLOCK = 1 << 14  # rows made from one seed
 
@@ -83,14 +82,7 @@ def _rank(
     from lightning_metric.retrieval import RetrievalMetrics
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if world > 1:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=args.timeout),
-        )
+    join_group(rank, world, init, timeout=args.timeout)
     classes = max(1, args.n // 20)
     metric = RetrievalMetrics(k=(1, 2, 4, 8), metric="ip", shard_reference=shard)
     reset_peak()

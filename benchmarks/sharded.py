@@ -23,26 +23,18 @@ import argparse
 import json
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from spawned import reset_peak, run_spawned, status_kb
+from spawned import join_group, reset_peak, run_spawned, status_kb
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace, init: str, out: str) -> None:
     from lightning_metric.heads import ArcFaceHead
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if world > 1:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=600),
-        )
+    join_group(rank, world, init, timeout=600)
     before = status_kb("VmRSS")
     torch.manual_seed(0)
     head = ArcFaceHead(args.dim, args.classes, shard_classes=True)

@@ -11,6 +11,7 @@ import multiprocessing as mp
 import tempfile
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,21 @@ def run_spawned(
                     p.kill()
                 p.join()
         return [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
+
+
+def join_group(rank: int, world: int, init: str, timeout: float) -> None:
+    """Join the gloo process group of ``world`` ranks through the FileStore ``init`` (no TCP
+    port); a single rank runs without one."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout),
+        )
 
 
 def status_kb(field: str) -> int:
