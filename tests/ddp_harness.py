@@ -28,6 +28,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
+from lightning_metric.strategies import ShardedCentresDDPStrategy
+
 # The longest a rank may wait for its peers in one collective, the rendezvous included (a
 # peer may still be importing torch): long enough for a loaded machine, short for a hang.
 PG_TIMEOUT = timedelta(seconds=60)
@@ -169,3 +171,7 @@ class FileRendezvousLaunchedDDP(DDPStrategy):
         if not dist.is_initialized():
             _init_group(self.init_file, self.global_rank, self.world_size, self._timeout)
         super().setup_distributed()
+
+
+class FileRendezvousShardedDDP(FileRendezvousDDP, ShardedCentresDDPStrategy):
+    """The library's per-rank checkpointing strategy, meeting through a FileStore."""

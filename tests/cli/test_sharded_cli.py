@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_harness import FileRendezvousDDP
 from repo_paths import CONFIGS
 
 from lightning_metric.centre_checkpoint import centres_directory
 from lightning_metric.cli import main
 from lightning_metric.cli.console import main as console_main
-from lightning_metric.strategies import ShardedCentresDDPStrategy
 
 
 def _args(tmp_path: Path) -> list[str]:
@@ -75,10 +73,6 @@ def test_shard_classes_on_a_pml_loss_is_a_parser_error(
     assert "shard_classes" in capsys.readouterr().err
 
 
-class FileRendezvousShardedDDP(FileRendezvousDDP, ShardedCentresDDPStrategy):
-    """The library's per-rank checkpointing strategy, meeting through a FileStore."""
-
-
 @pytest.mark.ddp
 def test_per_rank_checkpoint_of_fit_runs_test_predict_and_export_in_one_process(
     tmp_path: Path,
@@ -87,7 +81,7 @@ def test_per_rank_checkpoint_of_fit_runs_test_predict_and_export_in_one_process(
         [
             "fit",
             *_args(tmp_path),
-            "--trainer.strategy=test_sharded_cli.FileRendezvousShardedDDP",
+            "--trainer.strategy=ddp_harness.FileRendezvousShardedDDP",
             f"--trainer.strategy.folder={tmp_path}",
             "--trainer.devices=2",
             "--trainer.max_epochs=1",

@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from ddp_harness import FileRendezvousDDP, run_ranks
+from ddp_harness import FileRendezvousShardedDDP, run_ranks
 from test_sharded_training import (
     F_IN,
     B,
@@ -52,10 +52,6 @@ from lightning_metric.strategies import ShardedCentresDDPStrategy
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread
 
 BLOCK = 2  # rows per saved piece: several pieces per rank, pieces straddling new shards
-
-
-class FileRendezvousShardedDDP(FileRendezvousDDP, ShardedCentresDDPStrategy):
-    """The library's strategy, meeting through a FileStore (see ddp_harness)."""
 
 
 # --- built in place ------------------------------------------------------------------------
