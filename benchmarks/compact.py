@@ -118,7 +118,7 @@ Cells = dict[tuple[int, str], dict[str, float]]
 
 
 def quality(args: argparse.Namespace, folder: Path) -> dict[str, list[Cells]]:
-    """Each model's grid on the test split, one per seed (or per given checkpoint)."""
+    """Each model's grid on the test split: one per given checkpoint, else one per seed."""
     from lightning_metric.retrieval import retrieval_metrics
 
     runs = {
@@ -128,7 +128,8 @@ def quality(args: argparse.Namespace, folder: Path) -> dict[str, list[Cells]]:
     results: dict[str, list[Cells]] = {}
     for name, (configs, ckpts) in runs.items():
         results[name] = []
-        for seed, ckpt in zip(args.seeds, ckpts or [None] * len(args.seeds), strict=False):
+        jobs = [(None, c) for c in ckpts] if ckpts else [(seed, None) for seed in args.seeds]
+        for seed, ckpt in jobs:
             logged = None
             if ckpt is None:
                 ckpt, logged = train(name, configs, folder, seed)
@@ -138,10 +139,10 @@ def quality(args: argparse.Namespace, folder: Path) -> dict[str, list[Cells]]:
                 print(f"  check: {name} val recall@1 {val:.4f}, logged {logged:.4f}")
             embeddings, labels = splits["test"]
             results[name].append(grid(embeddings, labels))
-    runs_per_model = len(results["plain"])
+    source = "given checkpoints" if args.plain_ckpt else f"seeds {args.seeds}"
     print(
         f"\ntest split, unseen classes ({len(labels)} items), leave-one-out, mean +- std over "
-        f"{runs_per_model} runs (seeds {args.seeds[:runs_per_model]}); bytes per vector:"
+        f"{len(results['plain'])} runs ({source}); bytes per vector:"
     )
     print(f"{'model':11s} {'cell':22s} {'bytes':>6s} {'recall@1':>15s} {'MAP@R':>15s}")
     for name, grids in results.items():
@@ -183,7 +184,7 @@ def report_targets(results: dict[str, list[Cells]]) -> None:
         m[(32, "float32")]["recall@1"] - p[(32, "float32")]["recall@1"]
         for m, p in zip(mat, plain, strict=True)
     ]
-    print(f"  d32 matryoshka - plain truncated, per seed: {' '.join(f'{x:+.4f}' for x in per_run)}")
+    print(f"  d32 matryoshka - plain truncated, per run: {' '.join(f'{x:+.4f}' for x in per_run)}")
     binary = mean_cell(mat, 128, "binary")
     print(f"  binary alone, full dim: recall@1 {binary:.4f} ({binary / full:.3f}x float)")
 
@@ -194,19 +195,17 @@ def plot(results: dict[str, list[Cells]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lightning_metric.retrieval import bytes_per_vector
-
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     markers = {"float32": "o", "int8": "s", "binary": "v", "binary_rescore": "^"}
     for ax, key, title in zip(axes, ("recall@1", "map@r"), ("recall@1", "MAP@R"), strict=True):
         for name, style in (("plain", "--"), ("matryoshka", "-")):
             for p in PRECISIONS:
                 grids = results[name]
-                ax.plot([bytes_per_vector(d, p) for d in DIMS], [mean_cell(grids, d, p, key) for d in DIMS], style, marker=markers[p],
+                ax.plot([grids[0][(d, p)]["bytes"] for d in DIMS], [mean_cell(grids, d, p, key) for d in DIMS], style, marker=markers[p],
                         label=f"{name}, {p}" + (f" x{RESCORE}" if p == "binary_rescore" else ""))  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bytes per vector (search structure)")
-        ax.set_title(f"{title} on unseen glyph classes (mean of {len(results['plain'])} seeds)")
+        ax.set_title(f"{title} on unseen glyph classes (mean of {len(results['plain'])} runs)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -300,6 +299,12 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=200, help="queries timed one per call")
     parser.add_argument("--picture", type=Path, default=ROOT / "docs" / "compact.png")
     args = parser.parse_args()
+    given = (args.plain_ckpt, args.matryoshka_ckpt)
+    if any(given) and (not all(given) or len(given[0]) != len(given[1])):
+        parser.error(
+            "give --plain_ckpt and --matryoshka_ckpt together, as many of each (one pair per "
+            f"seed), got {len(args.plain_ckpt or [])} and {len(args.matryoshka_ckpt or [])}"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_quality:
             plot(quality(args, Path(tmp)), args.picture)
